@@ -1,0 +1,255 @@
+"""Configuration schema, defaults and validation.
+
+One `ml_collections.ConfigDict` describes a run. `default_config()` holds every field
+with its default; experiment files (`experiments/*.py`, `get_config(arg)`) start from it
+and change what they need. `validate(config)` checks the whole thing and raises
+`ConfigError` naming the offending field, so a command-line tool can print one line.
+
+Field reference (the names other parts rely on):
+  model.ffn        'dense' | 'moma' (one expert group per modality) | 'moe' (expert choice
+                   over all tokens) | 'topk' (token choice with a capacity factor).
+  model.experts    experts per group: one entry per modality for moma ((1, 1) is 1t1i,
+                   (4, 4) is 4t4i), one entry for moe/topk ((8,) is moe_8x).
+  model.capacity   per group, the fraction c of the group's tokens each expert takes;
+                   None means 1/E for every group; a 1-tuple applies to all groups.
+  model.mod.*      mixture-of-depths: capacity c_d, layer pattern (every, first).
+  routing.*        routing group size and row layout (see moma_jax/model/routing.py).
+"""
+from __future__ import annotations
+
+import fractions
+from typing import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+FFN_KINDS = ('dense', 'moma', 'moe', 'topk')
+LAYOUTS = ('ragged', 'capacity')
+
+
+class ConfigError(ValueError):
+  """An impossible configuration; the message starts with the field's dotted name."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f'{field}: {message}')
+    self.field = field
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field with its default: a tiny 4t4i MoMa that runs on a CPU."""
+  c = ml_collections.ConfigDict()
+  c.runlocal = False
+
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.vocab_size = 512
+  m.d_model = 64
+  m.num_layers = 2
+  m.num_heads = 4
+  m.ffn_dim = 256                       # the paper's ffn; SwiGLU hidden is 2/3 of it
+  m.ffn_hidden = config_dict.placeholder(int)  # None = round(2/3 * ffn_dim)
+  m.max_len = 128
+  m.modalities = ('text', 'image')
+  m.ffn = 'moma'
+  m.experts = (4, 4)
+  m.capacity = config_dict.placeholder(tuple)
+  m.top_k = 2                           # topk only
+  m.capacity_factor = 1.25              # topk only: per-expert buffer = cf * k * N / E
+  m.load_balance_weight = 0.01          # topk only
+  m.router = 'sigmoid'
+  m.router_noise = 'none'
+  m.norm = 'post'
+  m.mod = ml_collections.ConfigDict(dict(
+      enabled=False, capacity=0.25, every=2, first=0, modality_aware=False))
+  m.aux_router = ml_collections.ConfigDict(dict(enabled=False, mode='post_hoc'))
+  m.kernels = 'xla'
+  m.dtype = 'float32'
+  m.param_dtype = 'float32'
+  m.remat = 'none'
+
+  c.routing = ml_collections.ConfigDict(dict(
+      group_size=2,
+      layout='ragged',
+      capacity_factor=1.0,
+      expected_fraction=config_dict.placeholder(tuple),
+      ep_capacity_factor=1.0,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='moma_shapes', mixture=config_dict.placeholder(str), seq_len=128,
+      data_dir=config_dict.placeholder(str), eval_split='validation'))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=8, steps=200, lr=1e-3, warmup=20, schedule='linear',
+      weight_decay=0.1, clip=1.0, z_loss=1e-5, grad_accum=1, seed=0,
+      log_every=10, eval_every=100, ckpt_every=100, keep=3, max_nonfinite=10))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.upcycle = ml_collections.ConfigDict(dict(
+      from_workdir=config_dict.placeholder(str), at_step=0))
+  return c
+
+
+# ----------------------------------------------------------------------------------
+# Derived quantities (one place for each, used by the model and the FLOPs count)
+# ----------------------------------------------------------------------------------
+def ffn_hidden(model: ml_collections.ConfigDict) -> int:
+  """SwiGLU hidden width: `model.ffn_hidden`, or round(2/3 * ffn_dim)."""
+  if model.ffn_hidden is not None:
+    return int(model.ffn_hidden)
+  return max(1, int(round(2 * model.ffn_dim / 3)))
+
+
+def expert_groups(model: ml_collections.ConfigDict) -> tuple[tuple[tuple[int, ...], int], ...]:
+  """The expert groups as ((modality ids served, number of experts), ...).
+
+  moma: one group per modality; moe/topk: one group serving every modality;
+  dense: no group.
+  """
+  all_mods = tuple(range(len(model.modalities)))
+  if model.ffn == 'moma':
+    return tuple(((i,), int(e)) for i, e in enumerate(model.experts))
+  if model.ffn in ('moe', 'topk'):
+    return ((all_mods, int(model.experts[0])),)
+  return ()
+
+
+def group_capacities(model: ml_collections.ConfigDict) -> tuple[fractions.Fraction, ...]:
+  """Capacity c of each expert group as an exact fraction (None -> 1/E)."""
+  groups = expert_groups(model)
+  if model.capacity is None:
+    caps = [1.0 / e for _, e in groups]
+  elif len(model.capacity) == 1:
+    caps = [model.capacity[0]] * len(groups)
+  else:
+    caps = list(model.capacity)
+  return tuple(as_fraction(c) for c in caps)
+
+
+def as_fraction(c: float) -> fractions.Fraction:
+  """A capacity as a small exact fraction, so that ceil(c * b) is integer arithmetic."""
+  return fractions.Fraction(c).limit_denominator(4096)
+
+
+def ceil_frac(c: fractions.Fraction, n: int) -> int:
+  """ceil(c * n) in exact integer arithmetic."""
+  return -((-c.numerator * n) // c.denominator)
+
+
+def mod_layers(model: ml_collections.ConfigDict) -> tuple[bool, ...]:
+  """For each layer, whether it is a mixture-of-depths layer."""
+  mod = model.mod
+  if not mod.enabled:
+    return (False,) * model.num_layers
+  return tuple(i >= mod.first and (i - mod.first) % mod.every == 0
+               for i in range(model.num_layers))
+
+
+# ----------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------
+def _positive(config, path: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ConfigError(path, f'must be a positive integer, got {value!r}')
+
+
+def _one_of(path: str, value, allowed: Sequence[str]) -> None:
+  if value not in allowed:
+    raise ConfigError(path, f'must be one of {", ".join(map(repr, allowed))}, got {value!r}')
+
+
+def _in_unit(path: str, value) -> None:
+  if not isinstance(value, (int, float)) or not 0 < value <= 1:
+    raise ConfigError(path, f'must be in (0, 1], got {value!r}')
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError (naming the field) if `config` cannot describe a model; returns it."""
+  m = config.model
+  for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'ffn_dim', 'max_len'):
+    _positive(config, f'model.{name}', m[name])
+  if m.ffn_hidden is not None:
+    _positive(config, 'model.ffn_hidden', m.ffn_hidden)
+  if m.d_model % m.num_heads:
+    raise ConfigError('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model}')
+  if (m.d_model // m.num_heads) % 2:
+    raise ConfigError('model.num_heads', 'head dimension d_model/num_heads must be even (RoPE)')
+  if not m.modalities or len(set(m.modalities)) != len(m.modalities):
+    raise ConfigError('model.modalities', f'must be distinct names, got {m.modalities!r}')
+  if len(m.modalities) > 127:
+    raise ConfigError('model.modalities', 'at most 127 modalities (stored as int8)')
+  _one_of('model.ffn', m.ffn, FFN_KINDS)
+  _one_of('model.router', m.router, ('sigmoid', 'softmax'))
+  _one_of('model.router_noise', m.router_noise, ('none', 'gumbel'))
+  _one_of('model.norm', m.norm, ('post', 'pre'))
+  _one_of('model.kernels', m.kernels, ('xla', 'pallas'))
+  _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
+  _one_of('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
+  _one_of('model.remat', m.remat, ('none', 'full', 'dots'))
+  if m.kernels == 'pallas':
+    raise ConfigError('model.kernels', "'pallas' kernels are not available yet; use 'xla'")
+  if m.aux_router.enabled:
+    raise ConfigError('model.aux_router.enabled', 'auxiliary routers are not available yet')
+
+  if m.ffn != 'dense':
+    experts = tuple(m.experts)
+    want = len(m.modalities) if m.ffn == 'moma' else 1
+    if len(experts) != want:
+      raise ConfigError('model.experts', f'{m.ffn} needs {want} entr{"y" if want == 1 else "ies"}'
+                        f' (one per {"modality" if m.ffn == "moma" else "layer"}), got {experts!r}')
+    for e in experts:
+      _positive(config, 'model.experts', e)
+    n_groups = len(expert_groups(m))
+    if m.capacity is not None:
+      if len(m.capacity) not in (1, n_groups):
+        raise ConfigError('model.capacity', f'needs 1 or {n_groups} entries, got {m.capacity!r}')
+      for cap in m.capacity:
+        _in_unit('model.capacity', cap)
+    if m.ffn == 'topk':
+      _positive(config, 'model.top_k', m.top_k)
+      if m.top_k > experts[0]:
+        raise ConfigError('model.top_k', f'{m.top_k} exceeds the {experts[0]} experts')
+      if not m.capacity_factor > 0:
+        raise ConfigError('model.capacity_factor', f'must be > 0, got {m.capacity_factor}')
+  if m.mod.enabled:
+    _in_unit('model.mod.capacity', m.mod.capacity)
+    _positive(config, 'model.mod.every', m.mod.every)
+    if not isinstance(m.mod.first, int) or not 0 <= m.mod.first < m.num_layers:
+      raise ConfigError('model.mod.first', f'must be a layer index in [0, {m.num_layers}), got {m.mod.first!r}')
+
+  r = config.routing
+  _positive(config, 'routing.group_size', r.group_size)
+  _one_of('routing.layout', r.layout, LAYOUTS)
+  if not r.capacity_factor > 0:
+    raise ConfigError('routing.capacity_factor', f'must be > 0, got {r.capacity_factor}')
+  if r.expected_fraction is not None:
+    if len(r.expected_fraction) != len(m.modalities):
+      raise ConfigError('routing.expected_fraction', 'needs one entry per modality')
+    for f in r.expected_fraction:
+      _in_unit('routing.expected_fraction', f)
+
+  t = config.train
+  if t.z_loss < 0:
+    raise ConfigError('train.z_loss', f'must be >= 0, got {t.z_loss}')
+  for name in ('batch_size', 'steps', 'grad_accum'):
+    _positive(config, f'train.{name}', t[name])
+  if t.batch_size % r.group_size:
+    raise ConfigError('train.batch_size', f'{t.batch_size} is not a multiple of '
+                      f'routing.group_size={r.group_size}')
+  _positive(config, 'data.seq_len', config.data.seq_len)
+  if config.data.seq_len > m.max_len:
+    raise ConfigError('data.seq_len', f'{config.data.seq_len} exceeds model.max_len={m.max_len}')
+  return config
+
+
+def expected_fractions(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """Expected share of each modality among a routing group's tokens (capacity layout)."""
+  if config.routing.expected_fraction is not None:
+    return tuple(config.routing.expected_fraction)
+  groups = expert_groups(config.model)
+  if config.model.ffn == 'moma':
+    total = sum(e for _, e in groups)
+    return tuple(e / total for _, e in groups)
+  n = len(config.model.modalities)
+  return (1.0 / n,) * n
+

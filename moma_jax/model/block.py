@@ -1,0 +1,58 @@
+"""One decoder block: attention, then a dense or routed FFN, in either norm placement.
+
+'post' (Chameleon's norm re-ordering, the paper's and our default):
+    h = x + norm(attn(x));  out = h + norm(ffn(h))
+'pre':
+    h = x + attn(norm(x));  out = h + ffn(norm(h))
+Under 'post' a lone expert's gate is cancelled by the norm (norm(g * f) = norm(f)); under
+'pre' the gate scales the residual update directly.
+
+Axis legend: B rows of the batch, T tokens per row, D embed, G routing groups,
+N = S * T tokens per routing group (S rows per group).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from moma_jax import configs
+from moma_jax.model.experts import RoutedExperts
+from moma_jax.model.layers import MLP, Attention, RMSNorm, constrain
+
+
+class Block(nn.Module):
+  """x [B, T, D] -> [B, T, D]; routed FFNs see routing groups of `rows_per_group` rows.
+
+  modality [B, T] int, segment_ids [B, T] (0 = padding), positions [B, T].
+  """
+  config: ml_collections.FrozenConfigDict
+  rows_per_group: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
+    m = self.config.model
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    post = m.norm == 'post'
+    attn = Attention(m.num_heads, name='attention', **kw)
+    attn_norm = RMSNorm(name='attention_norm', **kw)
+    ffn_norm = RMSNorm(name='ffn_norm', **kw)
+    if post:
+      h = x + attn_norm(attn(x, positions, segment_ids))
+    else:
+      h = x + attn(attn_norm(x), positions, segment_ids)
+    h = constrain(h, ('batch', 'length', 'embed'))
+    u = h if post else ffn_norm(h)
+    if m.ffn == 'dense':
+      f = MLP(configs.ffn_hidden(m), name='mlp', **kw)(u)
+    else:
+      b, t, d = u.shape
+      s = self.rows_per_group
+      # [B, T, D] -> [G, N, D]: a routing group is S consecutive rows of the batch.
+      f = RoutedExperts(self.config, name='experts', **kw)(
+          u.reshape(b // s, s * t, d), modality.reshape(b // s, s * t),
+          (segment_ids > 0).reshape(b // s, s * t), deterministic).reshape(b, t, d)
+    out = h + (ffn_norm(f) if post else f)
+    return constrain(out, ('batch', 'length', 'embed'))

@@ -1,0 +1,98 @@
+"""Mixture-of-depths: a block that only the routed tokens go through.
+
+A scalar sigmoid router scores every token; the top ceil(c_d * b) non-padding tokens of
+each routing group (over all modalities, or ceil(c_d * b_m) per modality when
+`mod.modality_aware`) run the whole block — attention among picked tokens, then the
+FFN or expert groups, routed among the picked tokens — and the block's residual update
+is scaled by the router weight: x <- x + r * (block(x) - x). The others skip it.
+
+Axis legend: B batch, L length, D embed, G routing groups, N = S * L tokens per group
+(S sequences per group), P picked slots per group.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moma_jax import configs
+from moma_jax.model import routing
+from moma_jax.model.block import Block
+
+
+def picked_slots(model: ml_collections.ConfigDict, n: int) -> int:
+  """P: static slots per routing group, enough for every token MoD may pick.
+
+  Over all modalities ceil(c_d * b) <= ceil(c_d * N); per modality
+  sum_m ceil(c_d * b_m) <= ceil(c_d * N) + M - 1.
+  """
+  c = configs.as_fraction(model.mod.capacity)
+  extra = len(model.modalities) - 1 if model.mod.modality_aware else 0
+  return min(n, configs.ceil_frac(c, n) + extra)
+
+
+def depth_plan(scores, modality, valid, model: ml_collections.ConfigDict):
+  """Which tokens run the block: a routing plan with P rows per group, in token order.
+
+  scores [G, N] float32, modality [G, N], valid [G, N] bool -> RoutingPlan whose
+  token_index [G*P] lists each group's picked tokens in increasing position (so that
+  causal attention among them is index order), unused slots last.
+  """
+  g, n = scores.shape
+  if model.mod.modality_aware:
+    mods = jnp.arange(len(model.modalities))
+    eligible = valid[..., None] & (modality[..., None] == mods)            # [G, N, M]
+  else:
+    eligible = valid[..., None]                                             # [G, N, 1]
+  e = eligible.shape[-1]
+  idx, gate, wanted = routing.expert_choice(
+      jnp.broadcast_to(scores[..., None], (g, n, e)), eligible,
+      configs.as_fraction(model.mod.capacity))
+  p = picked_slots(model, n)
+  plan = routing.pack(idx, gate, wanted, num_tokens=n, layout='ragged', rows=g * p,
+                      per_group=True)
+  tok = plan.token_index.reshape(g, p)
+  order = jnp.argsort(tok, axis=-1)  # dump index g*n sorts last
+  return plan.replace(
+      token_index=jnp.take_along_axis(tok, order, -1).reshape(-1),
+      weight=jnp.take_along_axis(plan.weight.reshape(g, p), order, -1).reshape(-1))
+
+
+class DepthRoutedBlock(nn.Module):
+  """A mixture-of-depths block. Same signature as `Block`: x [B, L, D] -> [B, L, D]."""
+  config: ml_collections.FrozenConfigDict
+  rows_per_group: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
+    m = self.config.model
+    b, l, d = x.shape
+    s = self.rows_per_group
+    g, n = b // s, s * l
+    w = self.param('router', nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
+    logits = jnp.einsum('bld,d->bl', x.astype(jnp.float32), w.astype(jnp.float32))
+    valid = segment_ids > 0
+    plan = depth_plan(jax.nn.sigmoid(logits).reshape(g, n), modality.reshape(g, n),
+                      valid.reshape(g, n), m)
+    p = plan.token_index.shape[0] // g
+
+    # Sequences of one group share a row after picking: give each (sequence, segment)
+    # its own id so attention never crosses sequences. Padding keeps 0.
+    seq = jnp.arange(b, dtype=jnp.int32)[:, None]
+    seg_key = jnp.where(valid, seq * (l + 1) + segment_ids.astype(jnp.int32), 0)
+    take = lambda a: jnp.take(a.reshape(b * l, *a.shape[2:]), plan.token_index, axis=0,
+                              mode='fill', fill_value=0).reshape(g, p, *a.shape[2:])
+    x_p, mod_p, seg_p, pos_p = take(x), take(modality), take(seg_key), take(positions)
+    out = Block(self.config, rows_per_group=1, dtype=self.dtype,
+                param_dtype=self.param_dtype, name='block')(
+                    x_p, mod_p, seg_p, pos_p, deterministic)
+    delta = (out - x_p).reshape(g * p, d) * plan.weight[:, None].astype(out.dtype)
+    y = x.reshape(b * l, d).at[plan.token_index].add(delta.astype(x.dtype), mode='drop')
+    self.sow('route_stats', 'mod/picked', plan.kept.sum() / jnp.maximum(valid.sum(), 1))
+    self.sow('route_stats', 'mod/router_logit_mean',
+             jnp.where(valid, logits, 0).sum() / jnp.maximum(valid.sum(), 1))
+    return y.reshape(b, l, d)

@@ -1,0 +1,126 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, causal attention with QK-norm, SwiGLU.
+
+Axis legend: B batch (or routing groups), T tokens per row, D embed, H heads, K head dim
+(D = H * K), F SwiGLU hidden width.
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and
+activations are constrained by name, so `moma_jax.sharding` maps names onto a mesh
+without touching the modules.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Names the activation's axes for sharding; a no-op without axis rules in scope."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """y = x / rms(x) * scale, computed in float32 over the last axis."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = 'embed'
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding (rotate-half form).
+
+  x: [B, T, H, K]; positions: [B, T] int. Returns [B, T, H, K] in x's dtype.
+  Pair (i, i + K/2) is rotated by angle position * base^(-2i/K).
+  """
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None, None] * inv_freq     # [B, T, 1, K/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """[B, 1, T, T] bool: query i sees key j iff j <= i, same segment, segment > 0.
+
+  Causality follows row order: a document's tokens appear in order in every row
+  (also after mixture-of-depths picks a subset), so index order is time order.
+  """
+  t = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (causal[None] & same & (segment_ids[:, :, None] > 0))[:, None]
+
+
+class Attention(nn.Module):
+  """Multi-head causal self-attention with QK-norm and RoPE.
+
+  x [B, T, D], positions [B, T], segment_ids [B, T] (0 = padding) -> [B, T, D].
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    d = x.shape[-1]
+    k_dim = d // self.num_heads
+
+    def proj(name):
+      return nn.DenseGeneral(
+          (self.num_heads, k_dim), use_bias=False, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=name,
+          kernel_init=nn.with_logical_partitioning(default_kernel_init, ('embed', 'heads', 'kv')))
+
+    q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)       # [B, T, H, K]
+    # QK-norm (Chameleon): keeps attention logits bounded in mixed-modal training.
+    q = RMSNorm(self.dtype, self.param_dtype, axis_name='kv', name='query_norm')(q)
+    k = RMSNorm(self.dtype, self.param_dtype, axis_name='kv', name='key_norm')(k)
+    q, k = rope(q, positions), rope(k, positions)
+    q = constrain(q, ('batch', 'length', 'heads', 'kv'))
+    k = constrain(k, ('batch', 'length', 'heads', 'kv'))
+    logits = jnp.einsum('bqhk,bshk->bhqs', q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(k_dim))
+    logits = jnp.where(attention_mask(segment_ids), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqs,bshk->bqhk', probs, v)
+    out = nn.DenseGeneral(
+        d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(default_kernel_init, ('heads', 'kv', 'embed')),
+        name='out')(out)
+    return constrain(out, ('batch', 'length', 'embed'))
+
+
+def swiglu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:
+  """SwiGLU on rows: x [..., D], wi_* [D, F], wo [F, D] -> [..., D]."""
+  return (nn.silu(x @ wi_0) * (x @ wi_1)) @ wo
+
+
+class MLP(nn.Module):
+  """Dense SwiGLU feed-forward: x [..., D] -> [..., D], hidden width F."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    init_in = nn.with_logical_partitioning(default_kernel_init, ('embed', 'mlp'))
+    init_out = nn.with_logical_partitioning(default_kernel_init, ('mlp', 'embed'))
+    wi_0 = self.param('wi_0', init_in, (d, self.hidden), self.param_dtype)
+    wi_1 = self.param('wi_1', init_in, (d, self.hidden), self.param_dtype)
+    wo = self.param('wo', init_out, (self.hidden, d), self.param_dtype)
+    cast = lambda w: w.astype(self.dtype)
+    return swiglu(x.astype(self.dtype), cast(wi_0), cast(wi_1), cast(wo))

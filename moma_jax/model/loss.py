@@ -1,0 +1,41 @@
+"""Next-token cross-entropy booked per target modality, and the z-loss.
+
+Axis legend: B batch, L length, V vocabulary.
+Batch convention: `loss_mask[b, t] = 1` when token t is a prediction target; the
+prediction comes from position t-1 of the same segment. A target's loss is booked to
+the target's modality.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def next_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array],
+                    modalities: Sequence[str], z_loss: float):
+  """Returns (objective, metrics).
+
+  logits [B, L, V] (any float dtype; the math is float32); batch holds tokens,
+  modality, segment_ids, loss_mask [B, L]. objective = mean over targets of
+  cross-entropy + z_loss * logsumexp^2. metrics: 'loss' (cross-entropy alone),
+  'loss/{modality}', 'tokens/{modality}' (target counts), 'z_loss'.
+  """
+  lg = logits[:, :-1].astype(jnp.float32)
+  targets = batch['tokens'][:, 1:]
+  seg = batch['segment_ids']
+  mask = (batch['loss_mask'][:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+  lse = jax.nn.logsumexp(lg, axis=-1)
+  ce = lse - jnp.take_along_axis(lg, targets[..., None], axis=-1)[..., 0]
+  count = mask.sum()
+  denom = jnp.maximum(count, 1)
+  zl = jnp.where(mask, lse ** 2, 0.0).sum() / denom
+  metrics = {'loss': jnp.where(mask, ce, 0.0).sum() / denom, 'z_loss': zl,
+             'tokens': count}
+  target_mod = batch['modality'][:, 1:]
+  for i, name in enumerate(modalities):
+    m = mask & (target_mod == i)
+    metrics[f'loss/{name}'] = jnp.where(m, ce, 0.0).sum() / jnp.maximum(m.sum(), 1)
+    metrics[f'tokens/{name}'] = m.sum()
+  return metrics['loss'] + z_loss * zl, metrics

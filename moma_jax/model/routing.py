@@ -1,0 +1,178 @@
+"""Routing as pure functions: router scores -> a static-shaped routing plan.
+
+Every sparse path (moma, moe, topk, mixture-of-depths) is two steps:
+  1. *select*: per expert, an ordered candidate list of tokens of one routing group,
+     with gates, and how many of them the expert wants (`expert_choice`, `token_choice`);
+  2. *pack*: place the wanted candidates into a static number of rows (`pack`).
+
+The routing plan is the result of step 2: rows such that `rows = x[token_index]` can go
+through a grouped matmul over experts and `y = segment_sum(weight * out, token_index)`
+puts results back. Unused rows carry weight 0 and the dump index G*N (one past the last
+token), which gathers zeros and scatters nowhere.
+
+Axis legend: G routing groups, N tokens per group, E experts, K candidate slots per
+expert, R rows, C rows per expert per group (capacity layout).
+Ties break towards the lower token index (`jax.lax.top_k` and stable sorts do); padding
+is never eligible.
+"""
+from __future__ import annotations
+
+import fractions
+
+import flax
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class RoutingPlan:
+  """Rows of G routing groups, arranged for a grouped matmul.
+
+  token_index: [R] int32, flat token id g*N + n; G*N for unused rows.
+  weight:      [R] float32 gate of each row; 0 for unused rows.
+  group_sizes: [E] int32 rows of each expert (all groups), sum <= R.
+  wanted:      [G, E] int32 rows each expert asked for in each group.
+  kept:        [G, E] int32 rows it got (wanted - kept were cut by a buffer).
+  capacity:    static; None for the ragged layout (expert e's rows follow expert e-1's),
+               or C: expert e owns rows [e*G*C, (e+1)*G*C) (capacity layout).
+  """
+  token_index: jax.Array
+  weight: jax.Array
+  group_sizes: jax.Array
+  wanted: jax.Array
+  kept: jax.Array
+  capacity: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def ceil_capacity(c: fractions.Fraction, b: jax.Array) -> jax.Array:
+  """k = ceil(c * b) in exact int32 arithmetic (c a fraction, b a token count)."""
+  return -((-c.numerator * b) // c.denominator)
+
+
+def router_scores(logits: jax.Array, kind: str, noise_rng: jax.Array | None = None) -> jax.Array:
+  """Router scores [..., E] in float32 from logits [..., E].
+
+  'sigmoid': independent per expert (the paper); 'softmax': over the group's experts.
+  With `noise_rng`, Gumbel-sigmoid noise: sigmoid(z + G' - G'') (logistic noise on z).
+  """
+  z = logits.astype(jnp.float32)
+  if noise_rng is not None:
+    z = z + jax.random.logistic(noise_rng, z.shape, jnp.float32)
+  if kind == 'sigmoid':
+    return jax.nn.sigmoid(z)
+  return jax.nn.softmax(z, axis=-1)
+
+
+def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fraction):
+  """Each expert takes the top ceil(c * b) eligible tokens of the group by its score.
+
+  Args:
+    scores: [G, N, E] float32 router scores.
+    eligible: [G, N, E] or [G, N, 1] bool, the tokens each expert may take (right
+      modality, not padding); b = eligible.sum(1).
+    capacity: c, the fraction of eligible tokens each expert takes.
+  Returns:
+    idx [G, E, K] int32 candidate tokens in order of preference, K = min(N, ceil(c * N));
+    gate [G, E, K] float32 their scores; wanted [G, E] int32 = ceil(c * b).
+  """
+  g, n, e = scores.shape
+  k_max = min(n, -((-capacity.numerator * n) // capacity.denominator))
+  masked = jnp.where(eligible, scores, -jnp.inf)
+  gate, idx = jax.lax.top_k(jnp.swapaxes(masked, 1, 2), k_max)  # [G, E, K]
+  b = eligible.sum(1).astype(jnp.int32)                          # [G, E] or [G, 1]
+  wanted = jnp.broadcast_to(ceil_capacity(capacity, b), (g, e))
+  return idx.astype(jnp.int32), jnp.where(jnp.isfinite(gate), gate, 0.0), wanted
+
+
+def token_choice(scores: jax.Array, valid: jax.Array, top_k: int, capacity: int):
+  """Each token picks its top-k experts; each expert keeps its first `capacity` tokens.
+
+  Args:
+    scores: [G, N, E] float32 router scores.
+    valid: [G, N] bool, non-padding tokens.
+    top_k: experts per token.
+    capacity: C, the static number of tokens an expert keeps per group (lower token
+      index first, as in GShard/Switch).
+  Returns:
+    idx [G, E, C] candidate tokens; gate [G, E, C]; wanted [G, E] tokens that picked
+    each expert (wanted - min(wanted, C) are dropped); assign [G, N, E] bool choices.
+  """
+  e = scores.shape[-1]
+  _, top = jax.lax.top_k(scores, top_k)                           # [G, N, k]
+  assign = (jax.nn.one_hot(top, e, dtype=jnp.int32).sum(-2) > 0) & valid[..., None]
+  # Stable sort of "not assigned" puts each expert's tokens first, in index order.
+  order = jnp.argsort(~jnp.swapaxes(assign, 1, 2), axis=-1, stable=True)[..., :capacity]
+  gate = jnp.take_along_axis(jnp.swapaxes(scores, 1, 2), order, axis=-1)
+  wanted = assign.sum(1).astype(jnp.int32)
+  return order.astype(jnp.int32), gate, wanted, assign
+
+
+# ----------------------------------------------------------------------------------
+# Packing: candidates -> rows. `base[g, e]` is the row of candidate 0 of expert e in
+# group g; each layout is a way to choose it.
+# ----------------------------------------------------------------------------------
+def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
+         capacity: int = 0, per_group: bool = False) -> RoutingPlan:
+  """Places each expert's wanted candidates into static rows.
+
+  Args:
+    idx, gate: [G, E, K] candidates (token index within the group, gate).
+    wanted: [G, E] how many leading candidates each expert wants.
+    num_tokens: N, tokens per group (the dump index is G*N).
+    layout: 'ragged': experts back to back, exactly the wanted rows (nothing cut while
+      `rows` holds them, which callers guarantee); 'capacity': a buffer of `capacity`
+      rows per expert and group; wanted rows beyond it are cut.
+    rows: R, total rows of the ragged layout.
+    capacity: C, the capacity layout's rows per expert and group.
+    per_group: ragged rows ordered by routing group first (group g owns rows
+      [g*R/G, (g+1)*R/G)) instead of by expert; used by mixture-of-depths.
+  Returns:
+    RoutingPlan over G*N flat tokens.
+  """
+  g, e, k = idx.shape
+  if layout == 'capacity':
+    if k < capacity:
+      pad = ((0, 0), (0, 0), (0, capacity - k))
+      idx, gate = jnp.pad(idx, pad), jnp.pad(gate, pad)
+    idx, gate = idx[..., :capacity], gate[..., :capacity]
+    kept = jnp.minimum(wanted, capacity)
+    base = (jnp.arange(e)[None, :] * g + jnp.arange(g)[:, None]) * capacity
+    total = e * g * capacity
+  else:
+    kept = jnp.minimum(wanted, k)
+    if per_group:
+      base = jnp.arange(g)[:, None] * (rows // g) + jnp.cumsum(kept, axis=1) - kept
+    else:
+      per_expert = kept.sum(0)                                        # [E]
+      expert_start = jnp.cumsum(per_expert) - per_expert
+      base = expert_start[None, :] + jnp.cumsum(kept, axis=0) - kept
+    total = rows
+  slot = jnp.arange(idx.shape[-1])
+  use = slot < kept[..., None]                                        # [G, E, K]
+  dest = jnp.where(use, base[..., None] + slot, total).reshape(-1)
+  flat_token = (idx + jnp.arange(g)[:, None, None] * num_tokens).reshape(-1)
+  dump = g * num_tokens
+  token_index = jnp.full((total + 1,), dump, jnp.int32).at[dest].set(
+      jnp.where(use.reshape(-1), flat_token, dump))[:total]
+  weight = jnp.zeros((total + 1,), jnp.float32).at[dest].set(
+      jnp.where(use, gate, 0.0).reshape(-1).astype(jnp.float32))[:total]
+  return RoutingPlan(token_index=token_index, weight=weight,
+                     group_sizes=kept.sum(0).astype(jnp.int32), wanted=wanted, kept=kept,
+                     capacity=capacity if layout == 'capacity' else None)
+
+
+def gather_rows(x: jax.Array, plan: RoutingPlan) -> jax.Array:
+  """rows [R, D] = x[token_index] for x [G*N, D]; unused rows are zeros."""
+  return jnp.take(x, plan.token_index, axis=0, mode='fill', fill_value=0)
+
+
+def combine_rows(out: jax.Array, plan: RoutingPlan, num_flat_tokens: int) -> jax.Array:
+  """y [G*N, D] = sum over rows r with token_index[r] = t of weight[r] * out[r]."""
+  contrib = out * plan.weight[:, None].astype(out.dtype)
+  return jnp.zeros((num_flat_tokens, out.shape[-1]), out.dtype).at[plan.token_index].add(
+      contrib, mode='drop')
+
+
+def experts_per_token(plan: RoutingPlan, num_flat_tokens: int) -> jax.Array:
+  """[G*N] int32: how many experts took each token."""
+  return jnp.zeros((num_flat_tokens,), jnp.int32).at[plan.token_index].add(1, mode='drop')

@@ -1,0 +1,105 @@
+"""The early-fusion decoder: one token stream, one vocabulary, every modality.
+
+Axis legend: B batch, L length, D embed, V vocabulary.
+
+`Decoder` maps a batch (DESIGN §7: tokens, modality, segment_ids, positions, loss_mask,
+all [B, L]) to float32 logits [B, L, V]. `loss_fn` adds the per-modality next-token
+loss, the z-loss, routing auxiliary losses and the routing statistics.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moma_jax import configs
+from moma_jax.model import loss as loss_lib
+from moma_jax.model import route_stats
+from moma_jax.model.block import Block
+from moma_jax.model.depth import DepthRoutedBlock
+from moma_jax.model.layers import RMSNorm, constrain, default_kernel_init
+
+_REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Decoder(nn.Module):
+  """tokens, modality, segment_ids, positions [B, L] -> logits [B, L, V] float32."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, tokens, modality, segment_ids, positions, deterministic: bool = True):
+    m = self.config.model
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    embed = nn.Embed(m.vocab_size, m.d_model, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(1.0), ('vocab', 'embed')),
+                     name='embed')
+    x = constrain(embed(tokens), ('batch', 'length', 'embed'))
+    for i, is_mod in enumerate(configs.mod_layers(m)):
+      cls = DepthRoutedBlock if is_mod else Block
+      if m.remat != 'none':
+        cls = nn.remat(cls, static_argnums=(5,), policy=_REMAT_POLICIES[m.remat])
+      x = cls(self.config, rows_per_group=self.config.routing.group_size, dtype=dtype,
+              param_dtype=param_dtype, name=f'layer_{i}')(
+                  x, modality, segment_ids, positions, deterministic)
+    x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name='final_norm')(x)
+    # Untied output head (Chameleon); logits in float32 for the loss and z-loss.
+    logits = nn.DenseGeneral(
+        m.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(default_kernel_init, ('embed', 'vocab')),
+        name='output')(x)
+    return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+def build(config: ml_collections.ConfigDict) -> Decoder:
+  """The decoder of a validated config."""
+  configs.validate(config)
+  return Decoder(ml_collections.FrozenConfigDict(config))
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int | None = None):
+  """An all-text batch of the right shapes (for init and shape inference)."""
+  b = batch_size or config.routing.group_size
+  l = config.data.seq_len
+  pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  ones = jnp.ones((b, l), jnp.int32)
+  return dict(tokens=jnp.zeros((b, l), jnp.int32), modality=jnp.zeros((b, l), jnp.int8),
+              segment_ids=ones, positions=pos, loss_mask=ones)
+
+
+def init(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None = None):
+  """Returns (params, logical axis names of every parameter, as a matching pytree)."""
+  batch = batch or dummy_batch(ml_collections.ConfigDict(model.config))
+  variables = model.init(rng, batch['tokens'], batch['modality'], batch['segment_ids'],
+                         batch['positions'])
+  boxed = variables['params']
+  return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
+            rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+  """Returns (objective, metrics) for one batch.
+
+  objective = cross-entropy + z_loss * logsumexp^2 + load_balance_weight * balance
+  losses (token choice). metrics: 'loss', 'loss/{modality}', 'tokens/...', 'z_loss',
+  'aux_loss', and `route/...` statistics. Pass `rng` for training (router noise).
+  """
+  m = model.config.model
+  rngs = {'router': rng} if rng is not None else {}
+  logits, state = model.apply(
+      {'params': params}, batch['tokens'], batch['modality'], batch['segment_ids'],
+      batch['positions'], deterministic=rng is None, rngs=rngs,
+      mutable=['route_stats', 'aux_loss'])
+  objective, metrics = loss_lib.next_token_loss(
+      logits, batch, m.modalities, model.config.train.z_loss)
+  aux = jax.tree.leaves(state.get('aux_loss', {}))
+  aux_total = sum(aux) / len(aux) if aux else jnp.float32(0)
+  metrics['aux_loss'] = aux_total
+  metrics.update(route_stats.summarize(state.get('route_stats', {})))
+  return objective + m.load_balance_weight * aux_total, metrics
