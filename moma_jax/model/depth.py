@@ -79,6 +79,7 @@ class DepthRoutedBlock(nn.Module):
     plan = depth_plan(jax.nn.sigmoid(logits).reshape(g, n), modality.reshape(g, n),
                       valid.reshape(g, n), m)
     p = plan.token_index.shape[0] // g
+    self.sow('intermediates', 'plan', plan)
 
     # Sequences of one group share a row after picking: give each (sequence, segment)
     # its own id so attention never crosses sequences. Padding keeps 0.

@@ -73,8 +73,9 @@ class RoutedExperts(nn.Module):
   """A sparse SwiGLU FFN: routers, expert choice or token choice, grouped matmul.
 
   x [G, N, D], modality [G, N] int, valid [G, N] bool -> y [G, N, D].
-  Sows per-layer routing statistics into the 'route_stats' collection and the
-  token-choice load-balancing loss into 'aux_loss'.
+  Sows per-layer routing statistics into the 'route_stats' collection, the
+  token-choice load-balancing loss into 'aux_loss' and the routing plan into
+  'intermediates' (read by tests and the routing notebook).
   """
   config: ml_collections.FrozenConfigDict
   dtype: jnp.dtype = jnp.float32
@@ -124,6 +125,7 @@ class RoutedExperts(nn.Module):
                         rows=g * ragged_rows(self.config, n),
                         capacity=buffer_capacity(self.config, n))
 
+    self.sow('intermediates', 'plan', plan)
     x_flat = x.reshape(g * n, d).astype(self.dtype)
     rows = routing.gather_rows(x_flat, plan)                            # [R, D]
     cast = lambda w: w.astype(self.dtype)

@@ -1,0 +1,35 @@
+"""Shared test set-up: a persistent JAX compilation cache and small config builders."""
+import os
+
+import jax
+import pytest
+
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('JAX_COMPILATION_CACHE_DIR',
+                                 os.path.join(os.path.dirname(__file__), '..', '.jax_cache')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+from moma_jax import configs  # noqa: E402
+
+
+def tiny_config(ffn='moma', experts=(4, 4), **model_overrides):
+  """A validated tiny config: d 32, 2 heads, 1 layer, seq 16, groups of 2 sequences."""
+  c = configs.default_config()
+  c.model.d_model, c.model.num_heads, c.model.num_layers = 32, 2, 1
+  c.model.ffn_dim, c.model.vocab_size, c.model.max_len = 48, 64, 32
+  c.model.ffn, c.model.experts = ffn, tuple(experts)
+  for key, value in model_overrides.items():
+    target = c.model
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  c.data.seq_len = 16
+  c.routing.group_size = 2
+  c.train.batch_size = 4
+  return configs.validate(c)
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config

@@ -1,0 +1,162 @@
+"""The fast routing (static-shape plans) equals the slow per-expert reference.
+
+Inputs cover: a mixed group with padding, a group with text only (no image token), a
+group with images only, a group of padding only, and a group of duplicated tokens
+(tied scores for every expert).
+"""
+import fractions
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from moma_jax import configs
+from moma_jax.model import routing
+from moma_jax.model import routing_reference as ref
+from moma_jax.model.experts import RoutedExperts
+
+D = 32
+N = 20
+
+
+def routing_inputs(seed=0, n=N, d=D):
+  """x [5, N, D], modality [5, N], valid [5, N] covering the edge cases above."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(5, n, d)).astype(np.float32)
+  mod = rng.integers(0, 2, size=(5, n)).astype(np.int8)
+  valid = np.ones((5, n), bool)
+  valid[0, -5:] = False          # padding at the end of a mixed group
+  mod[1] = 0                     # text only
+  mod[2] = 1                     # image only
+  valid[3] = False               # padding only
+  x[4, 6:14] = x[4, 3]           # tied scores: identical tokens...
+  mod[4, 6:14] = mod[4, 3]       # ...of the same modality
+  return jnp.asarray(x), jnp.asarray(mod), jnp.asarray(valid)
+
+
+def fast(config, params, x, mod, valid):
+  module = RoutedExperts(ml_collections.FrozenConfigDict(config))
+  y, state = module.apply({'params': params}, x, mod, valid,
+                          mutable=['intermediates', 'route_stats', 'aux_loss'])
+  return y, state['intermediates']['plan'][0], state['route_stats']
+
+
+def init_params(config, x, mod, valid, seed=1):
+  module = RoutedExperts(ml_collections.FrozenConfigDict(config))
+  params = nn.unbox(module.init(jax.random.key(seed), x, mod, valid)['params'])
+  # Larger router weights spread the scores, so ties come only from duplicates.
+  return {k: (v * 50 if k.startswith('router_') else v) for k, v in params.items()}
+
+
+VARIANTS = [
+    dict(ffn='moma', experts=(1, 1)),
+    dict(ffn='moma', experts=(2, 2)),
+    dict(ffn='moma', experts=(4, 4)),
+    dict(ffn='moma', experts=(3, 5)),
+    dict(ffn='moma', experts=(4, 4), capacity=(0.5, 0.25)),
+    dict(ffn='moe', experts=(4,)),
+    dict(ffn='moe', experts=(4,), router='softmax'),
+    dict(ffn='topk', experts=(4,), top_k=2),
+    dict(ffn='topk', experts=(4,), top_k=1, capacity_factor=0.5),  # drops tokens
+]
+
+
+@pytest.mark.parametrize('layout', ['ragged', 'capacity'])
+@pytest.mark.parametrize('variant', VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
+def test_fast_routing_equals_reference(variant, layout):
+  config = tiny_config(**variant)
+  config.routing.layout = layout
+  # A buffer as large as any group could need: nothing cut, so the plans must agree.
+  config.routing.capacity_factor = 16.0
+  x, mod, valid = routing_inputs()
+  params = init_params(config, x, mod, valid)
+  lists = ref.expert_lists(params, x, mod, valid, config)
+  cot = jax.random.normal(jax.random.key(2), x.shape)
+
+  def with_vjp(f):
+    @jax.jit
+    def run(params, x):
+      y, pullback, plan = jax.vjp(f, params, x, has_aux=True)
+      return y, plan, pullback(cot)
+    return run
+
+  y, plan, grads = with_vjp(lambda p, x: fast(config, p, x, mod, valid)[:2])(params, x)
+  y_ref, _, grads_ref = with_vjp(
+      lambda p, x: (ref.routed_experts(p, x, config, lists), ()))(params, x)
+  assert ref.plan_lists(plan, x.shape[0], N) == lists
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('share', [0.0, 0.03, 0.3, 0.5, 0.9, 1.0])
+def test_moma_takes_exactly_ceil_c_b_and_cuts_nothing(share):
+  config = tiny_config(experts=(4, 4))
+  n = 64
+  rng = np.random.default_rng(int(share * 100))
+  x = jnp.asarray(rng.normal(size=(3, n, D)), jnp.float32)
+  mod = jnp.asarray((rng.random((3, n)) < share).astype(np.int8))
+  valid = jnp.asarray(rng.random((3, n)) < 0.9)
+  params = init_params(config, x, mod, valid)
+  _, plan, stats = fast(config, params, x, mod, valid)
+  for g in range(3):
+    for m in range(2):
+      b = int(((mod[g] == m) & valid[g]).sum())
+      expect = -(-b // 4)
+      np.testing.assert_array_equal(plan.wanted[g, 4 * m:4 * m + 4], expect)
+  np.testing.assert_array_equal(plan.kept, plan.wanted)
+  assert float(stats['dropped/text'][0]) == 0.0 and float(stats['dropped/image'][0]) == 0.0
+  # Every row the plan holds is a real (token, expert) pair: R is never exceeded.
+  assert int(plan.group_sizes.sum()) == int(plan.wanted.sum()) <= plan.token_index.shape[0]
+
+
+def test_one_modality_never_reaches_another_modalitys_experts():
+  config = tiny_config(experts=(4, 4))
+  x, mod, valid = routing_inputs(seed=3)
+  params = init_params(config, x, mod, valid)
+  is_image = (mod == 1) & valid
+
+  def output_at(params, where):
+    y, _, _ = fast(config, params, x, mod, valid)
+    return jnp.sum(jnp.where(where[..., None], y, 0.0) ** 2)
+
+  g_image = jax.grad(output_at)(params, is_image)
+  g_text = jax.grad(output_at)(params, (mod == 0) & valid)
+  for name in ('wi_0', 'wi_1', 'wo'):
+    assert np.all(np.asarray(g_image[name][:4]) == 0.0)   # text experts 0..3
+    assert np.all(np.asarray(g_text[name][4:]) == 0.0)    # image experts 4..7
+    assert np.any(np.asarray(g_image[name][4:]) != 0.0)
+    assert np.any(np.asarray(g_text[name][:4]) != 0.0)
+  assert np.all(np.asarray(g_image['router_text']) == 0.0)
+  assert np.all(np.asarray(g_text['router_image']) == 0.0)
+
+
+def test_pack_closed_form():
+  # One group, two experts: expert 0 wants 2 of [5, 1, 3], expert 1 wants 1 of [2, 0, 4].
+  idx = jnp.array([[[5, 1, 3], [2, 0, 4]]], jnp.int32)
+  gate = jnp.array([[[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]]])
+  wanted = jnp.array([[2, 1]], jnp.int32)
+  plan = routing.pack(idx, gate, wanted, num_tokens=6, layout='ragged', rows=5)
+  np.testing.assert_array_equal(plan.token_index, [5, 1, 2, 6, 6])
+  np.testing.assert_allclose(plan.weight, [0.9, 0.8, 0.6, 0.0, 0.0])
+  np.testing.assert_array_equal(plan.group_sizes, [2, 1])
+  cap = routing.pack(idx, gate, wanted, num_tokens=6, layout='capacity', capacity=1)
+  np.testing.assert_array_equal(cap.token_index, [5, 2])          # expert 0 loses token 1
+  np.testing.assert_array_equal(cap.kept, [[1, 1]])
+  x = jnp.arange(12.0).reshape(6, 2)
+  rows = routing.gather_rows(x, plan)
+  np.testing.assert_array_equal(rows[3:], 0.0)                    # dump rows gather zeros
+  y = routing.combine_rows(rows, plan, 6)
+  np.testing.assert_allclose(y[5], 0.9 * x[5])
+  np.testing.assert_allclose(y[0], 0.0)
+
+
+def test_ceil_capacity_is_exact_integer_arithmetic():
+  c = configs.as_fraction(1 / 3)
+  assert c == fractions.Fraction(1, 3)
+  b = jnp.array([0, 1, 3, 4, 30_000, 30_001])
+  np.testing.assert_array_equal(routing.ceil_capacity(c, b), [0, 1, 1, 2, 10_000, 10_001])
