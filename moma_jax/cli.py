@@ -26,9 +26,11 @@ the previous parse first.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, NoReturn, Sequence
 
 from absl import flags
@@ -93,7 +95,7 @@ def _one_line(exc: BaseException, argv: Sequence[str]) -> str:
   else:
     where = f'--config={_config_arg(argv)}: '
   if isinstance(root, SyntaxError):
-    text = f'{root.filename}:{root.lineno}: SyntaxError: {root.msg}'
+    return f'{root.filename}:{root.lineno}: SyntaxError: {root.msg}'
   elif type(root) is ValueError:  # pylint: disable=unidiomatic-typecheck
     text = str(root)              # a message written for the user, e.g. by get_config
   elif isinstance(root, KeyError) and root.args:
@@ -132,23 +134,30 @@ def parse(argv: Sequence[str], prog: str) -> config_dict.ConfigDict:
   _forget_previous_parse()
   # config_flags finds the --config.* overrides in sys.argv, not in the argv it is
   # given, so the two must agree while parsing.
-  saved = sys.argv
+  saved, absl_level = sys.argv, logging.getLogger('absl').level
   sys.argv = argv
+  # config_flags logs a warning when get_config returns None, reported below instead.
+  logging.getLogger('absl').setLevel(logging.ERROR)
   try:
     value = _config_arg(argv)
     if value is not None and not os.path.isfile(value.split(':', 1)[0]):
       # config_flags would defer this and report it later, in several lines.
       raise UsageError(f'--config: no such config file {value.split(":", 1)[0]!r}'
                        if value else '--config needs a value, FILE[:ARG]')
-    rest = FLAGS(argv)[1:]
+    with warnings.catch_warnings():
+      # config_flags loads the file with importlib's deprecated load_module().
+      warnings.simplefilter('ignore', DeprecationWarning)
+      rest = FLAGS(argv)[1:]
     if rest:
       raise UsageError(f'unexpected argument {rest[0]!r} (flags only)')
     config = FLAGS[CONFIG_FLAG].value
     if config is None:
-      raise UsageError('--config FILE[:ARG] is required')
-    # A config file that cannot be found is only reported when the config is used.
-    _ = config.model
+      raise UsageError('--config FILE[:ARG] is required' if value is None else
+                       f'get_config() of --config={value} returned None')
     if not isinstance(config, config_dict.ConfigDict):
+      # config_flags holds an IOError of get_config (or of loading the file) until the
+      # config is first used: this raises it.
+      _ = getattr(config, 'model', None)
       raise UsageError(f'get_config() of --config={FLAGS[CONFIG_FLAG].config_filename} '
                        f'returned {type(config).__name__}, not a ConfigDict')
     return configs.validate(config)
@@ -159,6 +168,7 @@ def parse(argv: Sequence[str], prog: str) -> config_dict.ConfigDict:
     fail(prog, _one_line(e, argv))
   finally:
     sys.argv = saved
+    logging.getLogger('absl').setLevel(absl_level)
 
 
 def config_argument() -> str:

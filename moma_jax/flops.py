@@ -219,11 +219,11 @@ def mod_layers_matching(config: ml_collections.ConfigDict, max_layers: int = 409
   target = forward_flops(_with_depth(config, config.model.num_layers, mod=False))
   prev = None
   for n in range(1, max_layers + 1):
-    flops = forward_flops(_with_depth(config, n, mod=True))
-    if flops >= target:
-      if prev is not None and target - prev <= flops - target:
+    cost = forward_flops(_with_depth(config, n, mod=True))
+    if cost >= target:               # cost grows with depth: the nearest is n - 1 or n
+      if prev is not None and target - prev <= cost - target:
         return n - 1
       return n
-    prev = flops
+    prev = cost
   raise configs.ConfigError('model.num_layers',
                             f'no MoD depth up to {max_layers} matches the dense FLOPs')

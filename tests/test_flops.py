@@ -51,9 +51,17 @@ def small_config(ffn='dense', d=128, heads=2, layers=2, seq=32, experts=(4, 4), 
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_flops(ffn, d, heads, experts=(4, 4), batch=2):
-  """XLA's forward FLOPs per token of `small_config(ffn, d, heads)`, from shapes only."""
-  config = small_config(ffn, d, heads, experts=experts)
+def compiled_flops(ffn, d, heads, experts=(4, 4), mod=False, batch=2):
+  """XLA's forward FLOPs per token of `small_config(ffn, d, heads)`, from shapes only.
+
+  mod: layer 0 is a MoD layer, with routing groups of one sequence. (A MoD layer runs
+  attention over the picked tokens of its whole routing group, P = c_d * S * L slots,
+  as one masked square: XLA's count grows with the group size S; at S = 1 it is the
+  full square of what we count as half, as for dense layers.)
+  """
+  config = small_config(ffn, d, heads, experts=experts, **(dict(capacity=0.25) if mod else {}))
+  if mod:
+    config.routing.group_size = 1
   model = transformer.build(config)
   params = jax.eval_shape(lambda: transformer.init(model, jax.random.key(0))[0])
   shape = lambda dtype: jax.ShapeDtypeStruct((batch, config.data.seq_len), dtype)
@@ -66,9 +74,13 @@ def compiled_flops(ffn, d, heads, experts=(4, 4), batch=2):
 
 
 def xla_router_flops(config):
-  """Router FLOPs per token as XLA does them: every group's router on every token."""
-  groups = configs.expert_groups(config.model)
-  return config.model.num_layers * 2.0 * config.model.d_model * sum(e for _, e in groups)
+  """Router FLOPs per token as XLA does them: every group's router on every token (that
+  runs the block, in MoD layers), plus the MoD routers."""
+  m = config.model
+  width = sum(e for _, e in configs.expert_groups(m))
+  c_d = m.mod.capacity
+  return sum((c_d if is_mod else 1.0) * 2.0 * m.d_model * width + (
+      2.0 * m.d_model if is_mod else 0.0) for is_mod in configs.mod_layers(m))
 
 
 def xla_equivalent(config):
@@ -82,13 +94,14 @@ def xla_equivalent(config):
 # ----------------------------------------------------------------------------------
 # (a) analytic forward count vs XLA's compiled count
 # ----------------------------------------------------------------------------------
-@pytest.mark.parametrize('ffn,d,heads,experts', [
-    ('dense', 64, 2, (4, 4)), ('dense', 128, 2, (4, 4)), ('dense', 256, 4, (4, 4)),
-    ('moma', 128, 2, (4, 4)), ('moe', 128, 2, (8,))])
-def test_forward_matches_compiled_cost(ffn, d, heads, experts):
-  config, compiled = compiled_flops(ffn, d, heads, experts)
+@pytest.mark.parametrize('ffn,d,heads,experts,mod', [
+    ('dense', 64, 2, (4, 4), False), ('dense', 128, 2, (4, 4), False),
+    ('dense', 256, 4, (4, 4), False), ('moma', 128, 2, (4, 4), False),
+    ('moe', 128, 2, (8,), False), ('moma', 128, 2, (4, 4), True)])
+def test_forward_matches_compiled_cost(ffn, d, heads, experts, mod):
+  config, compiled = compiled_flops(ffn, d, heads, experts, mod)
   ratio = compiled / xla_equivalent(config)
-  print(f'{ffn} d={d}: compiled / analytic = {ratio:.4f}')
+  print(f'{ffn} d={d} mod={mod}: compiled / analytic = {ratio:.4f}')
   # >= 1: we never count work XLA does not do; <= 1.05: the elementwise rest is small.
   assert 1.0 <= ratio <= 1.05, ratio
 
@@ -157,9 +170,9 @@ def test_paper_mod_depths_match_dense():
 # ----------------------------------------------------------------------------------
 # (d) exact values on a small config
 # ----------------------------------------------------------------------------------
-def exact_config(ffn='dense', layers=2, **mod):
+def exact_config(ffn='dense', layers=2, experts=(4, 4), **mod):
   """D 64, F 64 (ffn_dim 96), V 128, L 16, 2 heads (K 32)."""
-  c = small_config(ffn, d=64, heads=2, layers=layers, seq=16, **mod)
+  c = small_config(ffn, d=64, heads=2, layers=layers, seq=16, experts=experts, **mod)
   c.model.ffn_dim, c.model.vocab_size = 96, 128
   return configs.validate(c)
 
@@ -198,10 +211,7 @@ def test_active_parameters_are_half_the_matmul_flops():
 @pytest.mark.parametrize('ffn,mod', [('dense', {}), ('moma', {}), ('topk', {}),
                                      ('moma', dict(capacity=0.25))])
 def test_params_total_is_the_model_parameter_count(ffn, mod):
-  config = exact_config(ffn, experts=(8,) if ffn == 'topk' else (4, 4), **mod) if (
-      False) else exact_config(ffn, **mod)
-  if ffn == 'topk':
-    config.model.experts = (8,)
+  config = exact_config(ffn, experts=(8,) if ffn == 'topk' else (4, 4), **mod)
   model = transformer.build(config)
   shapes = jax.eval_shape(lambda: transformer.init(model, jax.random.key(0))[0])
   n = sum(x.size for x in jax.tree.leaves(shapes))
@@ -215,9 +225,11 @@ def test_compute_matched_dense_and_mod_layers():
   assert dense.model.num_layers == 1
   assert dense.model.ffn == 'dense' and not dense.model.mod.enabled
   assert dense.model.d_model == 64 and dense.data.seq_len == 16
+  configs.validate(dense)
   assert mod.model.num_layers == 2 and mod.model.mod.enabled   # the input is untouched
   # Non-MoD sparse models with E * c = 1 get their own depth.
   assert flops.compute_matched_dense(exact_config('moma', layers=2)).model.num_layers == 2
   # MoD depths 3 and 4 cost 104960 and 164352; the dense 2-layer model 135168.
   assert flops.mod_layers_matching(exact_config(layers=2)) == 4
-  assert flops.mod_layers_matching(exact_config(layers=1)) == 1
+  # One dense layer, 75776: MoD depth 1 costs 30976, depth 2 costs 90368.
+  assert flops.mod_layers_matching(exact_config(layers=1)) == 2

@@ -1,0 +1,76 @@
+r"""The model sizes of the MoMa paper's Table 1 (Lin et al. 2024), dense and sparse.
+
+`get_config(arg)`, arg = [mod_]{dense | moe_8x | moma_<n>t<m>i}_{90m | 435m | 1.4b}:
+  dense      the dense baseline;
+  moe_8x     expert choice over 8 experts ignoring modality, every layer;
+  moma_4t4i  4 text experts + 4 image experts, every layer (moma_1t1i: one each);
+  mod_...    the same FFN in the mixture-of-depths model of that size (more layers,
+             every 2nd layer from layer 0 is a MoD layer with capacity c_d = 0.25).
+Sizes (layers / d_model / ffn / heads; SwiGLU hidden = 2/3 ffn, ffn = 4 d):
+  dense: 90m 8/512/2048/8, 435m 24/1024/4096/16, 1.4b 24/2048/8192/16;
+  MoD:   90m 14/512/2048/8, 435m 40/1024/4096/16, 1.4b 32/2304/9216/18.
+Vocabulary 65,536, untied embeddings, sequence length 4096; lr 1e-4, 4k warmup, linear
+decay. The batch size is a placeholder until the training set-up is filled in.
+
+Run:
+  moma-flops --config experiments/paper_table1.py:moma_4t4i_435m
+
+Expected total parameters (DESIGN §2, within 0.1%; SwiGLU's 3 * d * round(2/3 ffn)
+is a hair under the paper's 2 * d * ffn):
+              90m       435m      1.4b
+  dense       92.3M     436.2M    1476.4M
+  moe_8x      209.7M    1845.5M   7113.5M
+  mod_dense   111.1M    637.5M    2340.4M
+  mod_moe_8x  316.7M    2986.3M   11853.1M
+moma_4t4i has moe_8x's parameters (its two 4-way routers equal one 8-way); moma_1t1i has the dense
+model's plus one FFN per layer. With the paper's capacities every sparse model costs
+its dense model's forward FLOPs per token (routers aside), and each MoD depth matches
+the dense depth of its size (`moma_jax.flops.mod_layers_matching`).
+"""
+import re
+
+import ml_collections
+
+from moma_jax import configs
+
+# size -> (layers, d_model, heads) for the dense and the mixture-of-depths models.
+DENSE_SIZES = {'90m': (8, 512, 8), '435m': (24, 1024, 16), '1.4b': (24, 2048, 16)}
+MOD_SIZES = {'90m': (14, 512, 8), '435m': (40, 1024, 16), '1.4b': (32, 2304, 18)}
+
+_PATTERN = re.compile(r'(mod_)?(dense|moe_8x|moma_(\d+)t(\d+)i)_(90m|435m|1\.4b)')
+VARIANTS_HELP = ('[mod_]{dense|moe_8x|moma_<n>t<m>i}_{90m|435m|1.4b}, e.g. dense_90m, '
+                 'moe_8x_435m, moma_4t4i_1.4b, mod_moma_1t1i_90m')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The Table 1 model named by `arg` (see the module docstring)."""
+  match = _PATTERN.fullmatch(arg or '')
+  if match is None:
+    raise ValueError(f'unknown variant {arg!r} of paper_table1.py; valid: {VARIANTS_HELP}')
+  is_mod, ffn, n_text, n_image, size = match.groups()
+
+  c = configs.default_config()
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads = (MOD_SIZES if is_mod else DENSE_SIZES)[size]
+  m.ffn_dim = 4 * m.d_model
+  m.vocab_size = 65_536
+  m.max_len = 4096
+  if ffn == 'dense':
+    m.ffn = 'dense'
+  elif ffn == 'moe_8x':
+    m.ffn, m.experts = 'moe', (8,)
+  else:
+    if len(m.modalities) != 2:  # '<n>t<m>i' names exactly a text and an image group
+      raise ValueError(f'{ffn} needs modalities (text, image), got {m.modalities!r}')
+    m.ffn, m.experts = 'moma', (int(n_text), int(n_image))
+  m.capacity = None                     # 1/E per group: one expert's worth per token
+  m.mod.enabled = bool(is_mod)
+  m.mod.capacity, m.mod.every, m.mod.first = 0.25, 2, 0
+
+  c.data.seq_len = 4096
+  c.routing.group_size = 8              # DESIGN §4 default routing group
+  c.train.batch_size = 128              # placeholder: 0.5M tokens per step
+  c.train.lr = 1e-4
+  c.train.warmup = 4000
+  c.train.schedule = 'linear'
+  return c

@@ -1,0 +1,78 @@
+"""Command-line errors end as one line `moma-flops: error: ...` and exit code 2.
+
+Each case runs `python -m moma_jax.flops_cli` in a subprocess, as a user would; the
+FLOPs tool imports no JAX, so each run takes well under a second.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moma_jax import flops_cli
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+TABLE1 = 'experiments/paper_table1.py'
+
+
+def moma_flops(*args):
+  return subprocess.run([sys.executable, '-m', 'moma_jax.flops_cli', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, 'MOMA_TRACEBACK': ''})
+
+
+@pytest.mark.parametrize('args,expected', [
+    (['--config', 'experiments/no_such_file.py:x'], "no such config file"),
+    ([f'--config={TABLE1}:moma_9x_90m'], 'valid: [mod_]{dense|moe_8x'),
+    (['--config', f'{TABLE1}:dense_90m', '--config.model.d_model=0'],
+     'model.d_model: must be a positive integer, got 0'),
+    (['--config', f'{TABLE1}:dense_90m', '--config.model.num_heads=7'],
+     'model.num_heads: 7 heads do not divide d_model=512'),
+    (['--config', f'{TABLE1}:moma_4t4i_90m', '--config.model.capacity=(1.5,)'],
+     'model.capacity: must be in (0, 1], got 1.5'),
+    (['--config', f'{TABLE1}:moma_4t4i_90m', '--config.model.experts=(4, 4, 4)'],
+     'model.experts: moma needs 2 entries'),
+    (['--config', f'{TABLE1}:moma_4t4i_90m', '--config.model.ffn=swiglu'],
+     "model.ffn: must be one of 'dense', 'moma', 'moe', 'topk', got 'swiglu'"),
+    (['--config', f'{TABLE1}:dense_90m', '--jsn'], "Unknown command line flag 'jsn'"),
+    (['--config', f'{TABLE1}:dense_90m', '--config.model.d_model=big'],
+     'flag --config.model.d_model=big: invalid literal'),
+    (['--config', f'{TABLE1}:dense_90m', '--config.model.widht=3'],
+     "--config.model.widht: no such config field 'widht'"),
+    (['--config', 'moma_jax/configs.py'], "has no attribute 'get_config'"),
+    ([], '--config FILE[:ARG] is required'),
+])
+def test_user_errors_are_one_line_and_exit_2(args, expected):
+  result = moma_flops(*args)
+  assert result.returncode == 2, result
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('moma-flops: error: '), lines[0]
+  assert expected in lines[0], lines[0]
+  assert result.stdout == ''
+
+
+def test_table_and_overrides():
+  result = moma_flops('--config', f'{TABLE1}:moma_4t4i_90m', '--config.model.num_layers=4')
+  assert result.returncode == 0, result.stderr
+  assert 'moma (4, 4), 4 layers' in result.stdout
+  assert 'compute-matched dense: dense, 4 layers' in result.stdout
+  assert result.stderr == ''
+
+
+def test_help_exits_0():
+  result = moma_flops('--help')
+  assert result.returncode == 0 and '--config' in result.stdout and '--[no]json' in (
+      result.stdout)
+
+
+def test_repeated_runs_in_one_process(capsys):
+  """Overrides of an earlier run neither leak into nor break a later one."""
+  flops_cli.run(['moma-flops', f'--config={TABLE1}:dense_90m', '--config.model.num_layers=2'])
+  assert 'dense, 2 layers' in capsys.readouterr().out
+  flops_cli.run(['moma-flops', f'--config={TABLE1}:dense_90m'])
+  assert 'dense, 8 layers' in capsys.readouterr().out
+  with pytest.raises(SystemExit) as exit_info:
+    flops_cli.run(['moma-flops', f'--config={TABLE1}:dense_90m', '--config.model.d_model=0'])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.count('\n') == 1
