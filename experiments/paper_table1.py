@@ -1,4 +1,4 @@
-r"""The model sizes of the MoMa paper's Table 1 (Lin et al. 2024), dense and sparse.
+"""The model sizes of the MoMa paper's Table 1 (Lin et al. 2024), dense and sparse.
 
 `get_config(arg)`, arg = [mod_]{dense | moe_8x | moma_<n>t<m>i}_{90m | 435m | 1.4b}:
   dense      the dense baseline;
@@ -15,17 +15,23 @@ decay. The batch size is a placeholder until the training set-up is filled in.
 Run:
   moma-flops --config experiments/paper_table1.py:moma_4t4i_435m
 
-Expected total parameters (DESIGN §2, within 0.1%; SwiGLU's 3 * d * round(2/3 ffn)
-is a hair under the paper's 2 * d * ffn):
-              90m       435m      1.4b
-  dense       92.3M     436.2M    1476.4M
-  moe_8x      209.7M    1845.5M   7113.5M
-  mod_dense   111.1M    637.5M    2340.4M
-  mod_moe_8x  316.7M    2986.3M   11853.1M
-moma_4t4i has moe_8x's parameters (its two 4-way routers equal one 8-way); moma_1t1i has the dense
-model's plus one FFN per layer. With the paper's capacities every sparse model costs
-its dense model's forward FLOPs per token (routers aside), and each MoD depth matches
-the dense depth of its size (`moma_jax.flops.mod_layers_matching`).
+Expected total parameters, as moma-flops prints them (the paper's, DESIGN §2, in
+brackets; ours are within 0.05%: norms and QK-norms are counted, and SwiGLU's
+3 * d * round(2/3 ffn) differs by a hair from the paper's 2 * d * ffn):
+                 90m               435m                1.4b
+  dense          92.3M  (92.3)     436.3M  (436.2)     1476.5M  (1476.4)
+  moe_8x         209.7M (209.7)    1845.9M (1845.5)    7113.6M  (7113.5)
+  moma_4t4i      209.7M            1845.9M             7113.6M
+  moma_1t1i      109.1M            637.7M              2281.8M
+  mod_dense      111.2M (111.1)    637.7M  (637.5)     2340.6M  (2340.4)
+  mod_moe_8x     316.7M (316.7)    2987.1M (2986.3)    11853.9M (11853.1)
+  mod_moma_1t1i  140.5M            973.4M              3699.7M
+moma_4t4i has moe_8x's parameters (two 4-way routers weigh as much as one 8-way);
+moma_1t1i has the dense model's plus one FFN per layer. With the paper's capacities
+every sparse model costs its dense model's forward FLOPs per token (routers aside).
+At 90m and 435m the MoD depths (14, 40) are the FLOPs-matched ones
+(`moma_jax.flops.mod_layers_matching` of the dense config); the 1.4b MoD model is
+wider (d 2304), and 32 layers of it cost 3.17 GFLOPs/token forward vs the dense 1.4b's 3.09.
 """
 import re
 

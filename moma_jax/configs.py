@@ -148,7 +148,7 @@ def mod_layers(model: ml_collections.ConfigDict) -> tuple[bool, ...]:
 # ----------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------
-def _positive(config, path: str, value) -> None:
+def _positive(path: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise ConfigError(path, f'must be a positive integer, got {value!r}')
 
@@ -167,9 +167,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ConfigError (naming the field) if `config` cannot describe a model; returns it."""
   m = config.model
   for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'ffn_dim', 'max_len'):
-    _positive(config, f'model.{name}', m[name])
+    _positive(f'model.{name}', m[name])
   if m.ffn_hidden is not None:
-    _positive(config, 'model.ffn_hidden', m.ffn_hidden)
+    _positive('model.ffn_hidden', m.ffn_hidden)
   if m.d_model % m.num_heads:
     raise ConfigError('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model}')
   if (m.d_model // m.num_heads) % 2:
@@ -191,6 +191,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.aux_router.enabled:
     raise ConfigError('model.aux_router.enabled', 'auxiliary routers are not available yet')
 
+  for cap in m.capacity or ():
+    _in_unit('model.capacity', cap)
   if m.ffn != 'dense':
     experts = tuple(m.experts)
     want = len(m.modalities) if m.ffn == 'moma' else 1
@@ -198,27 +200,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError('model.experts', f'{m.ffn} needs {want} entr{"y" if want == 1 else "ies"}'
                         f' (one per {"modality" if m.ffn == "moma" else "layer"}), got {experts!r}')
     for e in experts:
-      _positive(config, 'model.experts', e)
+      _positive('model.experts', e)
     n_groups = len(expert_groups(m))
-    if m.capacity is not None:
-      if len(m.capacity) not in (1, n_groups):
-        raise ConfigError('model.capacity', f'needs 1 or {n_groups} entries, got {m.capacity!r}')
-      for cap in m.capacity:
-        _in_unit('model.capacity', cap)
+    if m.capacity is not None and len(m.capacity) not in (1, n_groups):
+      raise ConfigError('model.capacity', f'needs 1 or {n_groups} entries, got {m.capacity!r}')
     if m.ffn == 'topk':
-      _positive(config, 'model.top_k', m.top_k)
+      _positive('model.top_k', m.top_k)
       if m.top_k > experts[0]:
         raise ConfigError('model.top_k', f'{m.top_k} exceeds the {experts[0]} experts')
       if not m.capacity_factor > 0:
         raise ConfigError('model.capacity_factor', f'must be > 0, got {m.capacity_factor}')
   if m.mod.enabled:
     _in_unit('model.mod.capacity', m.mod.capacity)
-    _positive(config, 'model.mod.every', m.mod.every)
+    _positive('model.mod.every', m.mod.every)
     if not isinstance(m.mod.first, int) or not 0 <= m.mod.first < m.num_layers:
       raise ConfigError('model.mod.first', f'must be a layer index in [0, {m.num_layers}), got {m.mod.first!r}')
 
   r = config.routing
-  _positive(config, 'routing.group_size', r.group_size)
+  _positive('routing.group_size', r.group_size)
   _one_of('routing.layout', r.layout, LAYOUTS)
   if not r.capacity_factor > 0:
     raise ConfigError('routing.capacity_factor', f'must be > 0, got {r.capacity_factor}')
@@ -232,11 +231,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if t.z_loss < 0:
     raise ConfigError('train.z_loss', f'must be >= 0, got {t.z_loss}')
   for name in ('batch_size', 'steps', 'grad_accum'):
-    _positive(config, f'train.{name}', t[name])
+    _positive(f'train.{name}', t[name])
   if t.batch_size % r.group_size:
     raise ConfigError('train.batch_size', f'{t.batch_size} is not a multiple of '
                       f'routing.group_size={r.group_size}')
-  _positive(config, 'data.seq_len', config.data.seq_len)
+  _positive('data.seq_len', config.data.seq_len)
   if config.data.seq_len > m.max_len:
     raise ConfigError('data.seq_len', f'{config.data.seq_len} exceeds model.max_len={m.max_len}')
   return config
