@@ -15,7 +15,7 @@ decay. The batch size is a placeholder until the training set-up is filled in.
 Run:
   moma-flops --config experiments/paper_table1.py:moma_4t4i_435m
 
-Expected total parameters, as moma-flops prints them (the paper's, DESIGN §2, in
+Expected total parameters, as moma-flops prints them (the paper's, in
 brackets; ours are within 0.05%: norms and QK-norms are counted, and SwiGLU's
 3 * d * round(2/3 ffn) differs by a hair from the paper's 2 * d * ffn):
                  90m               435m                1.4b
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.mod.capacity, m.mod.every, m.mod.first = 0.25, 2, 0
 
   c.data.seq_len = 4096
-  c.routing.group_size = 8              # DESIGN §4 default routing group
+  c.routing.group_size = 8              # sequences per routing group
   c.train.batch_size = 128              # placeholder: 0.5M tokens per step
   c.train.lr = 1e-4
   c.train.warmup = 4000

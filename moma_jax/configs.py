@@ -68,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.remat = 'none'
 
   c.routing = ml_collections.ConfigDict(dict(
-      group_size=2,
+      group_size=8,
       layout='ragged',
       capacity_factor=1.0,
       expected_fraction=config_dict.placeholder(tuple),

@@ -1,6 +1,6 @@
 """Analytic FLOPs and parameter counts, per token and per modality.
 
-Convention (DESIGN §6), in FLOPs per token of a given modality:
+Convention, in FLOPs per token of a given modality:
   * training = 3 x forward (the backward pass costs two forwards);
   * forward = 2 x multiply-accumulates of every matmul the token touches:
       - attention projections q, k, v, out: 4 matmuls D x D -> 8 * D^2;

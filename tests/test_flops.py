@@ -124,7 +124,7 @@ def test_moma_costs_dense_flops():
 
 
 # ----------------------------------------------------------------------------------
-# (c) moma-flops reproduces the paper's Table 1 parameter counts (DESIGN §2)
+# (c) moma-flops reproduces the paper's Table 1 parameter counts
 # ----------------------------------------------------------------------------------
 TABLE1_TOTALS = {  # millions of parameters: 90m, 435m, 1.4b
     'dense': (92.3, 436.2, 1476.4),

@@ -38,7 +38,7 @@ def topk_capacity(model: ml_collections.ConfigDict, n: int) -> int:
 def ragged_rows(config: ml_collections.ConfigDict, n: int) -> int:
   """Rows per routing group in the ragged layout: enough for every wanted row.
 
-  Expert choice: sum_i E_i * ceil(c_i * b_i) <= max_i(c_i * E_i) * N + E (DESIGN §4),
+  Expert choice: sum_i E_i * ceil(c_i * b_i) <= max_i(c_i * E_i) * N + E,
   and never more than sum_i E_i * ceil(c_i * N). Token choice: min(N * k, E * C).
   """
   m = config.model

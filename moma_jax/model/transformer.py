@@ -2,7 +2,7 @@
 
 Axis legend: B batch, L length, D embed, V vocabulary.
 
-`Decoder` maps a batch (DESIGN §7: tokens, modality, segment_ids, positions, loss_mask,
+`Decoder` maps a batch (tokens, modality, segment_ids, positions, loss_mask,
 all [B, L]) to float32 logits [B, L, V]. `loss_fn` adds the per-modality next-token
 loss, the z-loss, routing auxiliary losses and the routing statistics.
 """
