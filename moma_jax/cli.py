@@ -177,11 +177,14 @@ def config_argument() -> str:
 
 
 def run_main(main: Callable[[config_dict.ConfigDict], object],
-             argv: Sequence[str] | None = None, *, prog: str, usage: str = '') -> None:
+             argv: Sequence[str] | None = None, *, prog: str, usage: str = '',
+             user_errors: tuple[type[Exception], ...] = ()) -> None:
   """Parses the command line, validates the config and calls `main(config)`.
 
   argv: the full command line (argv[0] = program); None means sys.argv.
   `--help` prints `usage` and the flags, and exits 0.
+  user_errors: further exception types `main` raises for bad input (data, paths); like
+  ConfigError they end as one line and exit code 2.
   """
   argv = list(sys.argv if argv is None else argv)
   if any(a in _HELP_ARGS for a in argv[1:]):
@@ -197,7 +200,7 @@ def run_main(main: Callable[[config_dict.ConfigDict], object],
     # Output piped into e.g. `head`, which stopped reading: not an error of ours.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
-  except (configs.ConfigError, UsageError) as e:
+  except (configs.ConfigError, UsageError) + tuple(user_errors) as e:
     if os.environ.get('MOMA_TRACEBACK'):
       raise
-    fail(prog, _one_line(e, argv))
+    fail(prog, str(e) if isinstance(e, tuple(user_errors)) else _one_line(e, argv))

@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   m = c.model
-  m.vocab_size = 512
+  m.vocab_size = 773                    # 5 specials + 256 bytes + 512 VQ codes
   m.d_model = 64
   m.num_layers = 2
   m.num_heads = 4
@@ -76,8 +76,22 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      name='moma_shapes', mixture=config_dict.placeholder(str), seq_len=128,
-      data_dir=config_dict.placeholder(str), eval_split='validation'))
+      # A dataset name, or 'mixture' for the weighted `mixture` of several.
+      name='mixture',
+      mixture='moma_shapes:0.4,moma_digits:0.3,moma_pydoc:0.3',
+      seq_len=128,
+      data_dir=config_dict.placeholder(str),   # None: ~/.cache/moma_jax/data
+      eval_split='validation',
+      # Documents made of image-text examples: caption then image, image then caption,
+      # several images interleaved with their captions (proportions).
+      formats=(0.4, 0.4, 0.2),
+      images_per_interleaved=3,
+      text_tokenizer='bytes',                  # or a SentencePiece .model path
+      vq=ml_collections.ConfigDict(dict(codebook_size=512, patch=4, seed=0,
+                                        fit_images=4000)),
+      packing_bins=4,
+      seed=0,
+  ))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8, steps=200, lr=1e-3, warmup=20, schedule='linear',

@@ -33,3 +33,21 @@ def tiny_config(ffn='moma', experts=(4, 4), **model_overrides):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+def small_data_config(data_dir):
+  """The default data mixture at seq 128, batch 8, with a VQ fitted on 600 images."""
+  c = configs.default_config()
+  c.data.data_dir = str(data_dir)
+  c.data.seq_len = 128
+  c.data.vq.fit_images = 600
+  c.train.batch_size = 8
+  return configs.validate(c)
+
+
+@pytest.fixture(scope='session')
+def data_setup(tmp_path_factory):
+  """(config, tokenizers) over embedded datasets built once per test process."""
+  from moma_jax.data import pipeline
+  config = small_data_config(tmp_path_factory.mktemp('data'))
+  return config, pipeline.load_tokenizers(config)

@@ -1,0 +1,1 @@
+"""Mixed-modal data: vocabulary, tokenizers, embedded TFDS datasets, grain pipeline."""

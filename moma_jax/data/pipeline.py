@@ -1,0 +1,214 @@
+"""The grain input pipeline: documents -> packed rows -> global batches.
+
+Batches (all [B, L]): tokens int32, modality int8, segment_ids int32 (0 = padding),
+positions int32 (restarting at every document, and at a document's continuation in the
+next row), loss_mask int32. B is the global batch, L = data.seq_len.
+
+How rows are made, and why:
+  * Documents of each dataset are shuffled per epoch (seeded) and mixed by weight.
+  * Row r of every global batch is its own stream: documents r, r + B, r + 2B, ... of
+    the mixed order, concatenated and split into rows of L tokens (documents longer
+    than a row continue in the stream's next row; segments keep documents apart).
+  * So a process that owns rows [p*B/P, (p+1)*B/P) reads only their documents, and the
+    rows of P processes, concatenated in process order, are exactly the rows one
+    process would make: batches do not depend on the number of processes.
+  * `TrainIterator.get_state()` is the position of every row stream; `set_state`
+    resumes it exactly.
+Evaluation runs once over a validation split per dataset, every process making all rows
+(splits are small) so that all processes agree on the number of batches.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import grain
+import grain.experimental as grain_exp
+import ml_collections
+import numpy as np
+
+from moma_jax import configs
+from moma_jax.data import datasets
+from moma_jax.data import documents as docs_lib
+from moma_jax.data import vocab as vocab_lib
+from moma_jax.data.image_tokenizer import VQTokenizer
+from moma_jax.data.text_tokenizer import make_text_tokenizer
+
+DEFAULT_DATA_DIR = os.path.join('~', '.cache', 'moma_jax', 'data')
+FEATURES = ('tokens', 'modality')
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  return os.path.expanduser(config.data.data_dir or DEFAULT_DATA_DIR)
+
+
+def mixture(config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+  """[(dataset name, weight)] from `data.name` or, for 'mixture', `data.mixture`."""
+  if config.data.name != 'mixture':
+    return [(config.data.name, 1.0)]
+  out = []
+  for item in (config.data.mixture or '').split(','):
+    name, _, weight = item.strip().partition(':')
+    try:
+      w = float(weight) if weight else 1.0
+    except ValueError:
+      w = -1.0
+    if not name or not w > 0:
+      raise configs.ConfigError('data.mixture', f'expected "name:weight,..." with positive '
+                                f'weights, got {config.data.mixture!r}')
+    out.append((name, w))
+  return out
+
+
+# ----------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------
+def load_tokenizers(config: ml_collections.ConfigDict) -> docs_lib.Tokenizers:
+  """The text tokenizer, the VQ image tokenizer (fitted once, cached in the data
+  directory) and the vocabulary they make; checks it fits `model.vocab_size`."""
+  if tuple(config.model.modalities) != ('text', 'image'):
+    raise configs.ConfigError('model.modalities', "the data pipeline tokenizes ('text', "
+                              f"'image'), got {tuple(config.model.modalities)}")
+  text = make_text_tokenizer(config.data.text_tokenizer)
+  image = _vq_tokenizer(config)
+  vocab = vocab_lib.Vocabulary(('text', 'image'), (text.vocab_size, image.vocab_size))
+  if vocab.size > config.model.vocab_size:
+    raise configs.ConfigError('model.vocab_size', f'{config.model.vocab_size} is smaller '
+                              f'than the data vocabulary ({vocab.size} ids)')
+  return docs_lib.Tokenizers(vocab, text, image)
+
+
+def _vq_tokenizer(config) -> VQTokenizer:
+  vq = config.data.vq
+  path = os.path.join(data_dir(config), 'vq', f'vq_k{vq.codebook_size}_p{vq.patch}_'
+                      f's{vq.seed}_n{vq.fit_images}.npz')
+  if os.path.exists(path):
+    return VQTokenizer.load(path)
+  images = _fit_images(config, vq.fit_images, vq.seed)
+  tok = VQTokenizer.fit(images, codebook_size=vq.codebook_size, patch=vq.patch, seed=vq.seed)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tok.save(path)
+  return tok
+
+
+def _fit_images(config, count: int, seed: int) -> np.ndarray:
+  """Up to `count` training images, drawn evenly from the image datasets in use (the
+  embedded image datasets when the mixture has none)."""
+  names = [n for n, _ in mixture(config) if datasets.KIND.get(n) == 'image_text']
+  names = names or [n for n, k in datasets.KIND.items() if k == 'image_text']
+  rng = np.random.default_rng(seed)
+  images = []
+  for name in names:
+    src = datasets.data_source(name, data_dir(config), 'train')
+    take = min(len(src), -(-count // len(names)))
+    images += [np.asarray(src[int(i)]['image']) for i in rng.choice(len(src), take, replace=False)]
+  return np.stack(images)
+
+
+# ----------------------------------------------------------------------------------
+# Documents of one dataset split
+# ----------------------------------------------------------------------------------
+class DatasetDocuments(Sequence):
+  """Random access to the documents of one dataset split: docs[d] -> tokens, modality."""
+
+  def __init__(self, config: ml_collections.ConfigDict, name: str, split: str,
+               tok: docs_lib.Tokenizers):
+    self.name, self.split, self.tok = name, split, tok
+    self.source = datasets.data_source(name, data_dir(config), split)
+    self.plan = None
+    if datasets.KIND.get(name) == 'image_text':
+      self.plan = docs_lib.plan_documents(len(self.source), config.data.formats,
+                                          config.data.images_per_interleaved,
+                                          seed=config.data.seed)
+
+  def __len__(self) -> int:
+    return len(self.plan) if self.plan is not None else len(self.source)
+
+  def __getitem__(self, d: int) -> dict[str, np.ndarray]:
+    if self.plan is None:
+      return docs_lib.example_document(self.tok, self.source[d],
+                                       f'{self.name}/{self.split} example {d}')
+    members = self.plan.members(d)
+    where = f'{self.name}/{self.split} example {int(members[0])}'
+    return docs_lib.image_text_document(self.tok, [self.source[int(i)] for i in members],
+                                        int(self.plan.fmt[d]), where)
+
+
+# ----------------------------------------------------------------------------------
+# Rows and batches
+# ----------------------------------------------------------------------------------
+def _row_stream(docs: grain.MapDataset, seq_len: int) -> grain.IterDataset:
+  """Documents -> rows of seq_len tokens (concatenate, then split)."""
+  # Synchronous reads: a thread pool per row stream (grain's default) costs more than
+  # making the documents, which is cheap.
+  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain_exp.ConcatThenSplitIterDataset(
+      docs.to_iter_dataset(read), length_struct={f: seq_len for f in FEATURES})
+
+
+def _batch(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  seg = np.stack([r['tokens_segment_ids'] for r in rows]).astype(np.int32)
+  return {'tokens': np.stack([r['tokens'] for r in rows]).astype(np.int32),
+          'modality': np.stack([r['modality'] for r in rows]).astype(np.int8),
+          'segment_ids': seg,
+          'positions': np.stack([r['tokens_positions'] for r in rows]).astype(np.int32),
+          'loss_mask': (seg > 0).astype(np.int32)}
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int) -> range:
+  if batch_size % process_count:
+    raise configs.ConfigError('train.batch_size', f'{batch_size} rows do not split over '
+                              f'{process_count} processes')
+  per = batch_size // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+class TrainIterator(Iterator):
+  """This process's rows of every global batch, forever; checkpointable."""
+
+  def __init__(self, streams: Sequence[grain.IterDataset]):
+    self._iters = [iter(s) for s in streams]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return _batch([next(it) for it in self._iters])
+
+  def get_state(self) -> dict[str, Any]:
+    return {'rows': [it.get_state() for it in self._iters]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if len(state['rows']) != len(self._iters):
+      raise ValueError(f'iterator state for {len(state["rows"])} rows, this process has '
+                       f'{len(self._iters)}')
+    for it, s in zip(self._iters, state['rows']):
+      it.set_state(s)
+
+
+def train_iterator(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
+                   process_index: int = 0, process_count: int = 1) -> TrainIterator:
+  """Batches of this process's rows of the global batch `train.batch_size`."""
+  parts, weights = [], []
+  for k, (name, weight) in enumerate(mixture(config)):
+    docs = DatasetDocuments(config, name, 'train', tok)
+    parts.append(grain.MapDataset.source(docs).shuffle(seed=config.data.seed + k).repeat())
+    weights.append(weight)
+  mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
+  b = config.train.batch_size
+  rows = process_rows(b, process_index, process_count)
+  return TrainIterator([_row_stream(mixed[r::b], config.data.seq_len) for r in rows])
+
+
+def eval_batches(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers, name: str,
+                 process_index: int = 0, process_count: int = 1):
+  """One pass over `data.eval_split` of dataset `name`: this process's rows of each
+  global batch; rows past the end of the split are all padding."""
+  docs = grain.MapDataset.source(DatasetDocuments(config, name, config.data.eval_split, tok))
+  b, l = config.train.batch_size, config.data.seq_len
+  mine = process_rows(b, process_index, process_count)
+  iters = [iter(_row_stream(docs[r::b], l)) for r in range(b)]
+  empty = {'tokens': np.zeros(l, np.int32), 'modality': np.zeros(l, np.int8),
+           'tokens_segment_ids': np.zeros(l, np.int32), 'tokens_positions': np.zeros(l, np.int32)}
+  while True:
+    rows = [next(it, None) for it in iters]
+    if all(r is None for r in rows):
+      return
+    yield _batch([rows[r] if rows[r] is not None else empty for r in mine])
