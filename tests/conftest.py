@@ -12,6 +12,15 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 from moma_jax import configs  # noqa: E402
 
 
+def jit_vjp(f, cotangent):
+  """jit(params, x -> (f's output, f's aux, gradients of <output, cotangent>))."""
+  @jax.jit
+  def run(params, x):
+    y, pullback, aux = jax.vjp(f, params, x, has_aux=True)
+    return y, aux, pullback(cotangent)
+  return run
+
+
 def tiny_config(ffn='moma', experts=(4, 4), **model_overrides):
   """A validated tiny config: d 32, 2 heads, 1 layer, seq 16, groups of 2 sequences."""
   c = configs.default_config()

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import jit_vjp, tiny_config
 from moma_jax.model import routing_reference as ref
 from moma_jax.model.block import Block
 from moma_jax.model.depth import DepthRoutedBlock
@@ -68,15 +68,8 @@ def test_depth_block_equals_reference(variant):
                          mutable=['route_stats', 'aux_loss', 'intermediates'])[0]
     return ref.depth_block(apply_block, p['router'], x, mod, seg, pos, config, 2, picks)[0], ()
 
-  def with_vjp(f):
-    @jax.jit
-    def run(p, x):
-      y, pullback, aux = jax.vjp(f, p, x, has_aux=True)
-      return y, aux, pullback(cot)
-    return run
-
-  y, plan, grads = with_vjp(fast)(params, x)
-  y_ref, _, grads_ref = with_vjp(slow)(params, x)
+  y, plan, grads = jit_vjp(fast, cot)(params, x)
+  y_ref, _, grads_ref = jit_vjp(slow, cot)(params, x)
   tok = np.asarray(plan.token_index).reshape(2, -1)
   fast_picks = [[int(t) % (2 * L) for t in row if t < 2 * 2 * L] for row in tok]
   assert fast_picks == picks

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import jit_vjp, tiny_config
 from moma_jax import configs
 from moma_jax.model import routing
 from moma_jax.model import routing_reference as ref
@@ -77,16 +77,9 @@ def test_fast_routing_equals_reference(variant, layout):
   lists = ref.expert_lists(params, x, mod, valid, config)
   cot = jax.random.normal(jax.random.key(2), x.shape)
 
-  def with_vjp(f):
-    @jax.jit
-    def run(params, x):
-      y, pullback, plan = jax.vjp(f, params, x, has_aux=True)
-      return y, plan, pullback(cot)
-    return run
-
-  y, plan, grads = with_vjp(lambda p, x: fast(config, p, x, mod, valid)[:2])(params, x)
-  y_ref, _, grads_ref = with_vjp(
-      lambda p, x: (ref.routed_experts(p, x, config, lists), ()))(params, x)
+  y, plan, grads = jit_vjp(lambda p, x: fast(config, p, x, mod, valid)[:2], cot)(params, x)
+  y_ref, _, grads_ref = jit_vjp(
+      lambda p, x: (ref.routed_experts(p, x, config, lists), ()), cot)(params, x)
   assert ref.plan_lists(plan, x.shape[0], N) == lists
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
