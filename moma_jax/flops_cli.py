@@ -38,16 +38,16 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 def _table(report: flops.FlopsReport, names: Sequence[str]) -> list[str]:
-  """Rows of one model: parameters in millions, FLOPs per token in GFLOPs."""
+  """Rows of one model: parameters in millions, FLOPs per token in GFLOPs (5 digits)."""
   cols = ['overall', *names]
   row = lambda label, values, fmt: f'  {label:<26}' + ''.join(
       f'{fmt.format(values[c]):>12}' for c in cols)
   return [
       f'  {"":<26}' + ''.join(f'{c:>12}' for c in cols),
-      f'  {"params total (M)":<26}{report.params_total / 1e6:>12.1f}',
-      row('params active (M)', {k: v / 1e6 for k, v in report.params_active.items()}, '{:.1f}'),
-      row('forward GFLOPs/token', {k: v / 1e9 for k, v in report.forward.items()}, '{:.4f}'),
-      row('training GFLOPs/token', {k: v / 1e9 for k, v in report.train.items()}, '{:.4f}'),
+      f'  {"params total (M)":<26}{report.params_total / 1e6:>12.5g}',
+      row('params active (M)', {k: v / 1e6 for k, v in report.params_active.items()}, '{:.5g}'),
+      row('forward GFLOPs/token', {k: v / 1e9 for k, v in report.forward.items()}, '{:.5g}'),
+      row('training GFLOPs/token', {k: v / 1e9 for k, v in report.train.items()}, '{:.5g}'),
   ]
 
 
