@@ -89,7 +89,6 @@ def default_config() -> ml_collections.ConfigDict:
       text_tokenizer='bytes',                  # or a SentencePiece .model path
       vq=ml_collections.ConfigDict(dict(codebook_size=512, patch=4, seed=0,
                                         fit_images=4000)),
-      packing_bins=4,
       seed=0,
   ))
 
