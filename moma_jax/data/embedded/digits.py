@@ -13,6 +13,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from moma_jax.data.embedded import image_text
+
 WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 TEMPLATES = (
     'a handwritten {word}',
@@ -92,30 +94,17 @@ def examples(seed: int = 0) -> dict[str, list[tuple[int, np.ndarray, str, int]]]
           for split, idx in split_indices(len(images), seed).items()}
 
 
-class MomaDigits(tfds.core.GeneratorBasedBuilder):
+class MomaDigits(image_text.ImageTextBuilder):
   """Handwritten digits 0-9, 32x32 RGB, with English captions naming the digit."""
 
   # Bump when the rendering or the captions change, so stale caches are not reused.
   VERSION = tfds.core.Version('1.0.0')
-  # TFDS looks for a checksums file beside the builder's module through the
-  # `importlib_resources` backport, which is not installed; nothing is downloaded, so
-  # there is no such file to find.
-  code_path = None
+  DESCRIPTION = ('scikit-learn handwritten digits (UCI optical recognition set), '
+                 'upscaled to 32x32 RGB, with captions naming the digit.')
   BUILDER_CONFIGS = [make_config()]
 
   # The options `datasets.prepare` accepts: a config named after their values.
   make_config = staticmethod(make_config)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    # Built directly: `dataset_info_from_configs` needs metadata files beside the module.
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=('scikit-learn handwritten digits (UCI optical recognition set), '
-                     'upscaled to 32x32 RGB, with captions naming the digit.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(SIZE, SIZE, 3), dtype=np.uint8),
-            'caption': tfds.features.Text(),
-        }))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # bundled with scikit-learn

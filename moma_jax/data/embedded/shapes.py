@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from moma_jax.data.embedded import image_text
 from moma_jax.data.embedded import shapes_drawing
 
 SPLIT_IDS = {'train': 0, 'validation': 1}
@@ -44,31 +45,17 @@ def example(seed: int, split: str, index: int
   return scene, shapes_drawing.render(scene), shapes_drawing.caption(scene, rng)
 
 
-class MomaShapes(tfds.core.GeneratorBasedBuilder):
+class MomaShapes(image_text.ImageTextBuilder):
   """Scenes of 1-3 coloured shapes on a plain background, with captions."""
 
   # Bump when the drawing or the captions change, so stale caches are not reused.
   VERSION = tfds.core.Version('1.0.0')
-  # TFDS looks for a checksums file beside the builder's module through the
-  # `importlib_resources` backport, which is not installed; nothing is downloaded, so
-  # there is no such file to find.
-  code_path = None
+  DESCRIPTION = ('32x32 RGB scenes of 1-3 coloured shapes (circle, square, triangle, '
+                 'cross, bar) with captions naming colours, sizes and positions.')
   BUILDER_CONFIGS = [make_config()]
 
   # The options `datasets.prepare` accepts: a config named after their values.
   make_config = staticmethod(make_config)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    # DatasetInfo built directly: `dataset_info_from_configs` looks for metadata files
-    # beside the module, which only TFDS's own dataset folders have.
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=('32x32 RGB scenes of 1-3 coloured shapes (circle, square, triangle, '
-                     'cross, bar) with captions naming colours, sizes and positions.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
-            'caption': tfds.features.Text(),
-        }))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
