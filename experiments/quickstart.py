@@ -12,6 +12,13 @@ Data: a mixture of moma_shapes, moma_digits and moma_pydoc, built on first use i
   moma-data preview --config experiments/quickstart.py --out preview.png
 FLOPs and parameters:
   moma-flops --config experiments/quickstart.py:mod_moma_4t4i
+Train (300 steps of 16 x 128 tokens, evaluation every 100):
+  moma-train --config experiments/quickstart.py:dense --workdir runs/quickstart/dense
+  moma-train --config experiments/quickstart.py:moma_4t4i --workdir runs/quickstart/moma_4t4i
+Measured on a 2-core CPU (data already built): dense about 2 minutes at 5.4k tokens/s,
+moma_4t4i about 5 minutes at 2.4k tokens/s; the training loss falls from about 7.3 to
+about 2.0 (dense) and 1.85 (moma_4t4i); evaluation loss at step 300 (text / image):
+dense 2.15 (1.69 / 2.78), moma_4t4i 1.99 (1.63 / 2.49).
 """
 from moma_jax import configs
 
@@ -29,6 +36,8 @@ def get_config(arg: str | None = None):
   m.ffn = {'dense': 'dense', 'moe_8x': 'moe'}.get(variant, 'moma')
   m.experts = (8,) if variant == 'moe_8x' else (4, 4)
   m.mod.enabled = variant.startswith('mod_')
-  c.train.batch_size = 16
   c.routing.group_size = 8
+  t = c.train
+  t.batch_size, t.steps, t.lr, t.warmup = 16, 300, 1e-3, 30
+  t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 10, 100, 100, 8
   return c

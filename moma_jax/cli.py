@@ -4,7 +4,7 @@ A script defines its own absl flags at import time, calls `define_config_flag()`
 hands its `main(config)` to `run_main`:
 
   CONFIG = cli.define_config_flag()
-  JSON = flags.DEFINE_bool('json', False, 'print JSON')
+  JSON = cli.define_once(flags.DEFINE_bool, 'json', False, 'print JSON')
 
   def main(config):
     ...
@@ -14,8 +14,10 @@ hands its `main(config)` to `run_main`:
 
 `--config path/to/file.py[:ARG]` loads the file's `get_config(ARG)`; any field is
 overridden as `--config.model.d_model=128` (tuples as `--config.model.experts='(2, 2)'`
-or by repeating the flag). The config is checked with `configs.validate` before `main`
-runs.
+or by repeating the flag). `--config.runlocal=True` then shrinks the experiment to a
+CPU-sized one (`configs.shrink_for_cpu`; fields overridden on the command line stay
+as given). The config is
+checked with `configs.validate` before `main` runs.
 
 Errors a user can cause (missing or unknown config file, a bad `:ARG`, an unknown flag,
 a bad override value, an invalid config; `ConfigError` or `UsageError` raised by `main`)
@@ -56,6 +58,15 @@ def define_config_flag() -> flags.FlagHolder:
       CONFIG_FLAG, None,
       'experiment file and variant, path/to/file.py[:ARG]: loads get_config(ARG); '
       'override any field as --config.a.b=value', lock_config=True)
+
+
+def define_once(define: Callable[..., flags.FlagHolder], name: str, default, help_text: str,
+                **kwargs) -> flags.FlagHolder:
+  """`define(name, default, help_text)` unless the flag exists: several scripts that share
+  a flag name (`--workdir`, `--out`) may be imported into one process (tests, notebooks)."""
+  if name in FLAGS:
+    return flags.FlagHolder(FLAGS, FLAGS[name])
+  return define(name, default, help_text, **kwargs)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -160,6 +171,10 @@ def parse(argv: Sequence[str], prog: str) -> config_dict.ConfigDict:
       _ = getattr(config, 'model', None)
       raise UsageError(f'get_config() of --config={FLAGS[CONFIG_FLAG].config_filename} '
                        f'returned {type(config).__name__}, not a ConfigDict')
+    if config.get('runlocal'):
+      overridden = {m.group(1) for a in argv
+                    if (m := re.match(rf'-{{1,2}}{CONFIG_FLAG}\.([\w.]+)', a))}
+      configs.shrink_for_cpu(config, keep=overridden)
     return configs.validate(config)
   except Exception as e:  # pylint: disable=broad-except
     # Everything here comes from the command line or the config file it names.
@@ -176,12 +191,26 @@ def config_argument() -> str:
   return FLAGS[CONFIG_FLAG].config_filename
 
 
-def run_main(main: Callable[[config_dict.ConfigDict], object],
+def parse_plain(argv: Sequence[str], prog: str) -> None:
+  """Parses the flags of a script without `--config`; exits 2 on errors."""
+  _forget_previous_parse()
+  try:
+    rest = FLAGS(list(argv))[1:]
+    if rest:
+      raise UsageError(f'unexpected argument {rest[0]!r} (flags only)')
+  except (flags.Error, UsageError) as e:
+    fail(prog, str(e))
+
+
+def run_main(main: Callable[..., object],
              argv: Sequence[str] | None = None, *, prog: str, usage: str = '',
-             user_errors: tuple[type[Exception], ...] = ()) -> None:
+             user_errors: tuple[type[Exception], ...] = (),
+             with_config: bool = True) -> None:
   """Parses the command line, validates the config and calls `main(config)`.
 
   argv: the full command line (argv[0] = program); None means sys.argv.
+  with_config: False for a script without `--config` (e.g. one that reads a run
+  directory): `main()` is called with no argument.
   `--help` prints `usage` and the flags, and exits 0.
   user_errors: further exception types `main` raises for bad input (data, paths); like
   ConfigError they end as one line and exit code 2.
@@ -193,9 +222,12 @@ def run_main(main: Callable[[config_dict.ConfigDict], object],
              if not module.startswith('absl')]
     print('\n\n'.join([usage.strip()] + helps).strip())
     sys.exit(0)
-  config = parse(argv, prog)
   try:
-    main(config)
+    if with_config:
+      main(parse(argv, prog))
+    else:
+      parse_plain(argv, prog)
+      main()
   except BrokenPipeError:
     # Output piped into e.g. `head`, which stopped reading: not an error of ours.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -18,7 +18,7 @@ Field reference (the names other parts rely on):
 from __future__ import annotations
 
 import fractions
-from typing import Sequence
+from typing import Collection, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
   """Every field with its default: a tiny 4t4i MoMa that runs on a CPU."""
   c = ml_collections.ConfigDict()
+  # True: shrink the experiment to run in minutes on a CPU (see `shrink_for_cpu`).
   c.runlocal = False
 
   c.model = ml_collections.ConfigDict()
@@ -95,12 +96,44 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8, steps=200, lr=1e-3, warmup=20, schedule='linear',
       weight_decay=0.1, clip=1.0, z_loss=1e-5, grad_accum=1, seed=0,
-      log_every=10, eval_every=100, ckpt_every=100, keep=3, max_nonfinite=10))
+      log_every=10, eval_every=100, ckpt_every=100, keep=3, max_nonfinite=10,
+      # Evaluation reads at most this many batches per dataset (None: the whole split).
+      eval_max_batches=config_dict.placeholder(int),
+      # Steps (1-based) whose loss is made NaN, to exercise the non-finite path.
+      nan_steps=()))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.upcycle = ml_collections.ConfigDict(dict(
       from_workdir=config_dict.placeholder(str), at_step=0))
   return c
+
+
+def shrink_for_cpu(config: ml_collections.ConfigDict,
+                   keep: Collection[str] = ()) -> ml_collections.ConfigDict:
+  """`runlocal=True`: the same kind of model (FFN kind, experts, capacities, MoD pattern)
+  at d_model 64 and at most 4 layers, on the embedded data's vocabulary, for 100 short
+  steps, so a paper-size experiment runs on a laptop CPU. Fields named in `keep` (the
+  command line's own overrides) are left as they are. Changes `config` in place."""
+  m = config.model
+  group = min(config.routing.group_size, 8)
+  layers = min(m.num_layers, 4 if m.mod.enabled else 2)
+  small = {
+      'model.d_model': 64, 'model.num_heads': 4, 'model.ffn_dim': 256,
+      'model.ffn_hidden': None, 'model.num_layers': layers,
+      'model.mod.first': min(m.mod.first, layers - 1),
+      'model.vocab_size': default_config().model.vocab_size,
+      'model.max_len': 128, 'data.seq_len': 128, 'routing.group_size': group,
+      'train.batch_size': 2 * group, 'train.grad_accum': 1, 'train.steps': 100,
+      'train.warmup': 10, 'train.lr': 1e-3, 'train.log_every': 5,
+      'train.eval_every': 50, 'train.ckpt_every': 50, 'train.eval_max_batches': 4}
+  for path, value in small.items():
+    if path not in keep:
+      *parents, leaf = path.split('.')
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
 
 
 # ----------------------------------------------------------------------------------

@@ -18,18 +18,13 @@ from absl import flags
 
 from moma_jax import cli
 from moma_jax.data import datasets
-from moma_jax.data import documents as docs_lib
-from moma_jax.data import image_tokenizer
 from moma_jax.data import pipeline
 from moma_jax.data import preview
-from moma_jax.data import text_tokenizer
-from moma_jax.data import vocab as vocab_lib
 
 ACTIONS = ('build', 'preview')
 cli.define_config_flag()
-OUT = flags.DEFINE_string('out', None, 'preview: the PNG file to write')
-USER_ERRORS = (datasets.DatasetError, docs_lib.DocumentError, vocab_lib.VocabularyError,
-               text_tokenizer.TokenizerError, image_tokenizer.VQTokenizerError, OSError)
+OUT = cli.define_once(flags.DEFINE_string, 'out', None, 'preview: the PNG file to write')
+USER_ERRORS = (*pipeline.DATA_ERRORS, OSError)
 
 
 def build(config) -> None:

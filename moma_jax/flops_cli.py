@@ -24,7 +24,8 @@ from moma_jax import flops
 
 PROG = 'moma-flops'
 CONFIG = cli.define_config_flag()
-JSON = flags.DEFINE_bool('json', False, 'print one JSON object instead of a table')
+JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
+                       'print one JSON object instead of a table')
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

@@ -60,3 +60,37 @@ def data_setup(tmp_path_factory):
   from moma_jax.data import pipeline
   config = small_data_config(tmp_path_factory.mktemp('data'))
   return config, pipeline.load_tokenizers(config)
+
+
+def tiny_train_config(data_dir, variant='moma_4t4i', **train_overrides):
+  """The quickstart experiment shrunk to seconds on a CPU: d 32, 2 layers, seq 64,
+  batch 8, 30 steps at lr 3e-3; one metrics row per step, checkpoints every 10 steps."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'quickstart', os.path.join(os.path.dirname(__file__), '..', 'experiments',
+                                 'quickstart.py'))
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  c = quickstart.get_config(variant)
+  c.data.data_dir = str(data_dir)
+  c.data.vq.fit_images = 600          # the VQ that data_setup fits
+  c.model.d_model, c.model.num_layers, c.model.ffn_dim = 32, 2, 128
+  c.model.max_len = c.data.seq_len = 64
+  c.train.batch_size = 8
+  t = c.train
+  t.steps, t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 30, 1, 15, 10, 2
+  t.warmup, t.lr = 5, 3e-3
+  for key, value in train_overrides.items():
+    t[key] = value
+  return configs.validate(c)
+
+
+@pytest.fixture(scope='session')
+def trained_run(data_setup, tmp_path_factory):
+  """(config, workdir, metrics rows) of one tiny quickstart run shared by every test."""
+  from moma_jax import metrics_log
+  from moma_jax import train
+  config = tiny_train_config(data_setup[0].data.data_dir)
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  train.train(config, workdir)
+  return config, workdir, metrics_log.read_rows(workdir)

@@ -76,3 +76,19 @@ def test_repeated_runs_in_one_process(capsys):
     flops_cli.run(['moma-flops', f'--config={TABLE1}:dense_90m', '--config.model.d_model=0'])
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.count('\n') == 1
+
+
+def test_runlocal_shrinks_any_experiment_but_keeps_explicit_overrides():
+  from moma_jax import cli
+  from moma_jax import configs
+  argv = ['moma-flops', '--config=experiments/paper_table1.py:mod_moma_4t4i_1.4b',
+          '--config.runlocal=True', '--config.train.steps=7']
+  config = cli.parse(argv, 'moma-flops')
+  m, t = config.model, config.train
+  # The kind of model stays: MoMa 4t4i with MoD from layer 0, every 2nd layer.
+  assert (m.ffn, tuple(m.experts), m.mod.enabled, m.mod.every) == ('moma', (4, 4), True, 2)
+  assert (m.d_model, m.num_layers, m.vocab_size, config.data.seq_len) == (
+      64, 4, configs.default_config().model.vocab_size, 128)
+  assert t.steps == 7 and t.batch_size == 16   # the command line's steps, not 100
+  full = cli.parse(argv[:2], 'moma-flops')
+  assert full.model.d_model == 2304 and full.train.steps > 10**5

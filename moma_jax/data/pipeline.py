@@ -32,10 +32,16 @@ from moma_jax.data import datasets
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import vocab as vocab_lib
 from moma_jax.data.image_tokenizer import VQTokenizer
+from moma_jax.data.image_tokenizer import VQTokenizerError
 from moma_jax.data.text_tokenizer import make_text_tokenizer
+from moma_jax.data.text_tokenizer import TokenizerError
 
 DEFAULT_DATA_DIR = os.path.join('~', '.cache', 'moma_jax', 'data')
 FEATURES = ('tokens', 'modality')
+# What bad data input raises (a missing dataset, an unreadable tokenizer, ...): the
+# command-line tools report these as one line and exit code 2.
+DATA_ERRORS = (datasets.DatasetError, docs_lib.DocumentError, vocab_lib.VocabularyError,
+               TokenizerError, VQTokenizerError)
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:

@@ -1,0 +1,63 @@
+"""Teacher-forced evaluation on the validation split of every dataset of the mixture.
+
+`evaluate` returns token-weighted mean losses:
+  eval/loss, eval/loss/{modality}                       over all datasets together;
+  eval/{dataset}/loss, eval/{dataset}/loss/{modality}   per dataset.
+A dataset without tokens of a modality has no key for it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moma_jax.data import documents as docs_lib
+from moma_jax.data import pipeline
+from moma_jax.model import transformer
+
+EvalStep = Callable[[object, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
+
+
+def make_eval_step(model: transformer.Decoder, modalities) -> EvalStep:
+  """(params, batch of [B, L] arrays) -> {'loss', 'loss/{m}', 'tokens', 'tokens/{m}'},
+  jit'd; no router noise."""
+  keys = ('loss', 'tokens', *(f'{k}/{m}' for m in modalities for k in ('loss', 'tokens')))
+
+  def step_fn(params, batch):
+    _, metrics = transformer.loss_fn(model, params, batch)
+    return {k: metrics[k] for k in keys}
+  return jax.jit(step_fn)
+
+
+def to_device(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Host rows -> device arrays (one device; a mesh places them with the sharding)."""
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
+             tok: docs_lib.Tokenizers) -> dict[str, float]:
+  """Reads at most `train.eval_max_batches` batches of each dataset's eval split."""
+  mods = config.model.modalities
+  limit = config.train.eval_max_batches
+  keys = ('loss', *(f'loss/{m}' for m in mods))
+  total, count, out = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), {}
+  for name, _ in pipeline.mixture(config):
+    sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
+    for i, batch in enumerate(pipeline.eval_batches(config, tok, name)):
+      if limit is not None and i >= limit:
+        break
+      m = jax.device_get(eval_step(params, to_device(batch)))
+      for key in keys:
+        n = int(m['tokens' + key[len('loss'):]])   # 'loss/text' -> 'tokens/text'
+        sums[key] += float(m[key]) * n
+        counts[key] += n
+    for key in keys:
+      if counts[key]:
+        out[f'eval/{name}/{key}'] = sums[key] / counts[key]
+      total[key] += sums[key]
+      count[key] += counts[key]
+  out.update({f'eval/{k}': total[k] / count[k] for k in keys if count[k]})
+  return out

@@ -1,0 +1,139 @@
+"""Where a training run's numbers go: `metrics.jsonl`, TensorBoard events, stderr.
+
+`metrics.jsonl` holds one JSON object per line (DESIGN.md §6). Training rows: `step`,
+`train_flops` (cumulative training FLOPs, flops.count's per-modality training FLOPs per
+token times the non-padding target tokens of that modality), `tokens` (cumulative
+non-padding target tokens), `loss`, `loss/{modality}`, `tokens_per_sec`, `lr`,
+`nonfinite_skipped` and the `route/...` statistics. Evaluation rows: `step`,
+`train_flops`, `eval/loss`, `eval/loss/{modality}`, `eval/{dataset}/loss`. Every value is
+a scalar: a vector statistic [K] is written as K keys `name/0` ... `name/{K-1}`, and
+anything of higher rank is left out.
+
+On resume, `MetricsLog(workdir, resume_step=s)` first drops the rows past step s, so
+the file reads as one uninterrupted run; TensorBoard is told the same (`purge_step`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+  """Flattens metric values (host numpy or Python numbers) into JSON scalars.
+
+  0-d values stay as they are (ints as int, floats as float); a vector [K] becomes the
+  keys `name/0` ... `name/{K-1}`; higher ranks are dropped (too big for a row).
+  """
+  out: dict[str, float | int] = {}
+  for key, value in metrics.items():
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+      out[key] = arr.item()
+    elif arr.ndim == 1:
+      for i, v in enumerate(arr.tolist()):
+        out[f'{key}/{i}'] = v
+  return out
+
+
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+  """Every row of `workdir/metrics.jsonl` (an absent file has none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate(path: str, last_step: int) -> int:
+  """Drops the rows of `path` whose step is past `last_step`; returns how many."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  # A line cut off by a kill is not valid JSON: it goes too.
+  keep = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if row.get('step', 0) <= last_step:
+      keep.append(line if line.endswith('\n') else line + '\n')
+  if len(keep) != len(lines):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, path)   # atomic: a kill here leaves the old or the new file
+  return len(lines) - len(keep)
+
+
+class MetricsLog:
+  """Appends rows to metrics.jsonl and TensorBoard; writes the progress line.
+
+  Only process 0 writes (`enabled=False` elsewhere makes every method a no-op).
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, total_steps: int,
+               enabled: bool = True):
+    self.enabled = enabled
+    self.total_steps = total_steps
+    self._pace_from: tuple[int, float] | None = None    # (step, time) the ETA counts from
+    if not enabled:
+      return
+    path = os.path.join(workdir, METRICS_FILE)
+    self.dropped = _truncate(path, resume_step)
+    self._file = open(path, 'a')
+    # purge_step makes TensorBoard hide events of the abandoned steps past resume_step.
+    self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+                             purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Appends one row {'step': step, **scalars(metrics)}; returns it."""
+    row = {'step': int(step), **scalars(metrics)}
+    if not self.enabled:
+      return row
+    # JSON has no NaN/Infinity: a non-finite value is written as null.
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in row.items()}
+    self._file.write(json.dumps(clean) + '\n')
+    self._file.flush()
+    for key, value in clean.items():
+      # A non-finite value is in the JSON row (as null), not in TensorBoard's curves.
+      if key != 'step' and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, step)
+    return row
+
+  def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
+    """One stderr line: step, loss, tokens/s and the time left at the current pace."""
+    if not self.enabled:
+      return
+    if self._pace_from is None:
+      # The pace counts from the first logged step: the steps before it include compiling.
+      self._pace_from = (step, time.perf_counter())
+    done = step - self._pace_from[0]
+    elapsed = time.perf_counter() - self._pace_from[1]
+    left = (self.total_steps - step) * elapsed / done if done > 0 else float('nan')
+    eta = time.strftime('%H:%M:%S', time.gmtime(left)) if math.isfinite(left) else '?'
+    width = len(str(self.total_steps))
+    print(f'step {step:>{width}}/{self.total_steps}  loss {loss:7.4f}  '
+          f'{tokens_per_sec:9.0f} tokens/s  ETA {eta}', file=sys.stderr, flush=True)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._file.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      self._tb.close()

@@ -1,0 +1,102 @@
+"""A training run's directory read back: its config, model and parameters.
+
+  run = moma_jax.load('runs/quickstart/moma_4t4i')       # newest checkpoint
+  run = moma_jax.load(workdir, step=200)
+  logits = run.model.apply({'params': run.params}, tokens, modality, segment_ids, positions)
+
+The directory holds `config.json` and `checkpoints/` as `moma-train` writes them.
+Reading never changes the directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from moma_jax import checkpoint as ckpt_lib
+from moma_jax import configs
+from moma_jax import optimizer as optimizer_lib
+from moma_jax.model import transformer
+
+CONFIG_FILE = 'config.json'
+
+
+class RunDirError(Exception):
+  """A directory that is not (or not yet) a training run; reported as one line."""
+
+
+def _as_tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the config schema uses."""
+  if isinstance(value, dict):
+    return {k: _as_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+def _merge(base: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for key, value in saved.items():
+    out[key] = _merge(base[key], value) if isinstance(base.get(key), dict) else value
+  return out
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's validated config: `config.json` over today's defaults (a field added to
+  the schema since the run was made takes its default)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise RunDirError(f'{workdir} is not a training run: no {CONFIG_FILE}')
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise RunDirError(f'cannot read {path}: {e}') from e
+  merged = _merge(configs.default_config().to_dict(), _as_tuples(saved))
+  return configs.validate(ml_collections.ConfigDict(merged))
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: transformer.Decoder):
+  """{'params', 'opt'} as ShapeDtypeStructs: the structure a checkpoint restores into."""
+  tx = optimizer_lib.optimizer(config)
+
+  def make(rng):
+    params, _ = transformer.init(model, rng)
+    return {'params': params, 'opt': tx.init(params)}
+  return jax.eval_shape(make, jax.random.key(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  workdir: str
+  config: ml_collections.ConfigDict
+  model: transformer.Decoder
+  params: Any                   # the model's parameters, a pytree of arrays
+  step: int                     # the checkpoint's training step
+  progress: dict[str, Any]      # train_flops, tokens, data position, ... at that step
+
+
+def load(workdir: str, step: int | None = None) -> SavedRun:
+  """The run in `workdir` at checkpoint `step` (None: the newest)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(workdir):
+    raise RunDirError(f'no such run directory: {workdir}')
+  config = read_config(workdir)
+  if not ckpt_lib.has_checkpoints(workdir):
+    raise RunDirError(f'{workdir} has no checkpoint yet')
+  ckpts = ckpt_lib.Checkpoints(workdir)
+  try:
+    steps = ckpts.all_steps()
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise RunDirError(f'{workdir} has no checkpoint of step {step}; it has '
+                        f'{", ".join(map(str, sorted(steps)))}')
+    model = transformer.build(config)
+    state, progress = ckpts.restore(step, abstract_state(config, model))
+  finally:
+    ckpts.close()
+  return SavedRun(workdir, config, model, state['params'], step, progress)

@@ -1,0 +1,405 @@
+"""moma-train: train an experiment file's model, with checkpoints, metrics and evaluation.
+
+Usage:
+  moma-train --config experiments/FILE.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+  python -m moma_jax.train --config experiments/quickstart.py:dense --workdir /tmp/dense
+
+Writes into DIR: `config.json`, `metrics.jsonl` (one JSON row per logged step and per
+evaluation; keys in moma_jax/metrics_log.py and DESIGN.md §6), TensorBoard events under
+`tensorboard/`, and Orbax checkpoints under `checkpoints/` (state, data position,
+config). A DIR holding checkpoints resumes from the newest one and drops the metric rows
+past it, so a killed run restarted with the same command continues bit-identically.
+SIGTERM or SIGINT (Ctrl-C) saves the current step and exits 0. A non-finite loss or
+gradient skips the update; `train.max_nonfinite` of them in a row stop the run (exit 1).
+Bad configurations, a DIR that is a file, or missing data end as one line, exit 2,
+before anything is written.
+
+The trainer reads top to bottom: checks, the jit'd step, the loop. The optimizer is in
+moma_jax/optimizer.py, evaluation in moma_jax/evaluation.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from moma_jax import checkpoint as ckpt_lib
+from moma_jax import cli
+from moma_jax import configs
+from moma_jax import evaluation
+from moma_jax import flops
+from moma_jax import metrics_log
+from moma_jax import optimizer as optimizer_lib
+from moma_jax import saved_run
+from moma_jax.data import datasets
+from moma_jax.data import pipeline
+from moma_jax.model import route_stats
+from moma_jax.model import transformer
+
+PROG = 'moma-train'
+cli.define_config_flag()
+WORKDIR = cli.define_once(flags.DEFINE_string, 'workdir', None,
+                          'directory of the run: metrics, checkpoints')
+PROFILE_STEPS = cli.define_once(
+    flags.DEFINE_integer, 'profile_steps', 0,
+    'write a JAX profiler trace of this many steps (after the first, which compiles) '
+    'into WORKDIR/profile; view it with TensorBoard or Perfetto')
+USER_ERRORS = pipeline.DATA_ERRORS
+CONFIG_FILE = saved_run.CONFIG_FILE
+PROFILE_DIR = 'profile'
+# Fields that must agree with the run already in a workdir for it to be resumed.
+_RESUME_KEYS = ('model', 'data.seq_len', 'train.batch_size', 'routing.group_size')
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite losses or gradients in a row: exit code 1."""
+
+
+# ==================================================================================
+# Checks: everything a user can get wrong, before anything is written
+# ==================================================================================
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def _to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as JSON-ready Python (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for `train.*` values the trainer cannot run."""
+  t = config.train
+  if not isinstance(t.lr, (int, float)) or not t.lr > 0:
+    raise configs.ConfigError('train.lr', f'must be > 0, got {t.lr!r}')
+  if t.schedule not in ('linear', 'cosine'):
+    raise configs.ConfigError('train.schedule', f"must be 'linear' or 'cosine', got {t.schedule!r}")
+  if not isinstance(t.warmup, int) or t.warmup < 0:
+    raise configs.ConfigError('train.warmup', f'must be an integer >= 0, got {t.warmup!r}')
+  if t.weight_decay < 0:
+    raise configs.ConfigError('train.weight_decay', f'must be >= 0, got {t.weight_decay}')
+  if not t.clip > 0:
+    raise configs.ConfigError('train.clip', f'must be > 0, got {t.clip}')
+  for name in ('log_every', 'eval_every', 'ckpt_every', 'keep', 'max_nonfinite'):
+    if not isinstance(t[name], int) or isinstance(t[name], bool) or t[name] <= 0:
+      raise configs.ConfigError(f'train.{name}', f'must be a positive integer, got {t[name]!r}')
+  if t.eval_max_batches is not None and t.eval_max_batches <= 0:
+    raise configs.ConfigError('train.eval_max_batches', f'must be positive or None, got '
+                              f'{t.eval_max_batches}')
+  micro, rem = divmod(t.batch_size, t.grad_accum)
+  if rem or micro % config.routing.group_size:
+    raise configs.ConfigError('train.grad_accum', f'batch {t.batch_size} / {t.grad_accum} '
+                              'micro-batches must be a multiple of routing.group_size='
+                              f'{config.routing.group_size}')
+  if jax.process_count() > 1 or jax.device_count() > 1 and any(
+      v not in (1, -1) for v in config.mesh.values()):
+    raise configs.ConfigError('mesh', 'sharded training is not available yet: one device')
+
+
+def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str:
+  """The absolute workdir; UsageError if it cannot hold this run. Writes nothing."""
+  if not workdir:
+    raise cli.UsageError('--workdir DIR is required')
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise cli.UsageError(f'--workdir: {workdir} is a file, not a directory')
+  saved = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(saved):
+    with open(saved) as f:
+      before = ml_collections.ConfigDict(json.load(f))
+    now = ml_collections.ConfigDict(_to_plain(config))
+    for key in _RESUME_KEYS:
+      if json.dumps(_get(before, key).to_dict() if key == 'model' else _get(before, key),
+                    sort_keys=True) != json.dumps(
+                        _get(now, key).to_dict() if key == 'model' else _get(now, key),
+                        sort_keys=True):
+        raise cli.UsageError(f'--workdir: {workdir} holds a run with another {key}; '
+                             'resume it with its own config or choose a new directory')
+  return workdir
+
+
+# ==================================================================================
+# The step: gradients (accumulated over micro-batches), a guarded AdamW update
+# ==================================================================================
+def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
+  """(state, batch, step, poison) -> (state, metrics), jit'd.
+
+  state: {'params', 'opt': optimizer state}. batch: dict of [B, L] arrays. step: int32
+  scalar, the 1-based step (its router noise key is fold_in(seed, step), so a resumed run
+  draws the same noise). poison: float32 scalar multiplying the loss (1, or NaN to
+  exercise the non-finite path). A non-finite loss or gradient leaves the state as it
+  was; metrics['finite'] says which happened.
+  """
+  accum = config.train.grad_accum
+  base_key = jax.random.key(config.train.seed + 1)
+
+  def grads_of(params, batch, rng, poison):
+    def objective(p):
+      value, metrics = transformer.loss_fn(model, p, batch, rng)
+      # An injected NaN shows in the logged loss too, as a real one would.
+      return value * poison, {**metrics, 'loss': metrics['loss'] * poison}
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+  def step_fn(state, batch, step, poison):
+    rng = jax.random.fold_in(base_key, step)
+    if accum == 1:
+      (value, metrics), grads = grads_of(state['params'], batch, rng, poison)
+    else:
+      # [B, L] -> [A, B/A, L]: whole routing groups per micro-batch (checked up front).
+      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+      def one(carry, mb_and_i):
+        mb, i = mb_and_i
+        (v, m), g = grads_of(state['params'], mb, jax.random.fold_in(rng, i), poison)
+        return jax.tree.map(jnp.add, carry, (v, g)), m
+      zero = (jnp.float32(0), jax.tree.map(jnp.zeros_like, state['params']))
+      (value, grads), ms = jax.lax.scan(one, zero, (micro, jnp.arange(accum)))
+      value, grads = value / accum, jax.tree.map(lambda g: g / accum, grads)
+      metrics = _merge_micro(ms, config.model.modalities)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    new = {'params': optax.apply_updates(state['params'], updates), 'opt': opt}
+    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics.update(route_stats.router_grad_norms(grads))
+    metrics.update(grad_norm=grad_norm, finite=finite)
+    return state, metrics
+
+  # No buffer donation: an asynchronous checkpoint may still be reading the old state.
+  return jax.jit(step_fn)
+
+
+def _merge_micro(ms: Mapping[str, jax.Array], modalities) -> dict[str, jax.Array]:
+  """Metrics of A micro-batches ([A, ...] leaves) -> one batch's: token-weighted losses,
+  summed token counts, other statistics averaged."""
+  out = {k: jnp.mean(v, axis=0) for k, v in ms.items()}
+  for key in ('tokens', *(f'tokens/{m}' for m in modalities)):
+    out[key] = ms[key].sum(0)
+  out['loss'] = (ms['loss'] * ms['tokens']).sum(0) / jnp.maximum(out['tokens'], 1)
+  for m in modalities:
+    out[f'loss/{m}'] = (ms[f'loss/{m}'] * ms[f'tokens/{m}']).sum(0) / jnp.maximum(
+        out[f'tokens/{m}'], 1)
+  return out
+
+
+# ==================================================================================
+# The loop
+# ==================================================================================
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    # Handlers can only be installed from the main thread (not e.g. in a notebook worker).
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _summary(config, label: str, workdir: str, report: flops.FlopsReport,
+             resume_step: int) -> str:
+  m, t = config.model, config.train
+  mods = (*m.modalities, 'overall')
+  per = lambda d, scale, fmt: ', '.join(f'{k} {d[k] / scale:{fmt}}' for k in mods)
+  ffn = m.ffn if m.ffn == 'dense' else f'{m.ffn} {tuple(m.experts)}'
+  mod = f' ({report.num_mod_layers} MoD)' if report.num_mod_layers else ''
+  devices = jax.devices()
+  tokens = t.batch_size * config.data.seq_len
+  start = f'resuming from step {resume_step}' if resume_step else 'new run'
+  return '\n'.join([
+      f'{PROG}: {label} -> {workdir} ({start})',
+      f'  model       {ffn}, {m.num_layers} layers{mod}, d_model {m.d_model}, '
+      f'{m.num_heads} heads, ffn {m.ffn_dim}, vocab {m.vocab_size}, {m.dtype}',
+      f'  params      total {report.params_total / 1e6:.4g}M; active per token '
+      f'{per(report.params_active, 1e6, ".4g")} (M)',
+      f'  train FLOPs per token {per(report.train, 1e6, ".4g")} (MFLOPs)',
+      f'  devices     {len(devices)} x {devices[0].platform} ({devices[0].device_kind}), '
+      f'{jax.process_count()} process(es); mesh: one device (no sharding yet)',
+      f'  batch       {t.batch_size} x {config.data.seq_len} = {tokens} tokens per step '
+      f'(grad_accum {t.grad_accum}); {t.steps} steps = {t.steps * tokens:,} tokens '
+      '(padding included)',
+      f'  schedule    lr {t.lr} {t.schedule}, warmup {t.warmup}, decay to 1%; '
+      f'eval every {t.eval_every}, checkpoint every {t.ckpt_every} (keep {t.keep})'])
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
+          profile_steps: int = 0,
+          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns its final progress dict.
+
+  profile_steps: trace this many steps, from the second one this process runs (the
+  first compiles), into `workdir/profile` with the JAX profiler.
+  on_step: called with the step number after each step's logging, evaluation and
+  checkpoint (tests use it to stop or crash a run at a chosen step).
+  Raises ConfigError / UsageError / data errors before writing anything; NonFiniteError
+  after `train.max_nonfinite` non-finite steps in a row.
+  """
+  # ---------------- Set-up: everything that can fail on user input ----------------
+  configs.validate(config)
+  check_train_config(config)
+  workdir = check_workdir(workdir, config)
+  t, mods = config.train, tuple(config.model.modalities)
+  tok = pipeline.load_tokenizers(config)
+  data = pipeline.train_iterator(config, tok, jax.process_index(), jax.process_count())
+  for name, _ in pipeline.mixture(config):   # fails now if a validation split is missing
+    datasets.data_source(name, pipeline.data_dir(config), config.data.eval_split)
+  model = transformer.build(config)
+  report = flops.count(config)
+  tx = optimizer_lib.optimizer(config)
+  params, _ = transformer.init(model, jax.random.key(t.seed))
+  state = {'params': params, 'opt': tx.init(params)}
+  plain_config = _to_plain(config)
+
+  # ---------------- Workdir, checkpoints and resume ----------------
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise cli.UsageError(f'--workdir: cannot create {workdir} ({e.strerror or e})') from e
+  ckpts = ckpt_lib.Checkpoints(workdir, every=t.ckpt_every, keep=t.keep)
+  progress = dict(step=0, train_flops=0.0, tokens=0, nonfinite_skipped=0,
+                  nonfinite_in_a_row=0)
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    _, state, saved = restored
+    data.set_state(saved.pop('data'))
+    progress.update(saved)
+  step = progress['step']
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    json.dump(plain_config, f, indent=1, sort_keys=True)
+  is_writer = jax.process_index() == 0
+  log = metrics_log.MetricsLog(workdir, resume_step=step, total_steps=t.steps,
+                               enabled=is_writer)
+  if is_writer:
+    print(_summary(config, label, workdir, report, step), flush=True)
+  train_step = make_train_step(model, tx, config)
+  eval_step = evaluation.make_eval_step(model, mods)
+  schedule = optimizer_lib.learning_rate(config)
+  nan_steps = set(t.nan_steps or ())
+  # 1-based steps [first, last] to trace; none if profile_steps is 0.
+  trace_first, trace_last = step + 2, step + 1 + profile_steps
+
+  def save(force: bool = False) -> bool:
+    return ckpts.save(step, state, {**progress, 'data': data.get_state()}, plain_config,
+                      force=force)
+
+  # ---------------- Training ----------------
+  interval_tokens, interval_start = 0, time.perf_counter()
+  try:
+    with _StopRequest() as stop:
+      while step < t.steps and stop.signal is None:
+        batch = next(data)
+        if step + 1 == trace_first and profile_steps:
+          jax.profiler.start_trace(os.path.join(workdir, PROFILE_DIR))
+        poison = jnp.float32(np.nan if step + 1 in nan_steps else 1.0)
+        state, metrics = train_step(state, evaluation.to_device(batch), jnp.int32(step + 1),
+                                    poison)
+        step += 1
+        if step == trace_last and profile_steps:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+        # One small host transfer per step: token counts feed the FLOPs count, and the
+        # non-finite check must see every step.
+        small = jax.device_get({k: metrics[k] for k in ('finite', 'tokens',
+                                                        *(f'tokens/{m}' for m in mods))})
+        progress['step'] = step
+        progress['tokens'] += int(small['tokens'])
+        interval_tokens += int(small['tokens'])
+        progress['train_flops'] += sum(report.train[m] * int(small[f'tokens/{m}'])
+                                       for m in mods)
+        if bool(small['finite']):
+          progress['nonfinite_in_a_row'] = 0
+        else:
+          progress['nonfinite_skipped'] += 1
+          progress['nonfinite_in_a_row'] += 1
+          if progress['nonfinite_in_a_row'] >= t.max_nonfinite:
+            raise NonFiniteError(
+                f'{progress["nonfinite_in_a_row"]} non-finite losses or gradients in a row, '
+                f'the last at step {step} ({progress["nonfinite_skipped"]} skipped in all); '
+                'lower train.lr or check the data')
+
+        if step == 1 or step % t.log_every == 0 or step == t.steps:
+          host = jax.device_get({k: v for k, v in metrics.items() if k != 'finite'})
+          elapsed = time.perf_counter() - interval_start
+          row = {'train_flops': progress['train_flops'], 'tokens': progress['tokens'],
+                 **{k: v for k, v in host.items() if k == 'loss' or k.startswith(
+                     ('loss/', 'route/'))},
+                 'tokens_per_sec': interval_tokens / max(elapsed, 1e-9),
+                 'lr': float(schedule(step - 1 - progress['nonfinite_skipped'])),
+                 'grad_norm': host['grad_norm'], 'z_loss': host['z_loss'],
+                 'aux_loss': host['aux_loss'],
+                 'nonfinite_skipped': progress['nonfinite_skipped']}
+          row = log.write(step, row)
+          log.progress(step, row['loss'], row['tokens_per_sec'])
+          interval_tokens, interval_start = 0, time.perf_counter()
+
+        if step % t.eval_every == 0 or step == t.steps:
+          log.write(step, {'train_flops': progress['train_flops'],
+                           **evaluation.evaluate(eval_step, state['params'], config, tok)})
+          interval_start = time.perf_counter()   # evaluation is not training time
+
+        save(force=step == t.steps)
+        if on_step is not None:
+          on_step(step)
+
+      # ---------------- Stop: end of training or a signal ----------------
+      if stop.signal is not None and ckpts.latest_step() != step:
+        save(force=True)
+      if stop.signal is not None and is_writer:
+        print(f'{PROG}: {stop.signal} at step {step}: checkpoint saved in '
+              f'{ckpts.directory}; rerun the same command to continue', file=sys.stderr,
+              flush=True)
+      elif is_writer:
+        where = lambda name: os.path.join(workdir, name)
+        print(f'{PROG}: finished {step} steps ({progress["train_flops"]:.4g} training FLOPs)'
+              f'\n  metrics      {where(metrics_log.METRICS_FILE)}'
+              f'\n  TensorBoard  tensorboard --logdir {where(metrics_log.TENSORBOARD_DIR)}'
+              f'\n  checkpoints  {ckpts.directory}', flush=True)
+  finally:
+    # Let the started saves finish: the file they write must be whole.
+    ckpts.close()
+    log.close()
+  return progress
+
+
+def main(config: ml_collections.ConfigDict) -> None:
+  try:
+    if PROFILE_STEPS.value < 0:
+      raise cli.UsageError(f'--profile_steps must be >= 0, got {PROFILE_STEPS.value}')
+    train(config, WORKDIR.value, label=cli.config_argument(),
+          profile_steps=PROFILE_STEPS.value)
+  except NonFiniteError as e:
+    print(f'{PROG}: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Console script entry point (`moma-train`); argv[0] is the program name."""
+  cli.run_main(main, argv, prog=PROG, usage=__doc__, user_errors=USER_ERRORS)
+
+
+if __name__ == '__main__':
+  run(sys.argv)
