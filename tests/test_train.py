@@ -1,7 +1,8 @@
 """The trainer: loss falls, metrics as DESIGN §6, exact resume, stops, bad input, NaN.
 
-Most tests reuse one tiny quickstart run shared by the whole test run (`trained_run` in conftest.py) as
-the uninterrupted reference; the rest run in-process for at most 30 tiny steps.
+Most tests reuse one tiny quickstart run shared by the whole test run (`trained_run` in
+conftest.py) as the uninterrupted reference; the rest run in-process for at most 30 tiny
+steps.
 """
 import hashlib
 import os
