@@ -73,7 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
       layout='ragged',
       capacity_factor=1.0,
       expected_fraction=config_dict.placeholder(tuple),
-      ep_capacity_factor=1.0,
+      # Expert parallelism's per-expert buffer: None = exact (nothing cut), or a factor
+      # on the rows an expert expects (moma_jax/model/expert_parallel.py).
+      ep_capacity_factor=config_dict.placeholder(float),
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -267,6 +269,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of('routing.layout', r.layout, LAYOUTS)
   if not r.capacity_factor > 0:
     raise ConfigError('routing.capacity_factor', f'must be > 0, got {r.capacity_factor}')
+  if r.ep_capacity_factor is not None and not r.ep_capacity_factor > 0:
+    raise ConfigError('routing.ep_capacity_factor', f'must be > 0 or None (exact), got '
+                      f'{r.ep_capacity_factor}')
   if r.expected_fraction is not None:
     if len(r.expected_fraction) != len(m.modalities):
       raise ConfigError('routing.expected_fraction', 'needs one entry per modality')

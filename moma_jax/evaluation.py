@@ -7,7 +7,7 @@ A dataset without tokens of a modality has no key for it.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +21,19 @@ from moma_jax.model import transformer
 EvalStep = Callable[[object, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 
 
-def make_eval_step(model: transformer.Decoder, modalities) -> EvalStep:
+def make_eval_step(model: transformer.Decoder, modalities,
+                   shardings: tuple[Any, Any] | None = None) -> EvalStep:
   """(params, batch of [B, L] arrays) -> {'loss', 'loss/{m}', 'tokens', 'tokens/{m}'},
-  jit'd; no router noise."""
+  jit'd; no router noise. shardings: (params', batch's) under a mesh."""
   keys = ('loss', 'tokens', *(f'{k}/{m}' for m in modalities for k in ('loss', 'tokens')))
 
   def step_fn(params, batch):
     _, metrics = transformer.loss_fn(model, params, batch)
     return {k: metrics[k] for k in keys}
-  return jax.jit(step_fn)
+  if shardings is None:
+    return jax.jit(step_fn)
+  replicated = jax.sharding.NamedSharding(shardings[1].mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step_fn, in_shardings=shardings, out_shardings=replicated)
 
 
 def to_device(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -38,18 +42,22 @@ def to_device(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
 
 
 def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
-             tok: docs_lib.Tokenizers) -> dict[str, float]:
-  """Reads at most `train.eval_max_batches` batches of each dataset's eval split."""
+             tok: docs_lib.Tokenizers,
+             put: Callable[[Mapping[str, np.ndarray]], Any] = to_device) -> dict[str, float]:
+  """Reads at most `train.eval_max_batches` batches of each dataset's eval split (this
+  process's rows of each; `put` makes them the step's input arrays)."""
   mods = config.model.modalities
   limit = config.train.eval_max_batches
   keys = ('loss', *(f'loss/{m}' for m in mods))
   total, count, out = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), {}
   for name, _ in pipeline.mixture(config):
     sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
-    for i, batch in enumerate(pipeline.eval_batches(config, tok, name)):
+    batches = pipeline.eval_batches(config, tok, name, jax.process_index(),
+                                    jax.process_count())
+    for i, batch in enumerate(batches):
       if limit is not None and i >= limit:
         break
-      m = jax.device_get(eval_step(params, to_device(batch)))
+      m = jax.device_get(eval_step(params, put(batch)))
       for key in keys:
         n = int(m['tokens' + key[len('loss'):]])   # 'loss/text' -> 'tokens/text'
         sums[key] += float(m[key]) * n

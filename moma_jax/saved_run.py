@@ -14,12 +14,13 @@ import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
 
 from moma_jax import checkpoint as ckpt_lib
 from moma_jax import configs
 from moma_jax import optimizer as optimizer_lib
+from moma_jax import sharding
+from moma_jax import train_state
 from moma_jax.model import transformer
 
 CONFIG_FILE = 'config.json'
@@ -61,13 +62,11 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def abstract_state(config: ml_collections.ConfigDict, model: transformer.Decoder):
-  """{'params', 'opt'} as ShapeDtypeStructs: the structure a checkpoint restores into."""
-  tx = optimizer_lib.optimizer(config)
-
-  def make(rng):
-    params, _ = transformer.init(model, rng)
-    return {'params': params, 'opt': tx.init(params)}
-  return jax.eval_shape(make, jax.random.key(0))
+  """{'params', 'opt'} as ShapeDtypeStructs on this process's first device: the
+  structure a checkpoint restores into, whatever mesh saved it."""
+  placed, _ = train_state.layout(model, optimizer_lib.optimizer(config),
+                                 sharding.one_device_mesh())
+  return placed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -42,6 +43,8 @@ from moma_jax import flops
 from moma_jax import metrics_log
 from moma_jax import optimizer as optimizer_lib
 from moma_jax import saved_run
+from moma_jax import sharding
+from moma_jax import train_state
 from moma_jax.data import datasets
 from moma_jax.data import pipeline
 from moma_jax.model import route_stats
@@ -55,6 +58,18 @@ PROFILE_STEPS = cli.define_once(
     flags.DEFINE_integer, 'profile_steps', 0,
     'write a JAX profiler trace of this many steps (after the first, which compiles) '
     'into WORKDIR/profile; view it with TensorBoard or Perfetto')
+DISTRIBUTED = cli.define_once(
+    flags.DEFINE_bool, 'distributed', False,
+    'several processes: call jax.distributed.initialize, which finds the processes '
+    'itself on TPU pods and SLURM or Open MPI clusters')
+COORDINATOR = cli.define_once(
+    flags.DEFINE_string, 'coordinator_address', None,
+    'host:port of process 0 of a multi-process run (implies --distributed); with '
+    '--num_processes and --process_id where the cluster does not say them')
+NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, 'num_processes', None,
+                                'processes of a multi-process run')
+PROCESS_ID = cli.define_once(flags.DEFINE_integer, 'process_id', None,
+                             'this process, 0 .. num_processes - 1')
 USER_ERRORS = pipeline.DATA_ERRORS
 CONFIG_FILE = saved_run.CONFIG_FILE
 PROFILE_DIR = 'profile'
@@ -104,9 +119,6 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     raise configs.ConfigError('train.grad_accum', f'batch {t.batch_size} / {t.grad_accum} '
                               'micro-batches must be a multiple of routing.group_size='
                               f'{config.routing.group_size}')
-  if jax.process_count() > 1 or jax.device_count() > 1 and any(
-      v not in (1, -1) for v in config.mesh.values()):
-    raise configs.ConfigError('mesh', 'sharded training is not available yet: one device')
 
 
 def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str:
@@ -134,8 +146,12 @@ def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str
 # ==================================================================================
 # The step: gradients (accumulated over micro-batches), a guarded AdamW update
 # ==================================================================================
-def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
+def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    shardings: tuple[Any, Any] | None = None):
   """(state, batch, step, poison) -> (state, metrics), jit'd.
+
+  shardings: (state's, batch's) under a mesh; the metrics come back replicated. Trace
+  and run it under that mesh and `sharding.axis_rules()`.
 
   state: {'params', 'opt': optimizer state}. batch: dict of [B, L] arrays. step: int32
   scalar, the 1-based step (its router noise key is fold_in(seed, step), so a resumed run
@@ -178,7 +194,12 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
     return state, metrics
 
   # No buffer donation: an asynchronous checkpoint may still be reading the old state.
-  return jax.jit(step_fn)
+  if shardings is None:
+    return jax.jit(step_fn)
+  state_sh, batch_sh = shardings
+  replicated = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, None, None),
+                 out_shardings=(state_sh, replicated))
 
 
 def _merge_micro(ms: Mapping[str, jax.Array], modalities) -> dict[str, jax.Array]:
@@ -192,6 +213,34 @@ def _merge_micro(ms: Mapping[str, jax.Array], modalities) -> dict[str, jax.Array
     out[f'loss/{m}'] = (ms[f'loss/{m}'] * ms[f'tokens/{m}']).sum(0) / jnp.maximum(
         out[f'tokens/{m}'], 1)
   return out
+
+
+# ==================================================================================
+# Several processes: what they must agree on
+# ==================================================================================
+def _any_process(flag: bool) -> bool:
+  """True on every process if it is True on any (one collective when there are several)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _all_rows_state(data: pipeline.TrainIterator) -> dict[str, Any]:
+  """The position of every row of the global batch, gathered from all processes.
+
+  Process p owns rows [p*B/P, (p+1)*B/P), so their lists in process order are the rows
+  in order; a checkpoint then resumes under any number of processes.
+  """
+  rows = data.get_state()['rows']
+  if jax.process_count() == 1:
+    return {'rows': rows}
+  encoded = np.frombuffer(json.dumps(rows).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(encoded.size)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  every = np.asarray(multihost_utils.process_allgather(padded))           # [P, max bytes]
+  return {'rows': [row for p, size in enumerate(sizes)
+                   for row in json.loads(every[p, :size].tobytes())]}
 
 
 # ==================================================================================
@@ -221,7 +270,7 @@ class _StopRequest:
 
 
 def _summary(config, label: str, workdir: str, report: flops.FlopsReport,
-             resume_step: int) -> str:
+             resume_step: int, mesh: jax.sharding.Mesh) -> str:
   m, t = config.model, config.train
   mods = (*m.modalities, 'overall')
   per = lambda d, scale, fmt: ', '.join(f'{k} {d[k] / scale:{fmt}}' for k in mods)
@@ -238,7 +287,7 @@ def _summary(config, label: str, workdir: str, report: flops.FlopsReport,
       f'{per(report.params_active, 1e6, ".4g")} (M)',
       f'  train FLOPs per token {per(report.train, 1e6, ".4g")} (MFLOPs)',
       f'  devices     {len(devices)} x {devices[0].platform} ({devices[0].device_kind}), '
-      f'{jax.process_count()} process(es); mesh: one device (no sharding yet)',
+      f'{jax.process_count()} process(es); mesh {sharding.describe(mesh)}',
       f'  batch       {t.batch_size} x {config.data.seq_len} = {tokens} tokens per step '
       f'(grad_accum {t.grad_accum}); {t.steps} steps = {t.steps * tokens:,} tokens '
       '(padding included)',
@@ -261,8 +310,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   # ---------------- Set-up: everything that can fail on user input ----------------
   configs.validate(config)
   check_train_config(config)
+  mesh = sharding.make_mesh(config)
   workdir = check_workdir(workdir, config)
-  t, mods = config.train, tuple(config.model.modalities)
   tok = pipeline.load_tokenizers(config)
   data = pipeline.train_iterator(config, tok, jax.process_index(), jax.process_count())
   for name, _ in pipeline.mixture(config):   # fails now if a validation split is missing
@@ -270,22 +319,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   model = transformer.build(config)
   report = flops.count(config)
   tx = optimizer_lib.optimizer(config)
-  params, _ = transformer.init(model, jax.random.key(t.seed))
-  state = {'params': params, 'opt': tx.init(params)}
   plain_config = _to_plain(config)
+  abstract, state_sh = train_state.layout(model, tx, mesh)
+  state = train_state.create(model, tx, state_sh, config.train.seed)
+  # Everything below traces the model: under the mesh and its logical-axis rules.
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    return _train_on_mesh(config, workdir, label, profile_steps, on_step, mesh=mesh,
+                          data=data, tok=tok, model=model, report=report, tx=tx,
+                          plain_config=plain_config, state=(abstract, state_sh, state))
+
+
+def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data, tok,
+                   model, report, tx, plain_config, state) -> dict[str, Any]:
+  """The rest of `train`, from the initial state on: under the mesh."""
+  t, mods = config.train, tuple(config.model.modalities)
+  abstract, state_sh, state = state
+  batch_sh = sharding.batch_sharding(mesh)
 
   # ---------------- Workdir, checkpoints and resume ----------------
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise cli.UsageError(f'--workdir: cannot create {workdir} ({e.strerror or e})') from e
-  ckpts = ckpt_lib.Checkpoints(workdir, every=t.ckpt_every, keep=t.keep)
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=t.keep)
   progress = dict(step=0, train_flops=0.0, tokens=0, nonfinite_skipped=0,
                   nonfinite_in_a_row=0)
-  restored = ckpts.restore_latest(state)
+  restored = ckpts.restore_latest(abstract)
   if restored is not None:
     _, state, saved = restored
-    data.set_state(saved.pop('data'))
+    all_rows = saved.pop('data')['rows']
+    mine = pipeline.process_rows(t.batch_size, jax.process_index(), jax.process_count())
+    data.set_state({'rows': [all_rows[r] for r in mine]})
     progress.update(saved)
   step = progress['step']
   with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
@@ -294,29 +358,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   log = metrics_log.MetricsLog(workdir, resume_step=step, total_steps=t.steps,
                                enabled=is_writer)
   if is_writer:
-    print(_summary(config, label, workdir, report, step), flush=True)
-  train_step = make_train_step(model, tx, config)
-  eval_step = evaluation.make_eval_step(model, mods)
+    print(_summary(config, label, workdir, report, step, mesh), flush=True)
+  train_step = make_train_step(model, tx, config, (state_sh, batch_sh))
+  eval_step = evaluation.make_eval_step(model, mods, (state_sh['params'], batch_sh))
+  put = lambda batch: sharding.global_batch(batch, batch_sh)
   schedule = optimizer_lib.learning_rate(config)
   nan_steps = set(t.nan_steps or ())
   # 1-based steps [first, last] to trace; none if profile_steps is 0.
   trace_first, trace_last = step + 2, step + 1 + profile_steps
 
   def save(force: bool = False) -> bool:
-    return ckpts.save(step, state, {**progress, 'data': data.get_state()}, plain_config,
-                      force=force)
+    # Decided here, not by Orbax: gathering the data position is collective.
+    if not (force or step % t.ckpt_every == 0):
+      return False
+    return ckpts.save(step, state, {**progress, 'data': _all_rows_state(data)}, plain_config)
 
   # ---------------- Training ----------------
   interval_tokens, interval_start = 0, time.perf_counter()
   try:
     with _StopRequest() as stop:
-      while step < t.steps and stop.signal is None:
+      stopping = False
+      while step < t.steps and not stopping:
         batch = next(data)
         if step + 1 == trace_first and profile_steps:
           jax.profiler.start_trace(os.path.join(workdir, PROFILE_DIR))
         poison = jnp.float32(np.nan if step + 1 in nan_steps else 1.0)
-        state, metrics = train_step(state, evaluation.to_device(batch), jnp.int32(step + 1),
-                                    poison)
+        state, metrics = train_step(state, put(batch), jnp.int32(step + 1), poison)
         step += 1
         if step == trace_last and profile_steps:
           jax.block_until_ready(state)
@@ -358,18 +425,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
 
         if step % t.eval_every == 0 or step == t.steps:
           log.write(step, {'train_flops': progress['train_flops'],
-                           **evaluation.evaluate(eval_step, state['params'], config, tok)})
+                           **evaluation.evaluate(eval_step, state['params'], config, tok,
+                                                 put)})
           interval_start = time.perf_counter()   # evaluation is not training time
 
         save(force=step == t.steps)
         if on_step is not None:
           on_step(step)
+        # Every process stops at the same step, whichever received the signal.
+        stopping = _any_process(stop.signal is not None)
 
       # ---------------- Stop: end of training or a signal ----------------
-      if stop.signal is not None and ckpts.latest_step() != step:
+      if stopping and ckpts.latest_step() != step:
         save(force=True)
-      if stop.signal is not None and is_writer:
-        print(f'{PROG}: {stop.signal} at step {step}: checkpoint saved in '
+      if stopping and is_writer:
+        print(f'{PROG}: {stop.signal or "stop signal"} at step {step}: checkpoint saved in '
               f'{ckpts.directory}; rerun the same command to continue', file=sys.stderr,
               flush=True)
       elif is_writer:
@@ -385,7 +455,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   return progress
 
 
+def initialize_distributed() -> None:
+  """Joins the processes of a multi-process run (before JAX touches a device)."""
+  given = dict(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
+               process_id=PROCESS_ID.value)
+  if not (DISTRIBUTED.value or any(v is not None for v in given.values())):
+    return
+  if given['num_processes'] is not None and not 0 <= (given['process_id'] or 0) < given[
+      'num_processes']:
+    raise cli.UsageError(f'--process_id must be in [0, {given["num_processes"]}), got '
+                         f'{given["process_id"]}')
+  # CPU processes (tests, laptops) exchange through gloo; other backends ignore this.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+
+
 def main(config: ml_collections.ConfigDict) -> None:
+  initialize_distributed()
   try:
     if PROFILE_STEPS.value < 0:
       raise cli.UsageError(f'--profile_steps must be >= 0, got {PROFILE_STEPS.value}')

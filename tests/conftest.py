@@ -11,6 +11,10 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 from moma_jax import configs  # noqa: E402
 
+# tests/multidevice needs 8 devices, fixed when JAX starts: tests/test_sharding.py runs
+# it in a process of its own (MOMA_MULTIDEVICE=1 with 8 fake CPU devices).
+collect_ignore = [] if os.environ.get('MOMA_MULTIDEVICE') == '1' else ['multidevice']
+
 
 def jit_vjp(f, cotangent):
   """jit(params, x -> (f's output, f's aux, gradients of <output, cotangent>))."""

@@ -17,7 +17,7 @@ from conftest import jit_vjp, tiny_config
 from moma_jax import configs
 from moma_jax.model import routing
 from moma_jax.model import routing_reference as ref
-from moma_jax.model.experts import RoutedExperts
+from moma_jax.model.experts import RoutedExperts, stacked_slots
 
 D = 32
 N = 20
@@ -96,15 +96,28 @@ def test_moma_takes_exactly_ceil_c_b_and_cuts_nothing(share):
   valid = jnp.asarray(rng.random((3, n)) < 0.9)
   params = init_params(config, x, mod, valid)
   _, plan, stats = fast(config, params, x, mod, valid)
+  slots = stacked_slots(config.model)
   for g in range(3):
     for m in range(2):
       b = int(((mod[g] == m) & valid[g]).sum())
       expect = -(-b // 4)
-      np.testing.assert_array_equal(plan.wanted[g, 4 * m:4 * m + 4], expect)
+      np.testing.assert_array_equal(plan.wanted[g, list(slots[m])], expect)
   np.testing.assert_array_equal(plan.kept, plan.wanted)
   assert float(stats['dropped/text'][0]) == 0.0 and float(stats['dropped/image'][0]) == 0.0
   # Every row the plan holds is a real (token, expert) pair: R is never exceeded.
   assert int(plan.group_sizes.sum()) == int(plan.wanted.sum()) <= plan.token_index.shape[0]
+
+
+def test_stacked_slots_interleave_groups_evenly():
+  config = tiny_config(experts=(4, 2))
+  slots = stacked_slots(config.model)
+  assert sorted(s for row in slots for s in row) == list(range(6))
+  # Any expert-axis size dividing both groups (1, 2) gives each device E_i / X of each.
+  for x in (1, 2):
+    for device in range(x):
+      mine = range(device * 6 // x, (device + 1) * 6 // x)
+      assert [sum(s in mine for s in row) for row in slots] == [4 // x, 2 // x]
+  assert stacked_slots(tiny_config(experts=(2, 2)).model) == ((0, 2), (1, 3))
 
 
 def test_one_modality_never_reaches_another_modalitys_experts():
@@ -119,10 +132,11 @@ def test_one_modality_never_reaches_another_modalitys_experts():
 
   g_image = jax.grad(output_at)(params, is_image)
   g_text = jax.grad(output_at)(params, (mod == 0) & valid)
+  text, image = (list(s) for s in stacked_slots(config.model))
   for name in ('wi_0', 'wi_1', 'wo'):
-    assert np.all(np.asarray(g_image[name][:4]) == 0.0)   # text experts 0..3
-    assert np.all(np.asarray(g_text[name][4:]) == 0.0)    # image experts 4..7
-    assert np.any(np.asarray(g_image[name][4:]) != 0.0)
+    assert np.all(np.asarray(g_image[name])[text] == 0.0)
+    assert np.all(np.asarray(g_text[name])[image] == 0.0)
+    assert np.any(np.asarray(g_image[name])[image] != 0.0)
     assert np.any(np.asarray(g_text[name][:4]) != 0.0)
   assert np.all(np.asarray(g_image['router_text']) == 0.0)
   assert np.all(np.asarray(g_text['router_image']) == 0.0)

@@ -85,14 +85,18 @@ class DepthRoutedBlock(nn.Module):
     # its own id so attention never crosses sequences. Padding keeps 0.
     seq = jnp.arange(b, dtype=jnp.int32)[:, None]
     seg_key = jnp.where(valid, seq * (l + 1) + segment_ids.astype(jnp.int32), 0)
-    take = lambda a: jnp.take(a.reshape(b * l, *a.shape[2:]), plan.token_index, axis=0,
-                              mode='fill', fill_value=0).reshape(g, p, *a.shape[2:])
+    # Gather and scatter group by group (indices within the group, N for unused slots),
+    # so that groups split over devices never need another device's tokens.
+    local = jnp.minimum(plan.token_index.reshape(g, p) - (jnp.arange(g) * n)[:, None], n)
+    take_one = lambda a, i: jnp.take(a, i, axis=0, mode='fill', fill_value=0)
+    take = lambda a: jax.vmap(take_one)(a.reshape(g, n, *a.shape[2:]), local)  # [G, P, ...]
     x_p, mod_p, seg_p, pos_p = take(x), take(modality), take(seg_key), take(positions)
     out = Block(self.config, rows_per_group=1, dtype=self.dtype,
                 param_dtype=self.param_dtype, name='block')(
                     x_p, mod_p, seg_p, pos_p, deterministic)
-    delta = (out - x_p).reshape(g * p, d) * plan.weight[:, None].astype(out.dtype)
-    y = x.reshape(b * l, d).at[plan.token_index].add(delta.astype(x.dtype), mode='drop')
+    delta = (out - x_p) * plan.weight.reshape(g, p, 1).astype(out.dtype)       # [G, P, D]
+    y = jax.vmap(lambda rows, i, v: rows.at[i].add(v, mode='drop'))(
+        x.reshape(g, n, d), local, delta.astype(x.dtype))
     self.sow('route_stats', 'mod/picked', plan.kept.sum() / jnp.maximum(valid.sum(), 1))
     self.sow('route_stats', 'mod/router_logit_mean',
              jnp.where(valid, logits, 0).sum() / jnp.maximum(valid.sum(), 1))

@@ -1,22 +1,30 @@
 """Expert groups (moma, moe, topk) applied through one routing plan.
 
-All experts of all groups live in stacked weights [E, ...] (E = total experts; group i
-owns a contiguous range), so one grouped matmul serves every modality and expert
-parallelism shards one `expert` axis. A token reaches only the experts of the groups
-serving its modality, so no gradient flows from one modality's tokens into another
-modality's experts.
+All experts of all groups live in stacked weights [E, ...] (E = total experts), so one
+grouped matmul serves every modality and expert parallelism shards one `expert` axis.
+The groups are interleaved in that stack (`stacked_slots`): any expert-axis size that
+divides every group's expert count gives each device the same share of every group, so
+devices carry equal work whatever the modality mix. A token reaches only the experts of
+the groups serving its modality, so no gradient flows from one modality's tokens into
+another modality's experts.
 
 Axis legend: G routing groups, N tokens per group, D embed, E experts (all groups),
 F SwiGLU hidden, K candidate slots per expert, R rows, C rows per expert and group.
 """
 from __future__ import annotations
 
+import fractions
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from moma_jax import configs
+from moma_jax.model import expert_parallel
 from moma_jax.model import routing
 from moma_jax.model.layers import default_kernel_init, swiglu
 
@@ -26,6 +34,38 @@ def group_names(model: ml_collections.ConfigDict) -> tuple[str, ...]:
   if model.ffn == 'moma':
     return tuple(model.modalities)
   return ('all',)
+
+
+def ep_buffer_rows(config: ml_collections.ConfigDict, n: int, k: int, groups: int) -> int:
+  """C: rows a device sends each expert under expert parallelism, for `groups` routing
+  groups of N tokens whose experts have K candidate slots each.
+
+  `routing.ep_capacity_factor` None: all G*K (exact, nothing cut); a factor f:
+  ceil(f * G * the rows an expert expects per group) (the capacity layout's rule at
+  factor 1), at most G*K.
+  """
+  exact = groups * min(k, buffer_capacity(config, n)
+                       if config.routing.layout == 'capacity' else k)
+  factor = config.routing.ep_capacity_factor
+  if factor is None:
+    return exact
+  return max(1, min(exact, math.ceil(factor * groups * buffer_capacity(config, n, 1.0))))
+
+
+def stacked_slots(model: ml_collections.ConfigDict) -> tuple[tuple[int, ...], ...]:
+  """slots[i][j]: the index in the stacked weights of expert j of group i.
+
+  Experts are ordered by their fractional rank (j + 1/2) / E_i (ties by group): for any
+  X dividing every E_i, stack positions [k*E/X, (k+1)*E/X) hold exactly E_i/X experts of
+  each group i, so an `expert` mesh axis of size X spreads every group evenly.
+  """
+  groups = configs.expert_groups(model)
+  keys = sorted((fractions.Fraction(2 * j + 1, 2 * e), i, j)
+                for i, (_, e) in enumerate(groups) for j in range(e))
+  slots = [[0] * e for _, e in groups]
+  for position, (_, i, j) in enumerate(keys):
+    slots[i][j] = position
+  return tuple(tuple(row) for row in slots)
 
 
 def topk_capacity(model: ml_collections.ConfigDict, n: int) -> int:
@@ -52,16 +92,17 @@ def ragged_rows(config: ml_collections.ConfigDict, n: int) -> int:
   return min(worst, bound)
 
 
-def buffer_capacity(config: ml_collections.ConfigDict, n: int) -> int:
+def buffer_capacity(config: ml_collections.ConfigDict, n: int, factor=None) -> int:
   """Rows per expert and group in the capacity layout (the largest over groups).
 
-  Expert choice: ceil(capacity_factor * c_i * expected share of group i's tokens * N).
+  Expert choice: ceil(factor * c_i * expected share of group i's tokens * N), factor
+  `routing.capacity_factor` unless given.
   """
   m = config.model
   if m.ffn == 'topk':
     return topk_capacity(m, n)
   shares = configs.expected_fractions(config)
-  factor = configs.as_fraction(config.routing.capacity_factor)
+  factor = configs.as_fraction(config.routing.capacity_factor if factor is None else factor)
   best = 1
   for (mods, _), c in zip(configs.expert_groups(m), configs.group_capacities(m)):
     share = configs.as_fraction(min(1.0, sum(shares[i] for i in mods)))
@@ -74,8 +115,9 @@ class RoutedExperts(nn.Module):
 
   x [G, N, D], modality [G, N] int, valid [G, N] bool -> y [G, N, D].
   Sows per-layer routing statistics into the 'route_stats' collection, the
-  token-choice load-balancing loss into 'aux_loss' and the routing plan into
-  'intermediates' (read by tests and the routing notebook).
+  token-choice load-balancing loss into 'aux_loss', and into 'intermediates' what
+  each expert took ('selection': candidates idx, gate [G, E, K] in stacked order and
+  kept [G, E], the same on every mesh) and, on one device, the routing plan ('plan').
   """
   config: ml_collections.FrozenConfigDict
   dtype: jnp.dtype = jnp.float32
@@ -117,22 +159,32 @@ class RoutedExperts(nn.Module):
 
     k = max(c[0].shape[-1] for c in cands)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, k - a.shape[-1])))
-    idx = jnp.concatenate([pad(c[0]) for c in cands], axis=1)            # [G, E, K]
-    gate = jnp.concatenate([pad(c[1]) for c in cands], axis=1)
-    wanted = jnp.concatenate([c[2] for c in cands], axis=1)             # [G, E]
-    layout = self.config.routing.layout
-    plan = routing.pack(idx, gate, wanted, num_tokens=n, layout=layout,
-                        rows=g * ragged_rows(self.config, n),
-                        capacity=buffer_capacity(self.config, n))
+    # Group order -> stacked order: position s of the stack is concatenated expert order[s].
+    order = np.argsort(np.concatenate([np.asarray(r) for r in stacked_slots(m)]))
+    idx = jnp.concatenate([pad(c[0]) for c in cands], axis=1)[:, order]    # [G, E, K]
+    gate = jnp.concatenate([pad(c[1]) for c in cands], axis=1)[:, order]
+    wanted = jnp.concatenate([c[2] for c in cands], axis=1)[:, order]     # [G, E]
 
-    self.sow('intermediates', 'plan', plan)
-    x_flat = x.reshape(g * n, d).astype(self.dtype)
-    rows = routing.gather_rows(x_flat, plan)                            # [R, D]
     cast = lambda w: w.astype(self.dtype)
-    out = apply_experts(rows, plan, cast(wi_0), cast(wi_1), cast(wo))  # [R, D]
-    y = routing.combine_rows(out, plan, g * n).reshape(g, n, d)
-    self._sow_stats(plan, modality, valid, logits_all, groups, names)
-    return y
+    weights = (cast(wi_0), cast(wi_1), cast(wo))
+    x_in = x.astype(self.dtype)
+    if expert_parallel.is_sharded():
+      # The capacity layout's cut applies under expert parallelism too.
+      if self.config.routing.layout == 'capacity':
+        wanted_here = jnp.minimum(wanted, buffer_capacity(self.config, n))
+      else:
+        wanted_here = wanted
+      y, kept = expert_parallel.routed_ffn(
+          x_in, idx, gate, wanted_here, weights,
+          local_ffn=functools.partial(local_ffn, config=self.config),
+          buffer_rows=functools.partial(ep_buffer_rows, self.config, n, k))
+    else:
+      y, kept, plan = local_ffn(x_in, idx, gate, wanted, weights, self.config)
+      self.sow('intermediates', 'plan', plan)
+    # What each expert took, whatever the mesh: candidates past `kept` are not taken.
+    self.sow('intermediates', 'selection', dict(idx=idx, gate=gate, kept=kept))
+    self._sow_stats(idx, wanted, kept, order, modality, valid, logits_all, groups, names)
+    return y.astype(x_in.dtype)
 
   def _sow_balance_loss(self, scores, assign, eligible, top_k):
     """Switch/GShard balance loss E * sum_e f_e * P_e over the group's valid tokens."""
@@ -142,12 +194,16 @@ class RoutedExperts(nn.Module):
     p = jnp.where(eligible[..., None], scores, 0).sum((0, 1)) / count
     self.sow('aux_loss', 'load_balance', e * jnp.sum(f * p))
 
-  def _sow_stats(self, plan, modality, valid, logits_all, groups, names):
+  def _sow_stats(self, idx, wanted, kept, order, modality, valid, logits_all, groups,
+                 names):
     m = self.config.model
     g, n = modality.shape
-    taken = routing.experts_per_token(plan, g * n).reshape(g, n)
+    taken = routing.experts_per_token(idx, kept, n)                     # [G, N]
     n_valid = jnp.maximum(valid.sum(), 1)
-    self.sow('route_stats', 'tokens_per_expert', plan.kept.sum(0) / g)
+    # Statistics per expert in group order (stack position s is expert order[s]).
+    inverse = np.argsort(order)
+    wanted, kept = wanted[:, inverse], kept[:, inverse]
+    self.sow('route_stats', 'tokens_per_expert', kept.sum(0) / g)
     max_e = max(e for _, e in groups) if m.ffn != 'topk' else m.top_k
     hist = jnp.stack([((taken == i) & valid).sum() for i in range(max_e + 1)]) / n_valid
     self.sow('route_stats', 'experts_per_token', hist)
@@ -157,16 +213,31 @@ class RoutedExperts(nn.Module):
                ((taken == 0) & of_mod).sum() / jnp.maximum(of_mod.sum(), 1))
     start = 0
     for (_, e), name, (_, logits, eligible) in zip(groups, names, logits_all):
-      wanted = plan.wanted[:, start:start + e].sum()
-      kept = plan.kept[:, start:start + e].sum()
+      want, got = wanted[:, start:start + e].sum(), kept[:, start:start + e].sum()
       start += e
-      self.sow('route_stats', f'dropped/{name}', (wanted - kept) / jnp.maximum(wanted, 1))
+      self.sow('route_stats', f'dropped/{name}', (want - got) / jnp.maximum(want, 1))
       sel = jnp.broadcast_to(eligible[..., None], logits.shape)
       cnt = jnp.maximum(sel.sum(), 1)
       mean = jnp.where(sel, logits, 0).sum() / cnt
       var = jnp.where(sel, (logits - mean) ** 2, 0).sum() / cnt
       self.sow('route_stats', f'router_logit_mean/{name}', mean)
       self.sow('route_stats', f'router_logit_std/{name}', jnp.sqrt(var))
+
+
+def local_ffn(x, idx, gate, wanted, weights, config: ml_collections.FrozenConfigDict):
+  """The expert FFN of routing groups that all live on this device.
+
+  x [G, N, D]; idx, gate [G, E, K] candidates in stacked order; wanted [G, E];
+  weights (wi_0, wi_1 [E, D, F], wo [E, F, D]). Returns y [G, N, D], kept [G, E] and the
+  routing plan (layout `routing.layout`).
+  """
+  g, n, d = x.shape
+  plan = routing.pack(idx, gate, wanted, num_tokens=n, layout=config.routing.layout,
+                      rows=g * ragged_rows(config, n), capacity=buffer_capacity(config, n))
+  rows = routing.gather_rows(x.reshape(g * n, d), plan)                 # [R, D]
+  out = apply_experts(rows, plan, *weights)                              # [R, D]
+  y = routing.combine_rows(out, plan, g * n).reshape(g, n, d)
+  return y, plan.kept, plan
 
 
 def apply_experts(rows, plan: routing.RoutingPlan, wi_0, wi_1, wo):

@@ -64,6 +64,30 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
   return (causal[None] & same & (segment_ids[:, :, None] > 0))[:, None]
 
 
+class Projection(nn.Module):
+  """x [..., *I] -> [..., *O] with a kernel [*I, *O] (I the last `in_dims` axes of x).
+
+  Like `nn.DenseGeneral`, the kernel's initial scale uses the fan-in over all of I; unlike
+  it, the kernel is initialized in its own shape, so its logical sharding (`axes`)
+  applies under a mesh (DenseGeneral initializes a flat 2-d kernel and fails there).
+  """
+  out_shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  in_dims: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.in_dims:]
+    n_in, n_out = len(in_shape), len(self.out_shape)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)),
+                                        out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes),
+                        (*in_shape, *self.out_shape), self.param_dtype)
+    return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+
+
 class Attention(nn.Module):
   """Multi-head causal self-attention with QK-norm and RoPE.
 
@@ -79,10 +103,8 @@ class Attention(nn.Module):
     k_dim = d // self.num_heads
 
     def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, k_dim), use_bias=False, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=name,
-          kernel_init=nn.with_logical_partitioning(default_kernel_init, ('embed', 'heads', 'kv')))
+      return Projection((self.num_heads, k_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
 
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)       # [B, T, H, K]
     # QK-norm (Chameleon): keeps attention logits bounded in mixed-modal training.
@@ -96,10 +118,8 @@ class Attention(nn.Module):
     logits = jnp.where(attention_mask(segment_ids), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqs,bshk->bqhk', probs, v)
-    out = nn.DenseGeneral(
-        d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, ('heads', 'kv', 'embed')),
-        name='out')(out)
+    out = Projection((d,), ('heads', 'kv', 'embed'), in_dims=2, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='out')(out)
     return constrain(out, ('batch', 'length', 'embed'))
 
 

@@ -34,7 +34,9 @@ class RoutingPlan:
   wanted:      [G, E] int32 rows each expert asked for in each group.
   kept:        [G, E] int32 rows it got (wanted - kept were cut by a buffer).
   capacity:    static; None for the ragged layout (expert e's rows follow expert e-1's),
-               or C: expert e owns rows [e*G*C, (e+1)*G*C) (capacity layout).
+               else the rows each expert owns, R / E: expert e owns rows
+               [e*R/E, (e+1)*R/E) (capacity layout: C rows per group, R/E = G*C;
+               buffer layout: one buffer per expert shared by the groups).
   """
   token_index: jax.Array
   weight: jax.Array
@@ -121,9 +123,11 @@ def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
     num_tokens: N, tokens per group (the dump index is G*N).
     layout: 'ragged': experts back to back, exactly the wanted rows (nothing cut while
       `rows` holds them, which callers guarantee); 'capacity': a buffer of `capacity`
-      rows per expert and group; wanted rows beyond it are cut.
+      rows per expert and group; wanted rows beyond it are cut; 'buffer': a buffer of
+      `capacity` rows per expert that groups fill in order (expert parallelism sends
+      these buffers between devices); rows beyond it are cut.
     rows: R, total rows of the ragged layout.
-    capacity: C, the capacity layout's rows per expert and group.
+    capacity: C, rows per expert and group ('capacity') or per expert ('buffer').
     per_group: ragged rows ordered by routing group first (group g owns rows
       [g*R/G, (g+1)*R/G)) instead of by expert; used by mixture-of-depths.
   Returns:
@@ -138,6 +142,12 @@ def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
     kept = jnp.minimum(wanted, capacity)
     base = (jnp.arange(e)[None, :] * g + jnp.arange(g)[:, None]) * capacity
     total = e * g * capacity
+  elif layout == 'buffer':
+    want = jnp.minimum(wanted, k)
+    before = jnp.cumsum(want, axis=0) - want              # [G, E] rows of earlier groups
+    kept = jnp.clip(capacity - before, 0, want)
+    base = jnp.arange(e)[None, :] * capacity + before
+    total = e * capacity
   else:
     kept = jnp.minimum(wanted, k)
     if per_group:
@@ -158,7 +168,7 @@ def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
       jnp.where(use, gate, 0.0).reshape(-1).astype(jnp.float32))[:total]
   return RoutingPlan(token_index=token_index, weight=weight,
                      group_sizes=kept.sum(0).astype(jnp.int32), wanted=wanted, kept=kept,
-                     capacity=capacity if layout == 'capacity' else None)
+                     capacity=None if layout == 'ragged' else total // e)
 
 
 def gather_rows(x: jax.Array, plan: RoutingPlan) -> jax.Array:
@@ -173,6 +183,10 @@ def combine_rows(out: jax.Array, plan: RoutingPlan, num_flat_tokens: int) -> jax
       contrib, mode='drop')
 
 
-def experts_per_token(plan: RoutingPlan, num_flat_tokens: int) -> jax.Array:
-  """[G*N] int32: how many experts took each token."""
-  return jnp.zeros((num_flat_tokens,), jnp.int32).at[plan.token_index].add(1, mode='drop')
+def experts_per_token(idx: jax.Array, kept: jax.Array, num_tokens: int) -> jax.Array:
+  """[G, N] int32: how many experts took each token, from candidates idx [G, E, K] of
+  which each expert kept the first kept [G, E]."""
+  use = jnp.arange(idx.shape[-1]) < kept[..., None]                     # [G, E, K]
+  count = lambda i, u: jnp.zeros((num_tokens + 1,), jnp.int32).at[
+      jnp.where(u, i, num_tokens).reshape(-1)].add(1)[:num_tokens]
+  return jax.vmap(count)(idx, use)

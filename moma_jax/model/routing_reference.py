@@ -20,7 +20,7 @@ import numpy as np
 
 from moma_jax import configs
 from moma_jax.model import routing
-from moma_jax.model.experts import group_names, topk_capacity
+from moma_jax.model.experts import group_names, stacked_slots, topk_capacity
 from moma_jax.model.layers import swiglu
 
 Lists = list[list[list[int]]]  # [G][E] -> token indices
@@ -67,7 +67,7 @@ def plan_lists(plan: routing.RoutingPlan, num_groups: int, num_tokens: int) -> L
     expert_of_row = np.searchsorted(np.cumsum(sizes), np.arange(token_index.shape[0]),
                                     side='right')
   else:
-    expert_of_row = np.arange(token_index.shape[0]) // (num_groups * plan.capacity)
+    expert_of_row = np.arange(token_index.shape[0]) // plan.capacity
   lists = [[[] for _ in range(e_count)] for _ in range(num_groups)]
   for r, tok in enumerate(token_index):
     if tok < num_groups * num_tokens:
@@ -95,7 +95,9 @@ def expert_lists(params, x, modality, valid, config) -> Lists:
       chosen = expert_choice_lists(scores, eligible[..., None], cap)
     for g, per_expert in enumerate(chosen):
       lists[g].extend(per_expert)
-  return lists
+  # Group order -> the stacked order of the weights.
+  concat = [s for row in stacked_slots(m) for s in row]
+  return [[per_group[concat.index(s)] for s in range(len(concat))] for per_group in lists]
 
 
 def routed_experts(params, x, config, lists: Lists):
@@ -106,18 +108,17 @@ def routed_experts(params, x, config, lists: Lists):
   """
   m = config.model
   y = jnp.zeros(x.shape, jnp.float32)
-  first = 0
-  for (_, e_count), name in zip(configs.expert_groups(m), group_names(m)):
+  for (_, e_count), name, slots in zip(configs.expert_groups(m), group_names(m),
+                                      stacked_slots(m)):
     scores = _scores(params, x, name, m.router)
     for g in range(x.shape[0]):
       for e in range(e_count):
-        idx = np.asarray(lists[g][first + e], np.int32)
+        ex = slots[e]
+        idx = np.asarray(lists[g][ex], np.int32)
         if idx.size == 0:
           continue
-        ex = first + e
         out = swiglu(x[g, idx], params['wi_0'][ex], params['wi_1'][ex], params['wo'][ex])
         y = y.at[g, idx].add(scores[g, idx, e][:, None] * out)
-    first += e_count
   return y.astype(x.dtype)
 
 

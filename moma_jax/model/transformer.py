@@ -20,7 +20,7 @@ from moma_jax.model import loss as loss_lib
 from moma_jax.model import route_stats
 from moma_jax.model.block import Block
 from moma_jax.model.depth import DepthRoutedBlock
-from moma_jax.model.layers import RMSNorm, constrain, default_kernel_init
+from moma_jax.model.layers import Projection, RMSNorm, constrain
 
 _REMAT_POLICIES = {
     'full': None,
@@ -50,10 +50,8 @@ class Decoder(nn.Module):
                   x, modality, segment_ids, positions, deterministic)
     x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name='final_norm')(x)
     # Untied output head (Chameleon); logits in float32 for the loss and z-loss.
-    logits = nn.DenseGeneral(
-        m.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, ('embed', 'vocab')),
-        name='output')(x)
+    logits = Projection((m.vocab_size,), ('embed', 'vocab'), dtype=dtype,
+                        param_dtype=param_dtype, name='output')(x)
     return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
@@ -73,12 +71,17 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int | None = None
               segment_ids=ones, positions=pos, loss_mask=ones)
 
 
-def init(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None = None):
-  """Returns (params, logical axis names of every parameter, as a matching pytree)."""
+def init_boxed(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None = None):
+  """The parameters in flax's boxes, which carry each one's logical axis names."""
   batch = batch or dummy_batch(ml_collections.ConfigDict(model.config))
   variables = model.init(rng, batch['tokens'], batch['modality'], batch['segment_ids'],
                          batch['positions'])
-  boxed = variables['params']
+  return variables['params']
+
+
+def init(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None = None):
+  """Returns (params, logical axis names of every parameter, as a matching pytree)."""
+  boxed = init_boxed(model, rng, batch)
   return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
