@@ -28,6 +28,7 @@ MESHES = {
 MODELS = {
     'mod_moma_4t4i': dict(ffn='moma', experts=(4, 4), mod=True),
     'moe_8x': dict(ffn='moe', experts=(8,), mod=False),
+    'mod_topk_8x': dict(ffn='topk', experts=(8,), mod=True),   # token choice: one mesh
 }
 STEPS = 5
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,9 +72,11 @@ def batches(config, count):
   return out
 
 
-def run(name, mesh_shape):
-  """Step-1 loss, gradients and routing selections, then STEPS training losses."""
+def run(name, mesh_shape, ep_capacity_factor=None):
+  """Step-1 loss, gradients, routing selections and statistics, then STEPS training
+  losses."""
   config = model_config(name, mesh_shape)
+  config.routing.ep_capacity_factor = ep_capacity_factor
   devices = jax.devices() if mesh_shape else jax.devices()[:1]
   if not mesh_shape:
     config.mesh.update(dict(data=1, fsdp=1, expert=1, tensor=1))
@@ -88,15 +91,13 @@ def run(name, mesh_shape):
     put = lambda b: sharding.global_batch(b, batch_sh)
 
     def first(params, batch):
-      def objective(p):
-        value, _ = transformer.loss_fn(model, p, batch)
-        return value
-      value, grads = jax.value_and_grad(objective)(params)
+      (value, metrics), grads = jax.value_and_grad(
+          lambda p: transformer.loss_fn(model, p, batch), has_aux=True)(params)
       _, sown = model.apply({'params': params}, batch['tokens'], batch['modality'],
                             batch['segment_ids'], batch['positions'],
                             mutable=['intermediates', 'route_stats', 'aux_loss'])
-      return value, grads, sown['intermediates']
-    value, grads, inter = jax.jit(first)(state['params'], put(data[0]))
+      return value, grads, sown['intermediates'], metrics
+    value, grads, inter, metrics = jax.jit(first)(state['params'], put(data[0]))
     step = train.make_train_step(model, tx, config, (state_sh, batch_sh))
     losses = []
     for i, batch in enumerate(data):
@@ -104,7 +105,8 @@ def run(name, mesh_shape):
       losses.append(float(metrics['loss']))
     hlo = step.lower(state, put(data[0]), jnp.int32(1), jnp.float32(1)).compile().as_text()
   return dict(loss=float(value), grads=jax.device_get(grads),
-              selection=jax.device_get(inter), losses=np.array(losses), hlo=hlo,
+              selection=jax.device_get(inter), metrics=jax.device_get(metrics),
+              losses=np.array(losses), hlo=hlo,
               state_sh=state_sh)
 
 
@@ -127,8 +129,9 @@ def selections(tree):
           if "['experts']['plan']" not in (key := jax.tree_util.keystr(path))}
 
 
-@pytest.mark.parametrize('mesh', list(MESHES))
-@pytest.mark.parametrize('name', list(MODELS))
+@pytest.mark.parametrize('name, mesh', [
+    *((name, mesh) for name in ('mod_moma_4t4i', 'moe_8x') for mesh in MESHES),
+    ('mod_topk_8x', 'data=2 x expert=4')])
 def test_sharded_step_equals_single_device(name, mesh, results):
   ref, got = results(name), results(name, mesh)
   ref_sel, got_sel = selections(ref['selection']), selections(got['selection'])
@@ -162,7 +165,7 @@ def test_parameters_and_optimizer_state_are_placed_by_the_rules(results):
 
 
 def test_expert_parallel_step_exchanges_rows_all_to_all(results):
-  for name in MODELS:
+  for name in ('mod_moma_4t4i', 'moe_8x'):
     assert 'all-to-all' in results(name, 'data=2 x expert=4')['hlo']
     assert 'all-to-all' in results(name, 'fsdp=2 x expert=2 x tensor=2')['hlo']
     assert 'all-to-all' not in results(name, 'data=8')['hlo']
@@ -218,3 +221,11 @@ def test_bad_mesh_exits_2_with_one_line(overrides, message, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
   assert not workdir.exists()
+
+
+def test_a_smaller_expert_buffer_cuts_rows_and_counts_them(results):
+  exact = results('moe_8x', 'data=2 x expert=4')
+  assert exact['metrics']['route/dropped/all'] == 0
+  cut = run('moe_8x', MESHES['data=2 x expert=4'], ep_capacity_factor=0.5)
+  assert 0.3 < cut['metrics']['route/dropped/all'] < 0.7
+  assert np.isfinite(cut['loss']) and cut['loss'] != exact['loss']
