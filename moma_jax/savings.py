@@ -483,10 +483,14 @@ def compare(baseline: Run, runs: Sequence[Run], modalities: Sequence[str] | None
   return rows
 
 
-def final_rows(rows: Sequence[Row]) -> dict[tuple[str, str], dict[str, Row]]:
-  """(run, source) -> modality -> the row at the run's largest FLOPs, in row order."""
+def final_rows(rows: Sequence[Row], measured_only: bool = False
+               ) -> dict[tuple[str, str], dict[str, Row]]:
+  """(run, source) -> modality -> the row at the run's largest FLOPs, in row order;
+  with `measured_only`, the last row whose eta is not extrapolated."""
   out: dict[tuple[str, str], dict[str, Row]] = {}
   for row in rows:
+    if measured_only and row.extrapolated:
+      continue
     last = out.setdefault((row.run, row.source), {}).get(row.modality)
     if last is None or row.train_flops >= last.train_flops:
       out[(row.run, row.source)][row.modality] = row
@@ -530,12 +534,19 @@ def _format_eta(row: Row | None) -> str:
 def markdown(rows: Sequence[Row], baseline: Run, smooth: float | None = None) -> str:
   """The summary table: eta per modality at each run's last point, per loss source."""
   modalities = list(dict.fromkeys(r.modality for r in rows))
-  lines = ['| run | loss | train FLOPs | ' + ' | '.join(f'eta {m}' for m in modalities) + ' |',
-           '|---|---|---:|' + '---:|' * len(modalities)]
+  lines = ['| run | loss | point | train FLOPs | ' +
+           ' | '.join(f'eta {m}' for m in modalities) + ' |',
+           '|---|---|---|---:|' + '---:|' * len(modalities)]
+  measured = final_rows(rows, measured_only=True)
   for (run, source), last in final_rows(rows).items():
     flops = max(r.train_flops for r in last.values())
     cells = [_format_eta(last.get(m)) for m in modalities]
-    lines.append(f'| {run} | {source} | {flops:.3g} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {run} | {source} | end | {flops:.3g} | ' + ' | '.join(cells) + ' |')
+    inside = measured.get((run, source), {})
+    if any(inside.get(m) is not last.get(m) for m in modalities):
+      cells = [f'{_format_eta(inside[m])} @ {inside[m].train_flops:.2g}' if m in inside
+               else '-' for m in modalities]
+      lines.append(f'| {run} | {source} | last measured | | ' + ' | '.join(cells) + ' |')
   end = max(c.flops[-1] for c in baseline.curves.values())
   widths = ', '.join(f'±{smoothing(s, smooth):g} for {s}'
                      for s in dict.fromkeys(r.source for r in rows))
@@ -545,7 +556,10 @@ def markdown(rows: Sequence[Row], baseline: Run, smooth: float | None = None) ->
       f'L its loss smoothed over decades of FLOPs ({widths} losses). Baseline: '
       f'{baseline.name} ({baseline.workdir}; dense FFN, no MoD; {end:.3g} training FLOPs).',
       f'Values marked {MARK} are extrapolated: L is outside the baseline\'s measured loss '
-      'range, so C_dense(L) comes from a power law L = a*C^-b + c fitted to the baseline.']
+      'range, so C_dense(L) comes from a power law L = a*C^-b + c fitted to the baseline. '
+      'A sparse run that ends below the dense run\'s final loss is always extrapolated '
+      'there; "last measured" gives eta (@ the run\'s FLOPs) at its last point inside the '
+      'measured range.']
   return '\n'.join(lines) + '\n'
 
 
@@ -651,6 +665,11 @@ def eta_figure(baseline: Run, runs: Sequence[Run], rows: Sequence[Row]) -> Figur
           ax.plot(ex[at], value[extra][at], 'o', mfc='none', ms=4, color=colors[run.name])
     ax.set(xscale='log', xlabel='training FLOPs of the run',
            ylabel=f'eta = C_dense(L) / C ({modality})', title=modality)
+    # The measured values set the scale: an extrapolated eta can be huge (or inf).
+    measured = [r.eta for r in rows if r.modality == modality and not r.extrapolated
+                and math.isfinite(r.eta)]
+    if measured:
+      ax.set_ylim(min(0.9, min(measured) * 0.9), max(1.1, max(measured)) * 1.25)
     ax.grid(True, which='both', alpha=0.2)
   handles = _run_handles(baseline, runs, sources)[1:] + [
       Line2D([], [], color='grey', ls=':', marker='o', mfc='none', ms=4,

@@ -120,13 +120,21 @@ def test_writes_csv_markdown_and_figures(runs, tmp_path, capsys):
   table = (out / 'savings.md').read_text()
   assert printed.out.startswith(table)
   for source in ('train', 'eval'):
-    line = next(l for l in table.splitlines() if l.startswith(f'| moma_4t4i | {source} |'))
+    line = next(l for l in table.splitlines()
+                if l.startswith(f'| moma_4t4i | {source} | end |'))
     cells = [c.strip() for c in line.strip('|').split('|')]
-    assert cells[2] == '7.59e+14'
-    etas = [float(c.rstrip('*')) for c in cells[3:]]
+    assert cells[3] == '7.59e+14'
+    etas = [float(c.rstrip('*')) for c in cells[4:]]
     np.testing.assert_allclose(etas, [2.0, 4.0, 3.0], rtol=0.02)
-    assert all(c.endswith('*') for c in cells[3:])
-  assert '| run | loss | train FLOPs | eta text | eta image | eta overall |' in table
+    assert all(c.endswith('*') for c in cells[4:])
+    # ... and where the run's points were last inside the dense range: measured.
+    line = next(l for l in table.splitlines()
+                if l.startswith(f'| moma_4t4i | {source} | last measured |'))
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    etas = [float(c.split(' @ ')[0]) for c in cells[4:]]
+    np.testing.assert_allclose(etas, [2.0, 4.0, 3.0], rtol=0.02)
+  assert ('| run | loss | point | train FLOPs | eta text | eta image | eta overall |'
+          in table)
   assert re.search(r'^Values marked \* are extrapolated: .*power law', table, re.M)
   assert f'Baseline: dense ({dense};' in table
   assert f'wrote {out}/savings.csv, {out}/savings.md' in printed.out
@@ -147,8 +155,8 @@ def test_eval_only_and_chosen_modalities(runs, tmp_path, capsys):
       ('moma_4t4i', 'image', 'eval'), ('moma_4t4i#2', 'image', 'eval')}
   np.testing.assert_allclose([float(r['eta']) for r in rows], 4.0, rtol=1e-3)
   table = capsys.readouterr().out
-  assert '| run | loss | train FLOPs | eta image |' in table
-  assert '| moma_4t4i#2 | eval | 7.59e+14 | 4.00* |' in table
+  assert '| run | loss | point | train FLOPs | eta image |' in table
+  assert '| moma_4t4i#2 | eval | end | 7.59e+14 | 4.00* |' in table
 
 
 def test_runs_without_eval_rows_compare_training_losses(runs, tmp_path):
