@@ -411,9 +411,11 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
         if step == 1 or step % t.log_every == 0 or step == t.steps:
           host = jax.device_get({k: v for k, v in metrics.items() if k != 'finite'})
           elapsed = time.perf_counter() - interval_start
+          # A modality without targets in this batch has no loss (not a loss of 0).
+          absent = {f'loss/{m}' for m in mods if not host[f'tokens/{m}']}
           row = {'train_flops': progress['train_flops'], 'tokens': progress['tokens'],
-                 **{k: v for k, v in host.items() if k == 'loss' or k.startswith(
-                     ('loss/', 'route/'))},
+                 **{k: v for k, v in host.items() if k == 'loss' or (k.startswith(
+                     ('loss/', 'route/')) and k not in absent)},
                  'tokens_per_sec': interval_tokens / max(elapsed, 1e-9),
                  'lr': float(schedule(step - 1 - progress['nonfinite_skipped'])),
                  'grad_norm': host['grad_norm'], 'z_loss': host['z_loss'],
