@@ -234,8 +234,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
   _one_of('model.remat', m.remat, ('none', 'full', 'dots'))
-  if m.kernels == 'pallas':
-    raise ConfigError('model.kernels', "'pallas' kernels are not available yet; use 'xla'")
   if m.aux_router.enabled:
     raise ConfigError('model.aux_router.enabled', 'auxiliary routers are not available yet')
 

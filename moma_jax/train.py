@@ -414,6 +414,7 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
           # A modality without targets in this batch has no loss (not a loss of 0).
           absent = {f'loss/{m}' for m in mods if not host[f'tokens/{m}']}
           row = {'train_flops': progress['train_flops'], 'tokens': progress['tokens'],
+                 **{f'batch_tokens/{m}': host[f'tokens/{m}'] for m in mods},
                  **{k: v for k, v in host.items() if k == 'loss' or (k.startswith(
                      ('loss/', 'route/')) and k not in absent)},
                  'tokens_per_sec': interval_tokens / max(elapsed, 1e-9),

@@ -1,5 +1,41 @@
-"""Pallas kernels for routing, dispatch, the grouped expert matmul and combine.
+"""Pallas kernels for the routing plan: selection, dispatch, grouped expert matmul, combine.
 
-No kernel lives here yet: `model.kernels='xla'` is the only backend, and the config
-rejects 'pallas'.
+Axis legend: G groups, N tokens per group, E experts, K slots per expert, R rows,
+C rows per expert, D embed, F hidden, T tokens, S rows per token.
+
+  expert_choice(scores [G, N, E], eligible [G, N, E|1], k) -> idx, gate [G, E, K]
+      (selection.py; equals routing.expert_choice bit for bit)
+  gather_rows(x [T, D], token_index [R]) -> rows [R, D]           (dispatch.py)
+  swiglu_capacity(rows [E, C, D], wi_0, wi_1 [E, D, F], wo [E, F, D]) -> [E, C, D]
+  swiglu_ragged(rows [R, D], group_sizes [E], wi_0, wi_1, wo) -> [R, D]
+      (grouped_matmul.py; megablox gmm on TPU for the ragged layout)
+  combine_rows(out [R, D], weight [R], token_index [R], T, S) -> y [T, D]
+      (combine.py; a gather over `rows_of_token`, the inverse map)
+
+Each op has a jnp reference (`references`, or `<op>_reference` beside it) that it
+equals, and a `jax.custom_vjp`. Backend: interpret mode on CPU (the only way Pallas runs
+there), compiled (Triton) on GPU; on TPU `impl='auto'` picks megablox for the ragged
+matmul and XLA for the rest, whose Mosaic lowering is untested (see each module).
+Every op takes `impl` ('auto', 'pallas', 'xla'; the ragged matmul also 'megablox') and
+`interpret` (None = by backend). Importing this package needs only jax and numpy.
 """
+from __future__ import annotations
+
+from pallas_kernels import references
+from pallas_kernels.combine import combine_rows
+from pallas_kernels.combine import combine_rows_reference
+from pallas_kernels.combine import rows_of_token
+from pallas_kernels.dispatch import gather_rows
+from pallas_kernels.dispatch import gather_rows_reference
+from pallas_kernels.grouped_matmul import swiglu_capacity
+from pallas_kernels.grouped_matmul import swiglu_capacity_reference
+from pallas_kernels.grouped_matmul import swiglu_ragged
+from pallas_kernels.grouped_matmul import swiglu_ragged_reference
+from pallas_kernels.selection import expert_choice
+from pallas_kernels.selection import expert_choice_reference
+
+__all__ = [
+    'expert_choice', 'gather_rows', 'swiglu_capacity', 'swiglu_ragged', 'combine_rows',
+    'rows_of_token', 'references', 'expert_choice_reference', 'gather_rows_reference',
+    'swiglu_capacity_reference', 'swiglu_ragged_reference', 'combine_rows_reference',
+]

@@ -71,11 +71,14 @@ def test_metrics_rows_follow_the_design(trained_run):
   assert [r['step'] for r in train_rows] == list(range(1, 31))   # one row per step
   report = flops.count(config)
   for row in train_rows:
-    for key in ('train_flops', 'tokens', 'loss', 'loss/text', 'loss/image',
-                'tokens_per_sec', 'nonfinite_skipped', 'route/left_behind/text',
-                'route/grad_norm/text', 'route/tokens_per_expert/0'):
+    for key in ('train_flops', 'tokens', 'loss', 'loss/text', 'tokens_per_sec',
+                'nonfinite_skipped', 'route/left_behind/text', 'route/grad_norm/text',
+                'route/tokens_per_expert/0', 'batch_tokens/text', 'batch_tokens/image'):
       assert key in row, key
+    # A modality without targets in the step's batch has no loss (rather than 0).
+    assert ('loss/image' in row) == (row['batch_tokens/image'] > 0), row
     assert all(isinstance(v, (int, float)) for v in row.values()), row
+  assert sum('loss/image' in r for r in train_rows) >= 20
   # train_flops: per-modality training FLOPs per token x that modality's target tokens,
   # summed over steps; with equal per-token costs here it is tokens x the cost.
   assert report.train['text'] == report.train['image']
@@ -103,7 +106,7 @@ def assert_same_run(rows, reference):
   got, want = training_rows(rows), training_rows(reference)
   assert [r['step'] for r in got] == [r['step'] for r in want]
   for a, b in zip(got, want):
-    assert {k: a[k] for k in EXACT_KEYS} == {k: b[k] for k in EXACT_KEYS}, a['step']
+    assert {k: a.get(k) for k in EXACT_KEYS} == {k: b.get(k) for k in EXACT_KEYS}, a['step']
   assert eval_rows(rows) == eval_rows(reference)
 
 

@@ -28,11 +28,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moma_jax.model import kernel_ops
 from moma_jax.model import routing
 
 BATCH_AXES = ('data', 'fsdp', 'expert')   # mesh axes that split the batch
@@ -55,13 +54,14 @@ def batch_shards(mesh) -> int:
 
 
 def routed_ffn(x, idx, gate, wanted, weights, *, local_ffn: Callable,
-               buffer_rows: Callable[[int], int]):
+               buffer_rows: Callable[[int], int], ops: kernel_ops.Ops = kernel_ops.XLA):
   """The expert FFN of all routing groups, under the current mesh.
 
   x [G_all, N, D]; idx, gate [G_all, E, K]; wanted [G_all, E] (all groups, split over
   the batch axes); weights (wi_0, wi_1 [E, D, F], wo [E, F, D]).
   local_ffn(x, idx, gate, wanted, weights) -> (y, kept, plan): the single-device path.
   buffer_rows(groups_per_device) -> C.
+  ops: the gather, batched SwiGLU and combine to use (XLA or Pallas).
   Returns y [G_all, N, D] and kept [G_all, E].
   """
   mesh = jax.sharding.get_abstract_mesh()
@@ -79,13 +79,15 @@ def routed_ffn(x, idx, gate, wanted, weights, *, local_ffn: Callable,
     capacity = buffer_rows(x.shape[0] // shards)
 
     def body(x, idx, gate, wanted, *w):
-      return exchange(x, idx, gate, wanted, w, capacity=capacity, x_size=x_size)
+      return exchange(x, idx, gate, wanted, w, capacity=capacity, x_size=x_size, ops=ops)
     w_spec = P(EXPERT_AXIS)
-  return jax.shard_map(body, in_specs=(spec,) * 4 + (w_spec,) * 3,
-                       out_specs=(spec, spec))(x, idx, gate, wanted, *weights)
+  # pallas_call outputs carry no varying-axes annotation, which the check needs.
+  return jax.shard_map(body, in_specs=(spec,) * 4 + (w_spec,) * 3, out_specs=(spec, spec),
+                       check_vma=ops is kernel_ops.XLA)(x, idx, gate, wanted, *weights)
 
 
-def exchange(x, idx, gate, wanted, weights, *, capacity: int, x_size: int):
+def exchange(x, idx, gate, wanted, weights, *, capacity: int, x_size: int,
+             ops: kernel_ops.Ops = kernel_ops.XLA):
   """One device's part of the expert-parallel FFN (inside shard_map).
 
   x [G, N, D]; idx, gate [G, E, K]; wanted [G, E]; weights: this device's experts,
@@ -95,18 +97,15 @@ def exchange(x, idx, gate, wanted, weights, *, capacity: int, x_size: int):
   e = idx.shape[1]
   e_x = e // x_size
   plan = routing.pack(idx, gate, wanted, num_tokens=n, layout='buffer', capacity=capacity)
-  rows = routing.gather_rows(x.reshape(g * n, d), plan)                  # [E*C, D]
+  rows = ops.gather(x.reshape(g * n, d), plan.token_index)              # [E*C, D]
   # Expert e lives on device e // E_x of the expert axis: [E*C, D] -> [X, E_x*C, D].
   sent = rows.reshape(x_size, e_x * capacity, d)
   got = jax.lax.all_to_all(sent, EXPERT_AXIS, 0, 0)                      # [X src, E_x*C, D]
   per_expert = got.reshape(x_size, e_x, capacity, d).transpose(1, 0, 2, 3).reshape(
       e_x, x_size * capacity, d)                                          # [E_x, X*C, D]
-  wi_0, wi_1, wo = weights
-  h = nn.silu(jnp.einsum('erd,edf->erf', per_expert, wi_0)) * jnp.einsum(
-      'erd,edf->erf', per_expert, wi_1)
-  out = jnp.einsum('erf,efd->erd', h, wo)                                 # [E_x, X*C, D]
+  out = ops.swiglu_blocks(per_expert, *weights)                          # [E_x, X*C, D]
   back = out.reshape(e_x, x_size, capacity, d).transpose(1, 0, 2, 3).reshape(
       x_size, e_x * capacity, d)
   returned = jax.lax.all_to_all(back, EXPERT_AXIS, 0, 0)                  # [X dst, E_x*C, D]
-  y = routing.combine_rows(returned.reshape(e * capacity, d), plan, g * n)
+  y = ops.combine(returned.reshape(e * capacity, d), plan.weight, plan.token_index, g * n)
   return y.reshape(g, n, d), plan.kept

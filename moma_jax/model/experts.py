@@ -18,15 +18,15 @@ import functools
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from moma_jax import configs
 from moma_jax.model import expert_parallel
+from moma_jax.model import kernel_ops
 from moma_jax.model import routing
-from moma_jax.model.layers import default_kernel_init, swiglu
+from moma_jax.model.layers import default_kernel_init
 
 
 def group_names(model: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -153,7 +153,8 @@ class RoutedExperts(nn.Module):
             scores, eligible, m.top_k, topk_capacity(m, n))
         self._sow_balance_loss(scores, assign, eligible, m.top_k)
       else:
-        idx, gate, wanted = routing.expert_choice(scores, eligible[..., None], cap)
+        idx, gate, wanted = routing.expert_choice(scores, eligible[..., None], cap,
+                                                  select=kernels(self.config).select)
       cands.append((idx, gate, wanted))
       logits_all.append((name, logits, eligible))
 
@@ -177,7 +178,8 @@ class RoutedExperts(nn.Module):
       y, kept = expert_parallel.routed_ffn(
           x_in, idx, gate, wanted_here, weights,
           local_ffn=functools.partial(local_ffn, config=self.config),
-          buffer_rows=functools.partial(ep_buffer_rows, self.config, n, k))
+          buffer_rows=functools.partial(ep_buffer_rows, self.config, n, k),
+          ops=kernels(self.config))
     else:
       y, kept, plan = local_ffn(x_in, idx, gate, wanted, weights, self.config)
       self.sow('intermediates', 'plan', plan)
@@ -224,6 +226,13 @@ class RoutedExperts(nn.Module):
       self.sow('route_stats', f'router_logit_std/{name}', jnp.sqrt(var))
 
 
+def kernels(config: ml_collections.ConfigDict) -> kernel_ops.Ops:
+  """The routing ops of `model.kernels` (XLA or Pallas)."""
+  m = config.model
+  rows_per_token = m.top_k if m.ffn == 'topk' else max(e for _, e in configs.expert_groups(m))
+  return kernel_ops.ops(m.kernels, rows_per_token)
+
+
 def local_ffn(x, idx, gate, wanted, weights, config: ml_collections.FrozenConfigDict):
   """The expert FFN of routing groups that all live on this device.
 
@@ -232,27 +241,25 @@ def local_ffn(x, idx, gate, wanted, weights, config: ml_collections.FrozenConfig
   routing plan (layout `routing.layout`).
   """
   g, n, d = x.shape
+  ops = kernels(config)
   plan = routing.pack(idx, gate, wanted, num_tokens=n, layout=config.routing.layout,
                       rows=g * ragged_rows(config, n), capacity=buffer_capacity(config, n))
-  rows = routing.gather_rows(x.reshape(g * n, d), plan)                 # [R, D]
-  out = apply_experts(rows, plan, *weights)                              # [R, D]
-  y = routing.combine_rows(out, plan, g * n).reshape(g, n, d)
+  rows = ops.gather(x.reshape(g * n, d), plan.token_index)              # [R, D]
+  out = apply_experts(rows, plan, *weights, ops=ops)                     # [R, D]
+  y = ops.combine(out, plan.weight, plan.token_index, g * n).reshape(g, n, d)
   return y, plan.kept, plan
 
 
-def apply_experts(rows, plan: routing.RoutingPlan, wi_0, wi_1, wo):
+def apply_experts(rows, plan: routing.RoutingPlan, wi_0, wi_1, wo, ops=kernel_ops.XLA):
   """SwiGLU of each row with its expert's weights.
 
   rows [R, D]; wi_* [E, D, F]; wo [E, F, D] -> [R, D].
-  ragged layout: `jax.lax.ragged_dot` over the per-expert row counts (rows past their
-  sum come out zero). capacity layout: rows are [E, G*C] blocks, one batched einsum.
+  ragged layout: a grouped matmul over the per-expert row counts (rows past their sum
+  come out zero). capacity and buffer layouts: rows are [E, R/E] blocks, one batched
+  matmul.
   """
   if plan.capacity is None:
-    gs = plan.group_sizes
-    h = nn.silu(jax.lax.ragged_dot(rows, wi_0, gs)) * jax.lax.ragged_dot(rows, wi_1, gs)
-    return jax.lax.ragged_dot(h, wo, gs)
+    return ops.swiglu_ragged(rows, plan.group_sizes, wi_0, wi_1, wo)
   e = wi_0.shape[0]
-  blocks = rows.reshape(e, -1, rows.shape[-1])                          # [E, G*C, D]
-  out = jax.vmap(swiglu)(blocks, wi_0, wi_1, wo)
-  return out.reshape(rows.shape)
-
+  blocks = rows.reshape(e, -1, rows.shape[-1])                          # [E, R/E, D]
+  return ops.swiglu_blocks(blocks, wi_0, wi_1, wo).reshape(rows.shape)

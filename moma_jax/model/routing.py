@@ -7,7 +7,7 @@ Every sparse path (moma, moe, topk, mixture-of-depths) is two steps:
 
 The routing plan is the result of step 2: rows such that `rows = x[token_index]` can go
 through a grouped matmul over experts and `y = segment_sum(weight * out, token_index)`
-puts results back. Unused rows carry weight 0 and the dump index G*N (one past the last
+puts results back (those operations: moma_jax/model/kernel_ops.py). Unused rows carry weight 0 and the dump index G*N (one past the last
 token), which gathers zeros and scatters nowhere.
 
 Axis legend: G routing groups, N tokens per group, E experts, K candidate slots per
@@ -65,7 +65,16 @@ def router_scores(logits: jax.Array, kind: str, noise_rng: jax.Array | None = No
   return jax.nn.softmax(z, axis=-1)
 
 
-def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fraction):
+def top_candidates(scores: jax.Array, eligible: jax.Array, k: int):
+  """Per expert, its top-k eligible tokens: idx, gate [G, E, K] from scores [G, N, E]
+  and eligible [G, N, E|1]; ineligible tokens (score -inf) come last with gate 0."""
+  masked = jnp.where(eligible, scores, -jnp.inf)
+  gate, idx = jax.lax.top_k(jnp.swapaxes(masked, 1, 2), k)       # [G, E, K]
+  return idx.astype(jnp.int32), jnp.where(jnp.isfinite(gate), gate, 0.0)
+
+
+def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fraction,
+                  select=top_candidates):
   """Each expert takes the top ceil(c * b) eligible tokens of the group by its score.
 
   Args:
@@ -73,17 +82,17 @@ def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fr
     eligible: [G, N, E] or [G, N, 1] bool, the tokens each expert may take (right
       modality, not padding); b = eligible.sum(1).
     capacity: c, the fraction of eligible tokens each expert takes.
+    select: `top_candidates` or a kernel computing the same (moma_jax/model/kernel_ops.py).
   Returns:
     idx [G, E, K] int32 candidate tokens in order of preference, K = min(N, ceil(c * N));
     gate [G, E, K] float32 their scores; wanted [G, E] int32 = ceil(c * b).
   """
   g, n, e = scores.shape
   k_max = min(n, -((-capacity.numerator * n) // capacity.denominator))
-  masked = jnp.where(eligible, scores, -jnp.inf)
-  gate, idx = jax.lax.top_k(jnp.swapaxes(masked, 1, 2), k_max)  # [G, E, K]
+  idx, gate = select(scores, eligible, k_max)
   b = eligible.sum(1).astype(jnp.int32)                          # [G, E] or [G, 1]
   wanted = jnp.broadcast_to(ceil_capacity(capacity, b), (g, e))
-  return idx.astype(jnp.int32), jnp.where(jnp.isfinite(gate), gate, 0.0), wanted
+  return idx, gate, wanted
 
 
 def token_choice(scores: jax.Array, valid: jax.Array, top_k: int, capacity: int):
@@ -169,18 +178,6 @@ def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
   return RoutingPlan(token_index=token_index, weight=weight,
                      group_sizes=kept.sum(0).astype(jnp.int32), wanted=wanted, kept=kept,
                      capacity=None if layout == 'ragged' else total // e)
-
-
-def gather_rows(x: jax.Array, plan: RoutingPlan) -> jax.Array:
-  """rows [R, D] = x[token_index] for x [G*N, D]; unused rows are zeros."""
-  return jnp.take(x, plan.token_index, axis=0, mode='fill', fill_value=0)
-
-
-def combine_rows(out: jax.Array, plan: RoutingPlan, num_flat_tokens: int) -> jax.Array:
-  """y [G*N, D] = sum over rows r with token_index[r] = t of weight[r] * out[r]."""
-  contrib = out * plan.weight[:, None].astype(out.dtype)
-  return jnp.zeros((num_flat_tokens, out.shape[-1]), out.dtype).at[plan.token_index].add(
-      contrib, mode='drop')
 
 
 def experts_per_token(idx: jax.Array, kept: jax.Array, num_tokens: int) -> jax.Array:

@@ -72,11 +72,12 @@ def batches(config, count):
   return out
 
 
-def run(name, mesh_shape, ep_capacity_factor=None):
+def run(name, mesh_shape, ep_capacity_factor=None, kernels='xla'):
   """Step-1 loss, gradients, routing selections and statistics, then STEPS training
   losses."""
   config = model_config(name, mesh_shape)
   config.routing.ep_capacity_factor = ep_capacity_factor
+  config.model.kernels = kernels
   devices = jax.devices() if mesh_shape else jax.devices()[:1]
   if not mesh_shape:
     config.mesh.update(dict(data=1, fsdp=1, expert=1, tensor=1))
@@ -229,3 +230,17 @@ def test_a_smaller_expert_buffer_cuts_rows_and_counts_them(results):
   cut = run('moe_8x', MESHES['data=2 x expert=4'], ep_capacity_factor=0.5)
   assert 0.3 < cut['metrics']['route/dropped/all'] < 0.7
   assert np.isfinite(cut['loss']) and cut['loss'] != exact['loss']
+
+
+def test_pallas_kernels_inside_the_expert_parallel_step(results):
+  """model.kernels='pallas' (interpret mode) in shard_map equals the XLA path."""
+  ref = results('moe_8x', 'data=2 x expert=4')
+  got = run('moe_8x', MESHES['data=2 x expert=4'], kernels='pallas')
+  ref_sel, got_sel = selections(ref['selection']), selections(got['selection'])
+  for key in ref_sel:
+    if key.endswith("['idx']") or key.endswith("['kept']"):
+      np.testing.assert_array_equal(got_sel[key], ref_sel[key], err_msg=key)
+  np.testing.assert_allclose(got['loss'], ref['loss'], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got['grads'], ref['grads'])
+  np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-4)

@@ -1,0 +1,72 @@
+"""Helpers shared by the kernels: backend choice, tile sizes, padding.
+
+Every kernel here is written once and runs three ways:
+  * CPU (tests, notebooks): `interpret=True`, the only way Pallas runs on a CPU;
+  * GPU: compiled through the Triton lowering. Triton wants every array a kernel loads,
+    stores or computes on to have a power-of-two size and `dot` operands of at least
+    16 x 16, so tiles are powers of two (>= 16 for matmuls) and the wrappers pad
+    operands to tile multiples instead of relying on masked edge blocks;
+  * TPU: compiled through Mosaic where the kernel's pattern fits (see each module).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def backend() -> str:
+  """'cpu', 'gpu' or 'tpu' (anything else is treated like 'cpu')."""
+  return jax.default_backend()
+
+
+def use_interpret(interpret: bool | None) -> bool:
+  """Interpret mode unless compiled Pallas exists for this backend (GPU, TPU)."""
+  if interpret is None:
+    return backend() not in ('gpu', 'tpu')
+  return bool(interpret)
+
+
+def next_pow2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def tile(size: int, preferred: int, minimum: int = 1) -> int:
+  """A power-of-two tile for an axis of `size`: `preferred` (rounded up to a power of
+  two), shrunk for small axes so tiny shapes are not padded far, at least `minimum`."""
+  return max(next_pow2(minimum), min(next_pow2(preferred), next_pow2(size)))
+
+
+def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  """x zero- (or `value`-) padded along `axis` up to `size`; x itself when no padding
+  is needed, so tile-aligned operands are not copied."""
+  extra = size - x.shape[axis]
+  if extra == 0:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, extra)
+  return jnp.pad(x, pads, constant_values=value)
+
+
+def compiler_params(num_warps: int | None = None, num_stages: int | None = None):
+  """Triton launch parameters on GPU; None elsewhere (interpret mode, TPU).
+
+  Imported lazily: the Triton module is only needed when compiling for a GPU.
+  """
+  if backend() != 'gpu' or (num_warps is None and num_stages is None):
+    return None
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def normalize_index(index: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """(index with negatives wrapped numpy-style, in-range mask).
+
+  The references (`jnp.take(mode='fill')`, `.at[].add(mode='drop')`) wrap indices in
+  [-size, 0) and treat anything else outside [0, size) as absent; the kernels do the same.
+  """
+  index = jnp.where(index < 0, index + size, index)
+  return index, (index >= 0) & (index < size)
