@@ -33,22 +33,21 @@ def has_checkpoints(workdir: str) -> bool:
 
 
 class Checkpoints:
-  """The run's CheckpointManager: save every `every` steps, keep the last `keep`."""
+  """The run's CheckpointManager: keeps the last `keep` steps (None: all)."""
 
-  def __init__(self, workdir: str, *, every: int = 1, keep: int | None = None):
+  def __init__(self, workdir: str, *, keep: int | None = None):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
-    self.every = every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def save(self, step: int, state: Any, progress: Mapping[str, Any],
-           config: Mapping[str, Any], *, force: bool = False) -> bool:
-    """Starts saving step `step` if it is a multiple of `every` (or `force`); True if it
-    did. (The decision is ours: Orbax alone would also save the first step it sees.)"""
-    if not (force or step % self.every == 0) or step in self.manager.all_steps():
+           config: Mapping[str, Any]) -> bool:
+    """Starts saving step `step` unless it is saved already; True if it did. (The caller
+    decides which steps: Orbax alone would also save the first step it sees.)"""
+    if step in self.manager.all_steps():
       return False
     return self.manager.save(
         step, force=True, args=ocp.args.Composite(

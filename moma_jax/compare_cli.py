@@ -8,7 +8,8 @@ Usage:
 For every logged point of every run, eta_m = C_dense(L_m) / C: how many times more
 training FLOPs the dense baseline needed to reach the run's loss L_m (per modality m
 and overall), from the runs' `metrics.jsonl`. Method (smoothing in log-FLOPs, isotonic
-dense curve, power-law extrapolation): moma_jax/savings.py.
+dense curve, power-law extrapolation): moma_jax/savings.py; the files:
+moma_jax/savings_report.py.
 
 Writes into OUT (created if needed; other files there are left alone):
   savings.csv        run, modality, source, step, train_flops, loss, eta, extrapolated
@@ -33,6 +34,7 @@ from absl import flags
 
 from moma_jax import cli
 from moma_jax import savings
+from moma_jax import savings_report
 
 PROG = 'moma-compare'
 BASELINE = cli.define_once(flags.DEFINE_string, 'baseline', None,
@@ -86,10 +88,10 @@ def main() -> None:
   # Everything is read and computed before OUT is touched: a bad input writes nothing.
   try:
     os.makedirs(out, exist_ok=True)
-    paths = [savings.write_csv(rows, os.path.join(out, 'savings.csv'))]
+    paths = [savings_report.write_csv(rows, os.path.join(out, 'savings.csv'))]
     path = os.path.join(out, 'savings.md')
-    table = savings.write_markdown(rows, baseline, path, SMOOTH.value)
-    paths += [path, *savings.write_plots(baseline, runs, rows, out, SMOOTH.value)]
+    table = savings_report.write_markdown(rows, baseline, path, SMOOTH.value)
+    paths += [path, *savings_report.write_plots(baseline, runs, rows, out, SMOOTH.value)]
   except OSError as e:
     raise cli.UsageError(f'cannot write into --out {out}: {e}') from e
   print(table)
