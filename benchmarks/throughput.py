@@ -120,6 +120,9 @@ def main(argv=None) -> None:
   p.add_argument('--layout', default='capacity', choices=configs.LAYOUTS,
                  help="row layout of the sparse FFNs (DESIGN.md §4): 'capacity' is the "
                       "fast XLA layout, 'ragged' the exact one")
+  p.add_argument('--capacity_factor', type=float, default=1.0,
+                 help='routing.capacity_factor of the capacity layout (2.0 holds every '
+                      'row 4t4i and 1t1i can ask for at a 1/2 modality share)')
   p.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on GPU/TPU)')
   p.add_argument('--variants', default=','.join(v[0] for v in VARIANTS))
   args = p.parse_args(argv)
@@ -130,8 +133,9 @@ def main(argv=None) -> None:
   device = jax.devices()[0]
   peak = PEAK_FLOPS.get(device.device_kind)
   base = base_config(args.size, args.seq, args.batch)
+  base.routing.capacity_factor = args.capacity_factor
   print(f'# throughput: size {args.size}, {args.batch} x {args.seq} tokens per step, '
-        f'{args.dtype}, layout {args.layout}, {args.steps} timed steps after '
+        f'{args.dtype}, layout {args.layout} (factor {args.capacity_factor}), {args.steps} timed steps after '
         f'{args.warmup}; device {device.device_kind} ({device.platform}), peak '
         f'{f"{peak / 1e12:g} TFLOP/s" if peak else "unknown"}')
   print('| variant | kernels | layers | train GFLOPs/token | tokens/s | vs dense | '

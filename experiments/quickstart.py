@@ -23,6 +23,16 @@ about 7.3 to 1.99 (dense) and 1.84 (moma_4t4i, mean of the last 5 logged); evalu
 loss at step 300 (text / image): dense 2.15 (1.69 / 2.78), moma_4t4i 1.99 (1.64 / 2.49).
 eta at the last point inside the dense range (train loss): text 1.12, image 1.14,
 overall 1.10; the end points are extrapolated.
+
+Upcycling (the paper's recipe, moma_jax/upcycle.py): train 1t1i, then start 4t4i from
+its step 100 (each modality's FFN copied into all 4 experts of its group, fresh routers
+with Gumbel-sigmoid noise, optimizer and LR schedule restarted, data position and FLOPs
+count continued):
+  moma-train --config experiments/quickstart.py:moma_4t4i --config.model.experts='(1, 1)' \
+      --workdir runs/quickstart/moma_1t1i
+  moma-train --config experiments/quickstart.py:moma_4t4i --workdir runs/quickstart/upcycled \
+      --config.upcycle.from_workdir=runs/quickstart/moma_1t1i --config.upcycle.at_step=100 \
+      --config.model.router_noise=gumbel
 """
 from moma_jax import configs
 

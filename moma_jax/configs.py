@@ -14,6 +14,8 @@ Field reference (the names other parts rely on):
                    None means 1/E for every group; a 1-tuple applies to all groups.
   model.mod.*      mixture-of-depths: capacity c_d, layer pattern (every, first).
   routing.*        routing group size and row layout (see moma_jax/model/routing.py).
+  upcycle.*        from_workdir: a 1t1i MoMa run whose step `at_step` (> 0) a new run
+                   starts from, its FFNs copied into every expert (moma_jax/upcycle.py).
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.norm = 'post'
   m.mod = ml_collections.ConfigDict(dict(
       enabled=False, capacity=0.25, every=2, first=0, modality_aware=False))
+  # Auxiliary routers for causal inference: 'post_hoc' trains them after the model
+  # (`moma-aux`, the paper), 'joint' alongside it on stop-gradient inputs.
   m.aux_router = ml_collections.ConfigDict(dict(enabled=False, mode='post_hoc'))
   m.kernels = 'xla'
   m.dtype = 'float32'
@@ -82,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
       # A dataset name, or 'mixture' for the weighted `mixture` of several.
       name='mixture',
       mixture='moma_shapes:0.4,moma_digits:0.3,moma_pydoc:0.3',
+      # Builder options of embedded datasets, 'name:key=value[:key=value];name2:...',
+      # e.g. 'moma_shapes:num_train=100000' for more scenes (built on first use).
+      options='',
       seq_len=128,
       data_dir=config_dict.placeholder(str),   # None: ~/.cache/moma_jax/data
       eval_split='validation',
@@ -211,6 +218,18 @@ def _in_unit(path: str, value) -> None:
     raise ConfigError(path, f'must be in (0, 1], got {value!r}')
 
 
+def looks_ahead(model: ml_collections.ConfigDict) -> bool:
+  """Whether teacher-forced routing compares tokens of a routing group (expert choice
+  or MoD), so that causal inference needs auxiliary routers."""
+  return model.ffn in ('moma', 'moe') or bool(model.mod.enabled)
+
+
+def has_joint_aux_routers(model: ml_collections.ConfigDict) -> bool:
+  """Whether the training run itself carries (and trains) auxiliary routers."""
+  a = model.aux_router
+  return bool(a.enabled and a.mode == 'joint' and looks_ahead(model))
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ConfigError (naming the field) if `config` cannot describe a model; returns it."""
   m = config.model
@@ -234,8 +253,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
   _one_of('model.remat', m.remat, ('none', 'full', 'dots'))
-  if m.aux_router.enabled:
-    raise ConfigError('model.aux_router.enabled', 'auxiliary routers are not available yet')
+  _one_of('model.aux_router.mode', m.aux_router.mode, ('post_hoc', 'joint'))
+  if m.aux_router.enabled and m.ffn in ('dense', 'topk') and not m.mod.enabled:
+    raise ConfigError('model.aux_router.enabled', f'a {m.ffn} model without mixture-of-'
+                      'depths routes causally already; it has no auxiliary routers')
 
   for cap in m.capacity or ():
     _in_unit('model.capacity', cap)
@@ -287,6 +308,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive('data.seq_len', config.data.seq_len)
   if config.data.seq_len > m.max_len:
     raise ConfigError('data.seq_len', f'{config.data.seq_len} exceeds model.max_len={m.max_len}')
+
+  # What fits the source run is checked when it is read (moma_jax/upcycle.py).
+  u = config.upcycle
+  if u.from_workdir is not None:
+    if not u.from_workdir:
+      raise ConfigError('upcycle.from_workdir', 'must name a training run directory')
+    _positive('upcycle.at_step', u.at_step)
+    if m.ffn != 'moma':
+      raise ConfigError('upcycle.from_workdir', f'upcycling makes a MoMa model, got '
+                        f'model.ffn={m.ffn}')
+  elif u.at_step:
+    raise ConfigError('upcycle.at_step', f'{u.at_step!r} is set but upcycle.from_workdir '
+                      'is not')
   return config
 
 

@@ -3,7 +3,9 @@
 `evaluate` returns token-weighted mean losses:
   eval/loss, eval/loss/{modality}                       over all datasets together;
   eval/{dataset}/loss, eval/{dataset}/loss/{modality}   per dataset.
-A dataset without tokens of a modality has no key for it.
+A dataset without tokens of a modality has no key for it. A model in causal mode
+(auxiliary routers decide, token by token) is evaluated the same way, under the prefix
+'eval_causal'.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ def to_device(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
 
 def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
              tok: docs_lib.Tokenizers,
-             put: Callable[[Mapping[str, np.ndarray]], Any] = to_device) -> dict[str, float]:
+             put: Callable[[Mapping[str, np.ndarray]], Any] = to_device,
+             prefix: str = 'eval') -> dict[str, float]:
   """Reads at most `train.eval_max_batches` batches of each dataset's eval split (this
-  process's rows of each; `put` makes them the step's input arrays)."""
+  process's rows of each; `put` makes them the step's input arrays). Keys start with
+  `prefix` ('eval', or 'eval_causal' for a causal-mode model)."""
   mods = config.model.modalities
   limit = config.train.eval_max_batches
   keys = ('loss', *(f'loss/{m}' for m in mods))
@@ -64,8 +68,8 @@ def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
         counts[key] += n
     for key in keys:
       if counts[key]:
-        out[f'eval/{name}/{key}'] = sums[key] / counts[key]
+        out[f'{prefix}/{name}/{key}'] = sums[key] / counts[key]
       total[key] += sums[key]
       count[key] += counts[key]
-  out.update({f'eval/{k}': total[k] / count[k] for k in keys if count[k]})
+  out.update({f'{prefix}/{k}': total[k] / count[k] for k in keys if count[k]})
   return out

@@ -5,10 +5,14 @@ Schedule (as a function of the number of applied updates u):
             `train.steps` (the paper's);
   'cosine'  the same warm-up, then cosine decay to 1% of lr.
 Weight decay applies to matrices only (ndim >= 2): norm scales are not decayed.
+Jointly trained auxiliary routers are clipped apart from the model (see `optimizer`).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -26,10 +30,36 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm(train.clip) then AdamW(b1 0.9, b2 0.95, train.weight_decay)."""
+  """Global-norm clipping at train.clip, then AdamW(b1 0.9, b2 0.95, train.weight_decay).
+
+  The model's gradients and jointly trained auxiliary routers' gradients are clipped
+  each by their own norm (AdamW is elementwise), so the routers never change how the
+  model is updated; without routers this is optax.clip_by_global_norm.
+  """
   t = config.train
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
-      optax.clip_by_global_norm(t.clip),
+      optax.stateless(functools.partial(_clip_each_part, t.clip)),
       optax.adamw(learning_rate(config), b1=0.9, b2=0.95, weight_decay=t.weight_decay,
                   mask=decay_mask))
+
+
+def _is_aux_router(path) -> bool:
+  return any(str(getattr(k, 'key', '')).startswith('aux_router') for k in path)
+
+
+def _clip_each_part(max_norm: float, updates, params=None):
+  """optax.clip_by_global_norm's rule, applied to the auxiliary routers' leaves and to
+  the other leaves separately."""
+  del params
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  parts: dict[bool, list[int]] = {}
+  for i, (path, _) in enumerate(leaves):
+    parts.setdefault(_is_aux_router(path), []).append(i)
+  out = [g for _, g in leaves]
+  for idx in parts.values():
+    norm = optax.tree.norm([out[i] for i in idx])
+    for i in idx:
+      g = out[i]
+      out[i] = jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -4,8 +4,10 @@
   run = moma_jax.load(workdir, step=200)
   logits = run.model.apply({'params': run.params}, tokens, modality, segment_ids, positions)
 
-The directory holds `config.json` and `checkpoints/` as `moma-train` writes them.
-Reading never changes the directory.
+The directory holds `config.json` and `checkpoints/` as `moma-train` writes them, and
+`aux_router/` once `moma-aux` has trained post-hoc auxiliary routers on that checkpoint:
+the loaded model then carries them (`run.model.aux_routers`), so that
+`run.model.clone(causal=True)` decodes causally. Reading never changes the directory.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
+from moma_jax import aux_store
 from moma_jax import checkpoint as ckpt_lib
 from moma_jax import configs
 from moma_jax import optimizer as optimizer_lib
@@ -79,8 +83,9 @@ class SavedRun:
   progress: dict[str, Any]      # train_flops, tokens, data position, ... at that step
 
 
-def load(workdir: str, step: int | None = None) -> SavedRun:
-  """The run in `workdir` at checkpoint `step` (None: the newest)."""
+def load(workdir: str, step: int | None = None, with_aux_routers: bool = True) -> SavedRun:
+  """The run in `workdir` at checkpoint `step` (None: the newest), with the post-hoc
+  auxiliary routers trained on that step if there are any (and `with_aux_routers`)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(workdir):
     raise RunDirError(f'no such run directory: {workdir}')
@@ -98,4 +103,10 @@ def load(workdir: str, step: int | None = None) -> SavedRun:
     state, progress = ckpts.restore(step, abstract_state(config, model))
   finally:
     ckpts.close()
-  return SavedRun(workdir, config, model, state['params'], step, progress)
+  params = state['params']
+  result = aux_store.read_result(workdir)
+  if with_aux_routers and not model.aux_routers and result and result['run_step'] == step:
+    model = transformer.build(config, aux_routers=True)
+    shapes = jax.eval_shape(lambda: transformer.init(model, jax.random.key(0))[0])
+    params = aux_store.merge(params, aux_store.restore(workdir, aux_store.split(shapes)[1]))
+  return SavedRun(workdir, config, model, params, step, progress)

@@ -9,10 +9,13 @@ evaluation; keys in moma_jax/metrics_log.py and DESIGN.md §6), TensorBoard even
 `tensorboard/`, and Orbax checkpoints under `checkpoints/` (state, data position,
 config). A DIR holding checkpoints resumes from the newest one and drops the metric rows
 past it, so a killed run restarted with the same command continues bit-identically.
+With `--config.upcycle.from_workdir=SRC --config.upcycle.at_step=N`, a new DIR starts
+from step N of the 1t1i MoMa run SRC (moma_jax/upcycle.py): its FFNs copied into every
+expert, fresh routers and optimizer, its data position and FLOPs count continued.
 SIGTERM or SIGINT (Ctrl-C) saves the current step and exits 0. A non-finite loss or
 gradient skips the update; `train.max_nonfinite` of them in a row stop the run (exit 1).
-Bad configurations, a DIR that is a file, or missing data end as one line, exit 2,
-before anything is written.
+Bad configurations, a DIR that is a file, missing data, or an upcycling source that is
+missing or does not fit end as one line, exit 2, before anything is written.
 
 The trainer reads top to bottom: checks, the jit'd step, the loop. The optimizer is in
 moma_jax/optimizer.py, evaluation in moma_jax/evaluation.py.
@@ -45,6 +48,7 @@ from moma_jax import optimizer as optimizer_lib
 from moma_jax import saved_run
 from moma_jax import sharding
 from moma_jax import train_state
+from moma_jax import upcycle
 from moma_jax.data import datasets
 from moma_jax.data import pipeline
 from moma_jax.model import route_stats
@@ -70,7 +74,7 @@ NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, 'num_processes', None,
                                 'processes of a multi-process run')
 PROCESS_ID = cli.define_once(flags.DEFINE_integer, 'process_id', None,
                              'this process, 0 .. num_processes - 1')
-USER_ERRORS = pipeline.DATA_ERRORS
+USER_ERRORS = (*pipeline.DATA_ERRORS, saved_run.RunDirError)
 CONFIG_FILE = saved_run.CONFIG_FILE
 PROFILE_DIR = 'profile'
 # Fields that must agree with the run already in a workdir for it to be resumed.
@@ -279,8 +283,12 @@ def _summary(config, label: str, workdir: str, report: flops.FlopsReport,
   devices = jax.devices()
   tokens = t.batch_size * config.data.seq_len
   start = f'resuming from step {resume_step}' if resume_step else 'new run'
+  u = config.upcycle
+  upcycled = ([f'  upcycled    from {os.path.abspath(u.from_workdir)} at step {u.at_step}: '
+               'its FFNs in every expert, fresh routers, optimizer and LR schedule; its '
+               'data position, FLOPs and tokens continue'] if u.from_workdir else [])
   return '\n'.join([
-      f'{PROG}: {label} -> {workdir} ({start})',
+      f'{PROG}: {label} -> {workdir} ({start})', *upcycled,
       f'  model       {ffn}, {m.num_layers} layers{mod}, d_model {m.d_model}, '
       f'{m.num_heads} heads, ffn {m.ffn_dim}, vocab {m.vocab_size}, {m.dtype}',
       f'  params      total {report.params_total / 1e6:.4g}M; active per token '
@@ -315,23 +323,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   tok = pipeline.load_tokenizers(config)
   data = pipeline.train_iterator(config, tok, jax.process_index(), jax.process_count())
   for name, _ in pipeline.mixture(config):   # fails now if a validation split is missing
-    datasets.data_source(name, pipeline.data_dir(config), config.data.eval_split)
+    datasets.data_source(name, pipeline.data_dir(config), config.data.eval_split,
+                         **pipeline.dataset_options(config).get(name, {}))
   model = transformer.build(config)
   report = flops.count(config)
   tx = optimizer_lib.optimizer(config)
   plain_config = _to_plain(config)
   abstract, state_sh = train_state.layout(model, tx, mesh)
   state = train_state.create(model, tx, state_sh, config.train.seed)
+  # A new upcycled run starts from the source run (read now: a bad source must fail
+  # before anything is written); once it has checkpoints of its own it resumes from them.
+  upcycled = None
+  if config.upcycle.from_workdir and not ckpt_lib.has_checkpoints(workdir):
+    upcycled = upcycle.initial_state(config, tx, state['params'], state_sh)
   # Everything below traces the model: under the mesh and its logical-axis rules.
   with jax.set_mesh(mesh), sharding.axis_rules():
     return _train_on_mesh(config, workdir, label, profile_steps, on_step, mesh=mesh,
                           data=data, tok=tok, model=model, report=report, tx=tx,
-                          plain_config=plain_config, state=(abstract, state_sh, state))
+                          plain_config=plain_config, state=(abstract, state_sh, state),
+                          upcycled=upcycled)
 
 
 def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data, tok,
-                   model, report, tx, plain_config, state) -> dict[str, Any]:
-  """The rest of `train`, from the initial state on: under the mesh."""
+                   model, report, tx, plain_config, state, upcycled) -> dict[str, Any]:
+  """The rest of `train`, from the initial state on: under the mesh.
+
+  upcycled: None, or (state, progress with the data position) to start from when the
+  workdir has no checkpoint (`upcycle.initial_state`).
+  """
   t, mods = config.train, tuple(config.model.modalities)
   abstract, state_sh, state = state
   batch_sh = sharding.batch_sharding(mesh)
@@ -345,8 +364,10 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
   progress = dict(step=0, train_flops=0.0, tokens=0, nonfinite_skipped=0,
                   nonfinite_in_a_row=0)
   restored = ckpts.restore_latest(abstract)
-  if restored is not None:
-    _, state, saved = restored
+  # The workdir's own newest checkpoint; else the upcycled start; else the fresh init.
+  start = restored[1:] if restored is not None else upcycled
+  if start is not None:
+    state, saved = start
     all_rows = saved.pop('data')['rows']
     mine = pipeline.process_rows(t.batch_size, jax.process_index(), jax.process_count())
     data.set_state({'rows': [all_rows[r] for r in mine]})
@@ -361,6 +382,10 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
     print(_summary(config, label, workdir, report, step, mesh), flush=True)
   train_step = make_train_step(model, tx, config, (state_sh, batch_sh))
   eval_step = evaluation.make_eval_step(model, mods, (state_sh['params'], batch_sh))
+  # Jointly trained auxiliary routers: evaluate the causal model too.
+  causal_eval_step = (evaluation.make_eval_step(model.clone(causal=True), mods,
+                                                (state_sh['params'], batch_sh))
+                      if model.aux_routers else None)
   put = lambda batch: sharding.global_batch(batch, batch_sh)
   schedule = optimizer_lib.learning_rate(config)
   nan_steps = set(t.nan_steps or ())
@@ -416,7 +441,7 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
           row = {'train_flops': progress['train_flops'], 'tokens': progress['tokens'],
                  **{f'batch_tokens/{m}': host[f'tokens/{m}'] for m in mods},
                  **{k: v for k, v in host.items() if k == 'loss' or (k.startswith(
-                     ('loss/', 'route/')) and k not in absent)},
+                     ('loss/', 'route/', 'aux_router/')) and k not in absent)},
                  'tokens_per_sec': interval_tokens / max(elapsed, 1e-9),
                  'lr': float(schedule(step - 1 - progress['nonfinite_skipped'])),
                  'grad_norm': host['grad_norm'], 'z_loss': host['z_loss'],
@@ -427,9 +452,11 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
           interval_tokens, interval_start = 0, time.perf_counter()
 
         if step % t.eval_every == 0 or step == t.steps:
-          log.write(step, {'train_flops': progress['train_flops'],
-                           **evaluation.evaluate(eval_step, state['params'], config, tok,
-                                                 put)})
+          row = evaluation.evaluate(eval_step, state['params'], config, tok, put)
+          if causal_eval_step is not None:
+            row.update(evaluation.evaluate(causal_eval_step, state['params'], config, tok,
+                                           put, prefix='eval_causal'))
+          log.write(step, {'train_flops': progress['train_flops'], **row})
           interval_start = time.perf_counter()   # evaluation is not training time
 
         save(force=step == t.steps)

@@ -13,7 +13,7 @@ import re
 import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
-NAMES = ('routing_explorer.ipynb', 'flops_savings.ipynb')
+NAMES = ('routing_explorer.ipynb', 'flops_savings.ipynb', 'generation.ipynb')
 CELL_TIMEOUT_S = 600
 
 
@@ -102,3 +102,24 @@ def test_flops_savings_runs(data_setup, tmp_path, monkeypatch):
   assert len(_outputs(notebook, 'image/png')) >= 3
   printed = ''.join(_outputs(notebook, 'stream'))
   assert 'training rows' in printed and 'route/' in printed
+
+
+@pytest.mark.slow
+def test_generation_runs(data_setup, tmp_path, monkeypatch):
+  notebook = _execute('generation.ipynb', data_setup[0].data.data_dir, tmp_path,
+                      monkeypatch)
+  printed = ''.join(_outputs(notebook, 'stream'))
+  # The greedy captions checked token by token against the full causal pass.
+  match = re.search(r'KV-cache decoding matches the full causal pass: (\d+) tokens', printed)
+  assert match and int(match.group(1)) > 0, printed
+  # The gap table: a header, then per modality teacher-forced, causal, their signed
+  # difference and the routers' balanced accuracy.
+  row = lambda mo: rf'{mo} +\d+\.\d{{4}} +\d+\.\d{{4}} +[+-]\d+\.\d{{4}} +[01]\.\d{{3}}\n'
+  assert re.search(r'modality +teacher-forced +causal +gap \(causal - t\.f\.\) +'
+                   r'router bal\. acc\.\n' + row('text') + row('image'), printed), printed
+  assert re.search(r'image 0: +generated: .*\n +true: +[\'"].+[\'"]', printed), printed
+  # The loss bars, the text-to-image grid, the captioned images (and any continuation's).
+  assert len(_outputs(notebook, 'image/png')) >= 3
+  workdir = tmp_path / 'generation' / 'moma_4t4i_tiny'
+  assert (workdir / 'aux_router' / 'result.json').is_file()
+  assert (workdir / 'checkpoints').is_dir()

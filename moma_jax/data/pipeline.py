@@ -20,6 +20,7 @@ Evaluation runs once over a validation split per dataset, every process making a
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -66,6 +67,28 @@ def mixture(config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
   return out
 
 
+def dataset_options(config: ml_collections.ConfigDict) -> dict[str, dict[str, int]]:
+  """{dataset name: builder options} from `data.options`
+  ('moma_shapes:num_train=100000:num_validation=400;moma_digits:...'); integer values."""
+  out = {}
+  for item in (config.data.options or '').split(';'):
+    if not item.strip():
+      continue
+    name, *pairs = item.strip().split(':')
+    opts = {}
+    for pair in pairs:
+      key, _, value = pair.partition('=')
+      if not key.strip() or not re.fullmatch(r'\s*\d+\s*', value):
+        raise configs.ConfigError('data.options', f'expected "name:key=integer[:...];...", '
+                                  f'got {config.data.options!r}')
+      opts[key.strip()] = int(value)
+    if not name.strip() or name.strip() in out:
+      raise configs.ConfigError('data.options', f'expected one "name:key=integer[:...]" '
+                                f'per dataset, got {config.data.options!r}')
+    out[name.strip()] = opts
+  return out
+
+
 # ----------------------------------------------------------------------------------
 # Tokenizers
 # ----------------------------------------------------------------------------------
@@ -86,8 +109,11 @@ def load_tokenizers(config: ml_collections.ConfigDict) -> docs_lib.Tokenizers:
 
 def _vq_tokenizer(config) -> VQTokenizer:
   vq = config.data.vq
+  # Named after the images it is fitted on, so mixtures of other image datasets never
+  # share a codebook by accident.
+  names = '+'.join(_fit_datasets(config))
   path = os.path.join(data_dir(config), 'vq', f'vq_k{vq.codebook_size}_p{vq.patch}_'
-                      f's{vq.seed}_n{vq.fit_images}.npz')
+                      f's{vq.seed}_n{vq.fit_images}_{names}.npz')
   if os.path.exists(path):
     return VQTokenizer.load(path)
   images = _fit_images(config, vq.fit_images, vq.seed)
@@ -97,11 +123,19 @@ def _vq_tokenizer(config) -> VQTokenizer:
   return tok
 
 
-def _fit_images(config, count: int, seed: int) -> np.ndarray:
-  """Up to `count` training images, drawn evenly from the image datasets in use (the
+def _fit_datasets(config) -> list[str]:
+  """The image datasets the codebook is fitted on: those in use, in mixture order (the
   embedded image datasets when the mixture has none)."""
   names = [n for n, _ in mixture(config) if datasets.KIND.get(n) == 'image_text']
   names = names or [n for n, k in datasets.KIND.items() if k == 'image_text']
+  return list(dict.fromkeys(names))
+
+
+def _fit_images(config, count: int, seed: int) -> np.ndarray:
+  """Up to `count` training images, drawn evenly from `_fit_datasets`. Read from each
+  dataset at its default size (not `data.options`), so that a larger build of the same
+  dataset fits the same codebook."""
+  names = _fit_datasets(config)
   rng = np.random.default_rng(seed)
   images = []
   for name in names:
@@ -120,7 +154,8 @@ class DatasetDocuments(Sequence):
   def __init__(self, config: ml_collections.ConfigDict, name: str, split: str,
                tok: docs_lib.Tokenizers):
     self.name, self.split, self.tok = name, split, tok
-    self.source = datasets.data_source(name, data_dir(config), split)
+    self.source = datasets.data_source(name, data_dir(config), split,
+                                       **dataset_options(config).get(name, {}))
     self.plan = None
     if datasets.KIND.get(name) == 'image_text':
       self.plan = docs_lib.plan_documents(len(self.source), config.data.formats,
@@ -190,11 +225,15 @@ class TrainIterator(Iterator):
 
 
 def train_iterator(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
-                   process_index: int = 0, process_count: int = 1) -> TrainIterator:
-  """Batches of this process's rows of the global batch `train.batch_size`."""
+                   process_index: int = 0, process_count: int = 1,
+                   split: str = 'train') -> TrainIterator:
+  """Batches of this process's rows of the global batch `train.batch_size`: the
+  datasets of the mixture, each shuffled and repeated, mixed by weight. `split` another
+  split: the same mixture of that split (e.g. to measure routing on mixed validation
+  batches, as training sees them)."""
   parts, weights = [], []
   for k, (name, weight) in enumerate(mixture(config)):
-    docs = DatasetDocuments(config, name, 'train', tok)
+    docs = DatasetDocuments(config, name, split, tok)
     parts.append(grain.MapDataset.source(docs).shuffle(seed=config.data.seed + k).repeat())
     weights.append(weight)
   mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]

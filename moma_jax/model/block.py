@@ -25,18 +25,24 @@ class Block(nn.Module):
   """x [B, T, D] -> [B, T, D]; routed FFNs see routing groups of `rows_per_group` rows.
 
   modality [B, T] int, segment_ids [B, T] (0 = padding), positions [B, T].
+  aux_routers, causal: see `RoutedExperts`; decode: attention through a KV cache of
+  `model.max_len` slots (`Attention`).
   """
   config: ml_collections.FrozenConfigDict
   rows_per_group: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  aux_routers: bool = False
+  causal: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
     m = self.config.model
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     post = m.norm == 'post'
-    attn = Attention(m.num_heads, name='attention', **kw)
+    attn = Attention(m.num_heads, decode=self.decode, cache_len=m.max_len, name='attention',
+                     **kw)
     attn_norm = RMSNorm(name='attention_norm', **kw)
     ffn_norm = RMSNorm(name='ffn_norm', **kw)
     if post:
@@ -49,9 +55,11 @@ class Block(nn.Module):
       f = MLP(configs.ffn_hidden(m), name='mlp', **kw)(u)
     else:
       b, t, d = u.shape
-      s = self.rows_per_group
+      # Causal routing looks at one token at a time: any grouping gives the same result.
+      s = 1 if self.causal else self.rows_per_group
       # [B, T, D] -> [G, N, D]: a routing group is S consecutive rows of the batch.
-      f = RoutedExperts(self.config, name='experts', **kw)(
+      f = RoutedExperts(self.config, aux_routers=self.aux_routers, causal=self.causal,
+                        name='experts', **kw)(
           u.reshape(b // s, s * t, d), modality.reshape(b // s, s * t),
           (segment_ids > 0).reshape(b // s, s * t), deterministic).reshape(b, t, d)
     out = h + (ffn_norm(f) if post else f)

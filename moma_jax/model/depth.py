@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moma_jax import configs
+from moma_jax.model import aux_router
 from moma_jax.model import routing
 from moma_jax.model.block import Block
 
@@ -60,11 +61,20 @@ def depth_plan(scores, modality, valid, model: ml_collections.ConfigDict):
 
 
 class DepthRoutedBlock(nn.Module):
-  """A mixture-of-depths block. Same signature as `Block`: x [B, L, D] -> [B, L, D]."""
+  """A mixture-of-depths block. Same signature as `Block`: x [B, L, D] -> [B, L, D].
+
+  aux_routers: an auxiliary router learns which tokens the layer picks. causal: a token
+  runs the block when its auxiliary router says so (logit > 0), weighted by the main
+  router; the block runs on every position, and tokens that skip it are masked out of
+  its attention (segment 0), so the result equals running the picked tokens alone.
+  """
   config: ml_collections.FrozenConfigDict
   rows_per_group: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  aux_routers: bool = False
+  causal: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
@@ -76,6 +86,21 @@ class DepthRoutedBlock(nn.Module):
         nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
     logits = jnp.einsum('bld,d->bl', x.astype(jnp.float32), w.astype(jnp.float32))
     valid = segment_ids > 0
+    block = Block(self.config, rows_per_group=1, dtype=self.dtype,
+                  param_dtype=self.param_dtype, aux_routers=self.aux_routers,
+                  causal=self.causal, decode=self.decode, name='block')
+    aux = None
+    if self.aux_routers:
+      aux = aux_router.AuxRouter(1, self.param_dtype, name='aux_router')
+      aux_logits = aux(x)[..., 0]                                            # [B, L]
+    if self.causal:
+      if aux is None:
+        raise ValueError('causal mode of mixture-of-depths needs the auxiliary routers')
+      picked = valid & (aux_logits > 0)
+      out = block(x, modality, jnp.where(picked, segment_ids, 0), positions, deterministic)
+      r = jnp.where(picked, jax.nn.sigmoid(logits), 0.0)[..., None]
+      self.sow('route_stats', 'mod/picked', picked.sum() / jnp.maximum(valid.sum(), 1))
+      return x + (r * (out - x)).astype(x.dtype)
     plan = depth_plan(jax.nn.sigmoid(logits).reshape(g, n), modality.reshape(g, n),
                       valid.reshape(g, n), m)
     p = plan.token_index.shape[0] // g
@@ -91,12 +116,14 @@ class DepthRoutedBlock(nn.Module):
     take_one = lambda a, i: jnp.take(a, i, axis=0, mode='fill', fill_value=0)
     take = lambda a: jax.vmap(take_one)(a.reshape(g, n, *a.shape[2:]), local)  # [G, P, ...]
     x_p, mod_p, seg_p, pos_p = take(x), take(modality), take(seg_key), take(positions)
-    out = Block(self.config, rows_per_group=1, dtype=self.dtype,
-                param_dtype=self.param_dtype, name='block')(
-                    x_p, mod_p, seg_p, pos_p, deterministic)
+    out = block(x_p, mod_p, seg_p, pos_p, deterministic)
     delta = (out - x_p) * plan.weight.reshape(g, p, 1).astype(out.dtype)       # [G, P, D]
     y = jax.vmap(lambda rows, i, v: rows.at[i].add(v, mode='drop'))(
         x.reshape(g, n, d), local, delta.astype(x.dtype))
+    if aux is not None:
+      picked = jnp.zeros(g * n + 1, bool).at[plan.token_index].set(True)[:g * n]
+      aux.score(aux_logits.reshape(g, n, 1), picked.reshape(g, n, 1),
+                valid.reshape(g, n, 1), 'depth')
     self.sow('route_stats', 'mod/picked', plan.kept.sum() / jnp.maximum(valid.sum(), 1))
     self.sow('route_stats', 'mod/router_logit_mean',
              jnp.where(valid, logits, 0).sum() / jnp.maximum(valid.sum(), 1))

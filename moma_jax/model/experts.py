@@ -18,11 +18,13 @@ import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from moma_jax import configs
+from moma_jax.model import aux_router
 from moma_jax.model import expert_parallel
 from moma_jax.model import kernel_ops
 from moma_jax.model import routing
@@ -118,10 +120,18 @@ class RoutedExperts(nn.Module):
   token-choice load-balancing loss into 'aux_loss', and into 'intermediates' what
   each expert took ('selection': candidates idx, gate [G, E, K] in stacked order and
   kept [G, E], the same on every mesh) and, on one device, the routing plan ('plan').
+
+  aux_routers: each group has an auxiliary router (moma_jax/model/aux_router.py) that
+  learns the group's decisions. causal: no token looks at another: expert choice is
+  replaced by the auxiliary routers' decisions (token choice by its top-k without
+  capacity), weighted by the main router's scores; every expert is evaluated on every
+  token (E times the FFN's FLOPs: meant for evaluation and decoding).
   """
   config: ml_collections.FrozenConfigDict
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  aux_routers: bool = False
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, modality, valid, deterministic: bool = True):
@@ -137,7 +147,9 @@ class RoutedExperts(nn.Module):
     wi_1 = self.param('wi_1', init_in, (e_total, d, hidden), self.param_dtype)
     wo = self.param('wo', init_out, (e_total, hidden, d), self.param_dtype)
 
-    cands, logits_all = [], []
+    if self.causal and m.ffn != 'topk' and not self.aux_routers:
+      raise ValueError('causal mode of expert choice needs the auxiliary routers')
+    cands, logits_all, causal_w = [], [], []
     caps = configs.group_capacities(m) if m.ffn != 'topk' else (None,)
     for (mods, e), name, cap in zip(groups, names, caps):
       w_router = self.param(f'router_{name}', nn.with_logical_partitioning(
@@ -148,6 +160,18 @@ class RoutedExperts(nn.Module):
         noise = self.make_rng('router')
       scores = routing.router_scores(logits, m.router, noise)
       eligible = valid & jnp.isin(modality, jnp.asarray(mods))
+      aux = None
+      if self.aux_routers and m.ffn != 'topk':
+        aux = aux_router.AuxRouter(e, self.param_dtype, name=f'aux_router_{name}')
+        aux_logits = aux(x)                                                   # [G, N, E]
+      if self.causal:
+        if m.ffn == 'topk':
+          top = jax.lax.top_k(scores, m.top_k)[0][..., -1:]
+          take = scores >= top
+        else:
+          take = aux_logits > 0
+        causal_w.append((name, jnp.where(take & eligible[..., None], scores, 0.0), eligible))
+        continue
       if m.ffn == 'topk':
         idx, gate, wanted, assign = routing.token_choice(
             scores, eligible, m.top_k, topk_capacity(m, n))
@@ -155,9 +179,14 @@ class RoutedExperts(nn.Module):
       else:
         idx, gate, wanted = routing.expert_choice(scores, eligible[..., None], cap,
                                                   select=kernels(self.config).select)
+        if aux is not None:
+          aux.score(aux_logits, aux_router.taken_mask(idx, wanted, n), eligible[..., None],
+                    name)
       cands.append((idx, gate, wanted))
       logits_all.append((name, logits, eligible))
 
+    if self.causal:
+      return self._causal_ffn(x, causal_w, (wi_0, wi_1, wo), modality, valid)
     k = max(c[0].shape[-1] for c in cands)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, k - a.shape[-1])))
     # Group order -> stacked order: position s of the stack is concatenated expert order[s].
@@ -186,6 +215,30 @@ class RoutedExperts(nn.Module):
     # What each expert took, whatever the mesh: candidates past `kept` are not taken.
     self.sow('intermediates', 'selection', dict(idx=idx, gate=gate, kept=kept))
     self._sow_stats(idx, wanted, kept, order, modality, valid, logits_all, groups, names)
+    return y.astype(x_in.dtype)
+
+  def _causal_ffn(self, x, per_group, weights, modality, valid):
+    """y = sum_e w[..., e] * SwiGLU_e(x): every expert on every token, weighted by the
+    causal decisions. per_group: (name, w [G, N, E_i] with 0 where a token is not
+    routed, eligible [G, N]) of each group. Sows each expert's share of its eligible
+    tokens as `causal_share/{name}` [E_i]."""
+    m = self.config.model
+    for name, w_i, eligible in per_group:
+      share = (w_i > 0).sum((0, 1)) / jnp.maximum(eligible.sum(), 1)
+      self.sow('route_stats', f'causal_share/{name}', share)
+    order = np.argsort(np.concatenate([np.asarray(r) for r in stacked_slots(m)]))
+    w = jnp.concatenate([w_i for _, w_i, _ in per_group], axis=-1)[..., order]  # [G, N, E]
+    wi_0, wi_1, wo = (a.astype(self.dtype) for a in weights)
+    x_in = x.astype(self.dtype)
+    h = nn.silu(jnp.einsum('gnd,edf->gnef', x_in, wi_0)) * jnp.einsum(
+        'gnd,edf->gnef', x_in, wi_1)
+    out = jnp.einsum('gnef,efd->gned', h, wo)
+    y = jnp.einsum('gne,gned->gnd', w.astype(out.dtype), out)
+    taken = (w > 0).sum(-1)
+    for i, mod in enumerate(m.modalities):
+      of_mod = valid & (modality == i)
+      self.sow('route_stats', f'left_behind/{mod}',
+               ((taken == 0) & of_mod).sum() / jnp.maximum(of_mod.sum(), 1))
     return y.astype(x_in.dtype)
 
   def _sow_balance_loss(self, scores, assign, eligible, top_k):

@@ -92,10 +92,18 @@ class Attention(nn.Module):
   """Multi-head causal self-attention with QK-norm and RoPE.
 
   x [B, T, D], positions [B, T], segment_ids [B, T] (0 = padding) -> [B, T, D].
+
+  decode: keys and values live in a cache of `cache_len` slots (the 'cache' collection,
+  made by the first call): each call appends its T tokens after those of the calls
+  before it and attends to every cached key of the same segment up to its own slot. A
+  key whose segment is 0 is never attended to (mixture-of-depths caches the tokens that
+  skip its layer that way).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  decode: bool = False
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
@@ -113,14 +121,39 @@ class Attention(nn.Module):
     q, k = rope(q, positions), rope(k, positions)
     q = constrain(q, ('batch', 'length', 'heads', 'kv'))
     k = constrain(k, ('batch', 'length', 'heads', 'kv'))
+    if self.decode:
+      k, v, mask = self._cached(k, v, segment_ids)
+    else:
+      mask = attention_mask(segment_ids)
     logits = jnp.einsum('bqhk,bshk->bhqs', q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(k_dim))
-    logits = jnp.where(attention_mask(segment_ids), logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqs,bshk->bqhk', probs, v)
     out = Projection((d,), ('heads', 'kv', 'embed'), in_dims=2, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='out')(out)
     return constrain(out, ('batch', 'length', 'embed'))
+
+  def _cached(self, k, v, segment_ids):
+    """Appends k, v [B, T, H, K] at the cache's next T slots; returns the whole cache
+    [B, S, H, K] (S = cache_len) and the mask [B, 1, T, S]."""
+    b, t, h, kd = k.shape
+    zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)
+    ck = self.variable('cache', 'cached_key', zeros((b, self.cache_len, h, kd), k.dtype))
+    cv = self.variable('cache', 'cached_value', zeros((b, self.cache_len, h, kd), v.dtype))
+    cs = self.variable('cache', 'cached_segment_ids', zeros((b, self.cache_len), jnp.int32))
+    ci = self.variable('cache', 'cache_index', zeros((), jnp.int32))
+    i = ci.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+    cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids.astype(jnp.int32), (0, i))
+    ci.value = i + t
+    q_slot = i + jnp.arange(t)
+    seen = jnp.arange(self.cache_len)[None, :] <= q_slot[:, None]            # [T, S]
+    seg = segment_ids.astype(jnp.int32)
+    same = seg[:, :, None] == cs.value[:, None, :]                          # [B, T, S]
+    mask = seen[None] & same & (seg[:, :, None] > 0)
+    return ck.value, cv.value, mask[:, None]
 
 
 def swiglu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:

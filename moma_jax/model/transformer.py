@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moma_jax import configs
+from moma_jax.model import aux_router
 from moma_jax.model import loss as loss_lib
 from moma_jax.model import route_stats
 from moma_jax.model.block import Block
@@ -29,8 +30,18 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nn.Module):
-  """tokens, modality, segment_ids, positions [B, L] -> logits [B, L, V] float32."""
+  """tokens, modality, segment_ids, positions [B, L] -> logits [B, L, V] float32.
+
+  aux_routers: every expert group and MoD layer carries an auxiliary router
+  (moma_jax/model/aux_router.py). causal: routing by those routers, token by token, so
+  no logit depends on a later token (teacher-forced routing otherwise looks at the whole
+  routing group). decode: attention through a KV cache (the 'cache' collection); each
+  call continues the sequences of the calls before it (causal mode only).
+  """
   config: ml_collections.FrozenConfigDict
+  aux_routers: bool = False
+  causal: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens, modality, segment_ids, positions, deterministic: bool = True):
@@ -41,12 +52,15 @@ class Decoder(nn.Module):
                          nn.initializers.normal(1.0), ('vocab', 'embed')),
                      name='embed')
     x = constrain(embed(tokens), ('batch', 'length', 'embed'))
+    if self.decode and not self.causal:
+      raise ValueError('decoding with a KV cache needs causal mode')
     for i, is_mod in enumerate(configs.mod_layers(m)):
       cls = DepthRoutedBlock if is_mod else Block
       if m.remat != 'none':
         cls = nn.remat(cls, static_argnums=(5,), policy=_REMAT_POLICIES[m.remat])
       x = cls(self.config, rows_per_group=self.config.routing.group_size, dtype=dtype,
-              param_dtype=param_dtype, name=f'layer_{i}')(
+              param_dtype=param_dtype, aux_routers=self.aux_routers, causal=self.causal,
+              decode=self.decode, name=f'layer_{i}')(
                   x, modality, segment_ids, positions, deterministic)
     x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name='final_norm')(x)
     # Untied output head (Chameleon); logits in float32 for the loss and z-loss.
@@ -55,10 +69,13 @@ class Decoder(nn.Module):
     return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
-def build(config: ml_collections.ConfigDict) -> Decoder:
-  """The decoder of a validated config."""
+def build(config: ml_collections.ConfigDict, aux_routers: bool | None = None) -> Decoder:
+  """The decoder of a validated config. aux_routers None: as the training run has them
+  (`model.aux_router.enabled` with mode 'joint'; post-hoc routers come later)."""
   configs.validate(config)
-  return Decoder(ml_collections.FrozenConfigDict(config))
+  if aux_routers is None:
+    aux_routers = configs.has_joint_aux_routers(config.model)
+  return Decoder(ml_collections.FrozenConfigDict(config), aux_routers=aux_routers)
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int | None = None):
@@ -90,19 +107,25 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
   """Returns (objective, metrics) for one batch.
 
   objective = cross-entropy + z_loss * logsumexp^2 + load_balance_weight * balance
-  losses (token choice). metrics: 'loss', 'loss/{modality}', 'tokens/...', 'z_loss',
-  'aux_loss', and `route/...` statistics. Pass `rng` for training (router noise).
+  losses (token choice) + the auxiliary routers' binary cross-entropy (their inputs
+  are stop-gradient, so it trains them alone). metrics: 'loss', 'loss/{modality}',
+  'tokens/...', 'z_loss', 'aux_loss', `route/...` statistics and `aux_router/...`
+  accuracies. Pass `rng` for training (router noise).
   """
   m = model.config.model
   rngs = {'router': rng} if rng is not None else {}
   logits, state = model.apply(
       {'params': params}, batch['tokens'], batch['modality'], batch['segment_ids'],
       batch['positions'], deterministic=rng is None, rngs=rngs,
-      mutable=['route_stats', 'aux_loss'])
+      mutable=['route_stats', 'aux_loss', aux_router.COLLECTION])
   objective, metrics = loss_lib.next_token_loss(
       logits, batch, m.modalities, model.config.train.z_loss)
   aux = jax.tree.leaves(state.get('aux_loss', {}))
   aux_total = sum(aux) / len(aux) if aux else jnp.float32(0)
   metrics['aux_loss'] = aux_total
   metrics.update(route_stats.summarize(state.get('route_stats', {})))
-  return objective + m.load_balance_weight * aux_total, metrics
+  metrics.update(aux_router.summarize(state.get(aux_router.COLLECTION, {})))
+  objective = objective + m.load_balance_weight * aux_total
+  if 'aux_router/loss' in metrics:
+    objective = objective + metrics['aux_router/loss']
+  return objective, metrics

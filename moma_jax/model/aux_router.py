@@ -1,0 +1,125 @@
+"""Auxiliary routers: causal predictors of the group-level top-k routing decisions.
+
+Expert choice and mixture-of-depths pick tokens by comparing each token with the whole
+routing group, future tokens included, so a model trained that way cannot decode one
+token at a time. An auxiliary router looks at one token only and predicts, by binary
+cross-entropy, whether the group-level decision took it:
+    p = sigmoid(SiLU(x W1) W2),   W1: D x D/2,   W2: D/2 x E
+(E = the experts of one expert group, or 1 for a mixture-of-depths layer). Its input is
+the main router's input under stop-gradient, so training it never changes the model.
+In causal mode a token goes to an expert (through a MoD layer) when p > 0.5, i.e. when
+its logit is > 0; the main router still gives the weight.
+
+Axis legend: G routing groups, N tokens per group, D embed, E outputs, K candidate slots.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from moma_jax.model.layers import default_kernel_init
+
+COLLECTION = 'aux_router'
+# Counts each router sows (summed over its eligible tokens and outputs).
+COUNTS = ('bce_sum', 'count', 'tp', 'fp', 'fn', 'tn')
+
+
+class AuxRouter(nn.Module):
+  """x [..., D] -> logits [..., E] float32 (decision: logit > 0)."""
+  outputs: int
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    w1 = self.param('w1', nn.with_logical_partitioning(default_kernel_init, ('embed', None)),
+                    (d, d // 2), self.param_dtype)
+    w2 = self.param('w2', nn.with_logical_partitioning(default_kernel_init, (None, None)),
+                    (d // 2, self.outputs), self.param_dtype)
+    h = nn.silu(jax.lax.stop_gradient(x).astype(jnp.float32) @ w1.astype(jnp.float32))
+    return h @ w2.astype(jnp.float32)
+
+  def score(self, logits: jax.Array, target: jax.Array, eligible: jax.Array,
+            name: str) -> None:
+    """Sows this router's loss and confusion counts against the group-level decisions.
+
+    logits, target [..., E] (target bool: the token was taken), eligible [..., E|1]
+    bool (tokens the decision was made over). Sown under `COLLECTION`/{name}/...; summed
+    over layers by `summarize`.
+    """
+    mask = jnp.broadcast_to(eligible, logits.shape)
+    bce = optax.sigmoid_binary_cross_entropy(logits, target.astype(jnp.float32))
+    pred = logits > 0
+    sums = {
+        'bce_sum': jnp.where(mask, bce, 0).sum(),
+        'count': mask.sum().astype(jnp.float32),
+        'tp': (mask & pred & target).sum().astype(jnp.float32),
+        'fp': (mask & pred & ~target).sum().astype(jnp.float32),
+        'fn': (mask & ~pred & target).sum().astype(jnp.float32),
+        'tn': (mask & ~pred & ~target).sum().astype(jnp.float32),
+    }
+    for key, value in sums.items():
+      self.sow(COLLECTION, f'{name}/{key}', value)
+
+
+def taken_mask(idx: jax.Array, wanted: jax.Array, n: int) -> jax.Array:
+  """Which tokens each expert took: idx [G, E, K] candidates, wanted [G, E] -> [G, N, E]
+  bool (candidate k of expert e taken iff k < wanted[g, e])."""
+  g, e, k = idx.shape
+  took = jnp.arange(k) < wanted[..., None]                                # [G, E, K]
+  target = jnp.where(took, idx, n)                                        # N: nowhere
+  mask = jnp.zeros((g, e, n + 1), bool)
+  gi, ei = jnp.arange(g)[:, None, None], jnp.arange(e)[None, :, None]
+  return jnp.swapaxes(mask.at[gi, ei, target].set(True)[..., :n], 1, 2)
+
+
+def totals(sown) -> dict[str, dict[str, jax.Array]]:
+  """{router kind ('text', 'image', 'all', 'depth'): {count: sum over layers}} from the
+  sown values."""
+  kinds: dict[str, dict[str, jax.Array]] = {}
+  for path, value in _leaves_by_path(sown or {}):
+    kind, key = path[-1].rsplit('/', 1)         # sown as '{kind}/{count}'
+    slot = kinds.setdefault(kind, dict.fromkeys(COUNTS, jnp.float32(0)))
+    slot[key] = slot[key] + value
+  return kinds
+
+
+def rates(kinds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """'aux_router/{loss, accuracy, balanced_accuracy, precision, recall}' over all
+  routers (micro-averaged) and '.../{kind}' per kind, from `totals` (arrays or floats)."""
+  if not kinds:
+    return {}
+  out = _rates({k: sum(c[k] for c in kinds.values()) for k in COUNTS}, '')
+  for kind, c in sorted(kinds.items()):
+    out.update(_rates(c, f'/{kind}'))
+  return out
+
+
+def summarize(sown) -> dict[str, jax.Array]:
+  """The `rates` of one forward pass's sown counts."""
+  return rates(totals(sown))
+
+
+def _rates(c: dict[str, Any], suffix: str) -> dict[str, Any]:
+  safe = lambda a, b: a / jnp.maximum(b, 1)
+  recall = safe(c['tp'], c['tp'] + c['fn'])
+  specificity = safe(c['tn'], c['tn'] + c['fp'])
+  return {f'aux_router/loss{suffix}': safe(c['bce_sum'], c['count']),
+          f'aux_router/accuracy{suffix}': safe(c['tp'] + c['tn'], c['count']),
+          f'aux_router/balanced_accuracy{suffix}': (recall + specificity) / 2,
+          f'aux_router/precision{suffix}': safe(c['tp'], c['tp'] + c['fp']),
+          f'aux_router/recall{suffix}': recall}
+
+
+def _leaves_by_path(tree, prefix=()):
+  """(path of keys, value) of every sown value; flax stores sown values as tuples."""
+  if isinstance(tree, tuple):
+    for value in tree:
+      yield prefix, value
+    return
+  for key, sub in tree.items():
+    yield from _leaves_by_path(sub, (*prefix, key))

@@ -1,0 +1,69 @@
+"""experiments/repro_small.py: compute-matched variants whose buffers never cut a row,
+on data that is never repeated; data.options builds the larger dataset."""
+import importlib.util
+import os
+
+import pytest
+
+from moma_jax import configs
+from moma_jax import flops
+from moma_jax.data import pipeline
+from moma_jax.model import experts
+
+_PATH = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'repro_small.py')
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location('repro_small', _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('variant', ['1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i'])
+def test_variants_are_compute_matched_and_exact(variant):
+  repro = _module()
+  dense = flops.count(repro.get_config('dense')).train['overall']
+  c = configs.validate(repro.get_config(variant))
+  assert flops.count(c).train['overall'] == pytest.approx(dense, rel=0.03)
+  # The capacity buffer holds the most rows expert choice can ask of one expert in a
+  # routing group, whatever its modality mix: ceil(c * N) (all N tokens of one group).
+  m = c.model
+  n = c.routing.group_size * c.data.seq_len
+  if m.mod.enabled:       # inside a MoD block, the picked tokens form the group
+    from moma_jax.model import depth
+    n = depth.picked_slots(m, n)
+  worst = max(configs.ceil_frac(cap, n) for cap in configs.group_capacities(m))
+  assert experts.buffer_capacity(c, n) >= worst
+
+
+def test_seed_and_bad_arguments():
+  repro = _module()
+  c = repro.get_config('4t4i,seed=1')
+  assert c.train.seed == c.data.seed == 1
+  for bad in ('4t4i,seed=x', 'dense,lr=1', 'moe_4x'):
+    with pytest.raises(ValueError):
+      repro.get_config(bad)
+
+
+def test_dataset_options_parse_and_reject():
+  c = configs.default_config()
+  c.data.options = 'moma_shapes:num_train=100:num_validation=20; moma_digits:num_train=5'
+  assert pipeline.dataset_options(c) == {
+      'moma_shapes': {'num_train': 100, 'num_validation': 20},
+      'moma_digits': {'num_train': 5}}
+  for bad in ('moma_shapes:num_train', 'moma_shapes:num_train=x', ':num_train=1',
+              'moma_shapes:num_train=1;moma_shapes:num_train=2'):
+    c.data.options = bad
+    with pytest.raises(configs.ConfigError, match='data.options'):
+      pipeline.dataset_options(c)
+
+
+def test_dataset_options_reach_the_pipeline(data_setup):
+  config, tok = data_setup
+  c = configs.default_config()
+  c.update_from_flattened_dict({'data.data_dir': config.data.data_dir,
+                                'data.vq.fit_images': config.data.vq.fit_images})
+  c.data.options = 'moma_shapes:num_train=50:num_validation=10'
+  assert len(pipeline.DatasetDocuments(c, 'moma_shapes', 'train', tok).source) == 50
+  assert len(pipeline.DatasetDocuments(c, 'moma_shapes', 'validation', tok).source) == 10
