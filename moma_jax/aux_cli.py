@@ -49,12 +49,10 @@ def table(result: dict, modalities) -> str:
   head = (f'{"":<10}{"teacher-forced":>16}{"causal":>10}{"gap":>9}'
           f'{"accuracy":>10}{"balanced":>10}{"precision":>11}{"recall":>8}')
   lines = [head]
-  kinds = {m: f'/{m}' for m in modalities}
   for label, suffix in (('overall', ''), *((m, f'/{m}') for m in modalities)):
     loss = [result.get(f'{c}{suffix}') for c in cols]
-    rate_suffix = suffix if label == 'overall' or f'aux_router/accuracy{kinds[label]}' in \
-        result else None
-    rates = [result.get(f'aux_router/{r}{rate_suffix}') if rate_suffix is not None else None
+    # Router rates per modality exist for moma's groups (moe and MoD: rows below).
+    rates = [result.get(f'aux_router/{r}{suffix}')
              for r in ('accuracy', 'balanced_accuracy', 'precision', 'recall')]
     fmt = lambda v, w, p: f'{"-":>{w}}' if v is None else f'{v:>{w}.{p}f}'
     lines.append(f'{label:<10}{fmt(loss[0], 16, 4)}{fmt(loss[1], 10, 4)}'
@@ -94,7 +92,13 @@ def main() -> None:
   joint = run.model.aux_routers
   model = run.model if joint else transformer.build(config, aux_routers=True)
   params = run.params
-  os.makedirs(aux_store.directory(run.workdir), exist_ok=True)
+  try:
+    os.makedirs(aux_store.directory(run.workdir), exist_ok=True)
+    if not joint:
+      aux_store.mark_unfinished(run.workdir)   # until the new routers are saved
+  except OSError as e:
+    raise cli.UsageError(f'cannot write {aux_store.directory(run.workdir)} '
+                         f'({e.strerror or e})') from e
   log = metrics_log.MetricsLog(aux_store.directory(run.workdir), resume_step=0,
                                total_steps=STEPS.value)
   try:

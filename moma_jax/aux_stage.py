@@ -40,16 +40,17 @@ def init_aux_params(model: transformer.Decoder, seed: int):
   return aux_store.split(params)[1]
 
 
-def make_aux_train_step(model: transformer.Decoder, main_params, tx):
-  """(aux_params, opt_state, batch) -> (aux_params, opt_state, metrics), jit'd: one
-  optimizer step on the routers' cross-entropy; the model's parameters stay fixed."""
-  def objective(aux, batch):
-    _, metrics = transformer.loss_fn(model, aux_store.merge(main_params, aux), batch)
+def make_aux_train_step(model: transformer.Decoder, tx):
+  """(main_params, aux_params, opt_state, batch) -> (aux_params, opt_state, metrics),
+  jit'd: one optimizer step on the routers' cross-entropy; the model's parameters
+  (an argument, not a compile-time constant) stay fixed."""
+  def objective(aux, main, batch):
+    _, metrics = transformer.loss_fn(model, aux_store.merge(main, aux), batch)
     return metrics['aux_router/loss'], metrics
 
   @jax.jit
-  def step(aux, opt, batch):
-    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(aux, batch)
+  def step(main, aux, opt, batch):
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(aux, main, batch)
     updates, opt = tx.update(grads, opt, aux)
     keys = [k for k in metrics if k.startswith('aux_router/')]
     return optax.apply_updates(aux, updates), opt, {k: metrics[k] for k in keys}
@@ -66,14 +67,15 @@ def train_routers(model: transformer.Decoder, params, config: ml_collections.Con
   metrics)` receives the `aux_router/...` metrics every `log_every` steps and at the end.
   """
   main, aux = aux_store.split(params)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps,
+  warmup = max(1, steps // 10)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
                                                 end_value=lr / 100)
   tx = optax.adamw(schedule, weight_decay=0.0)
   opt = tx.init(aux)
-  step_fn = make_aux_train_step(model, main, tx)
+  step_fn = make_aux_train_step(model, tx)
   data = pipeline.train_iterator(config, tok)
   for step in range(1, steps + 1):
-    aux, opt, metrics = step_fn(aux, opt, evaluation.to_device(next(data)))
+    aux, opt, metrics = step_fn(main, aux, opt, evaluation.to_device(next(data)))
     if on_row is not None and (step % log_every == 0 or step == steps or step == 1):
       on_row(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
   return aux
@@ -87,7 +89,7 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
   group-level decisions): `train.eval_max_batches` per dataset of the mixture (all
   of them once when None)."""
   @jax.jit
-  def counts(batch):
+  def counts(params, batch):
     _, state = model.apply({'params': params}, batch['tokens'], batch['modality'],
                            batch['segment_ids'], batch['positions'],
                            mutable=[aux_router.COLLECTION])
@@ -98,7 +100,7 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
   per = config.train.eval_max_batches or VALIDATION_BATCHES_PER_DATASET
   batches = pipeline.train_iterator(config, tok, split=config.data.eval_split)
   for _ in range(per * len(names)):
-    for kind, c in jax.device_get(counts(evaluation.to_device(next(batches)))).items():
+    for kind, c in jax.device_get(counts(params, evaluation.to_device(next(batches)))).items():
       slot = total.setdefault(kind, dict.fromkeys(aux_router.COUNTS, 0.0))
       for key in aux_router.COUNTS:
         slot[key] += float(c[key])

@@ -6,16 +6,19 @@
                  and `run_step` names the checkpoint of the run it was trained on
 
 Auxiliary-router parameters are those under a module named `aux_router*`
-(moma_jax/model/aux_router.py); `split` and `merge` separate them from the model's.
+(`aux_router.is_aux_param`); `split` and `merge` separate them from the model's.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import flax
 import orbax.checkpoint as ocp
+
+from moma_jax.model import aux_router
 
 AUX_DIR = 'aux_router'
 PARAMS_DIR = 'params'
@@ -26,15 +29,11 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), AUX_DIR)
 
 
-def _is_aux(path: tuple[str, ...]) -> bool:
-  return any(part.startswith('aux_router') for part in path)
-
-
 def split(params) -> tuple[dict[str, Any], dict[str, Any]]:
   """(model parameters, auxiliary-router parameters), two nested dicts."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  main = {k: v for k, v in flat.items() if not _is_aux(k)}
-  aux = {k: v for k, v in flat.items() if _is_aux(k)}
+  main = {k: v for k, v in flat.items() if not aux_router.is_aux_param(k)}
+  aux = {k: v for k, v in flat.items() if aux_router.is_aux_param(k)}
   return (flax.traverse_util.unflatten_dict(main), flax.traverse_util.unflatten_dict(aux))
 
 
@@ -46,21 +45,33 @@ def merge(main, aux) -> dict[str, Any]:
 
 
 def read_result(workdir: str) -> dict[str, Any] | None:
-  """The finished stage's result.json, or None if the stage has not finished."""
+  """The finished stage's result.json, or None if the stage has not finished (or its
+  file cannot be read, which a warning says: the stage then counts as not done)."""
   path = os.path.join(directory(workdir), RESULT_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      result = json.load(f)
+    int(result['run_step'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    print(f'warning: ignoring unreadable {path} ({e!r})', file=sys.stderr)
+    return None
+  return result
+
+
+def mark_unfinished(workdir: str) -> None:
+  """Removes result.json: from now until `save`, the stage is not finished."""
+  path = os.path.join(directory(workdir), RESULT_FILE)
+  if os.path.exists(path):
+    os.remove(path)
 
 
 def save(workdir: str, aux_params, result: dict[str, Any]) -> None:
   """Writes params/ (replacing an earlier one), then result.json (atomically)."""
   root = directory(workdir)
   os.makedirs(root, exist_ok=True)
-  stale = os.path.join(root, RESULT_FILE)
-  if os.path.exists(stale):       # the params about to be replaced are not its result's
-    os.remove(stale)
+  mark_unfinished(workdir)        # the params about to be replaced are not its result's
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(root, PARAMS_DIR), aux_params, force=True)
     ckpt.wait_until_finished()

@@ -64,8 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.norm = 'post'
   m.mod = ml_collections.ConfigDict(dict(
       enabled=False, capacity=0.25, every=2, first=0, modality_aware=False))
-  # Auxiliary routers for causal inference: 'post_hoc' trains them after the model
-  # (`moma-aux`, the paper), 'joint' alongside it on stop-gradient inputs.
+  # Auxiliary routers for causal inference. 'joint' (with enabled=True): trained alongside
+  # the model on stop-gradient inputs. 'post_hoc' (the paper's): trained after the model
+  # by `moma-aux`, whatever `enabled` says; the training run carries none.
   m.aux_router = ml_collections.ConfigDict(dict(enabled=False, mode='post_hoc'))
   m.kernels = 'xla'
   m.dtype = 'float32'

@@ -18,6 +18,7 @@ import sys
 
 from absl import flags
 
+from moma_jax import aux_store
 from moma_jax import cli
 from moma_jax import configs
 from moma_jax import evaluation
@@ -62,6 +63,11 @@ def main() -> None:
   model, prefix = run.model, 'eval'
   if CAUSAL.value:
     if configs.looks_ahead(config.model) and not model.aux_routers:
+      done = aux_store.read_result(run.workdir)
+      if done is not None:
+        raise cli.UsageError(f'--causal: the auxiliary routers of {run.workdir} were '
+                             f'trained on step {done["run_step"]}, not {run.step}: '
+                             f'--step {done["run_step"]}, or moma-aux again')
       raise cli.UsageError(f'--causal: {run.workdir} has no auxiliary routers; train them '
                            f'first: moma-aux --workdir {run.workdir}')
     model, prefix = model.clone(causal=True), 'eval_causal'

@@ -17,6 +17,7 @@ Axis legend: B prompts (rows), P prompt length (padded), V vocabulary, S cache s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Sequence
 
@@ -38,7 +39,7 @@ class Sample:
   """One row's result: all its tokens (prompt included) and what was generated."""
   tokens: np.ndarray            # [P + n] int32 vocabulary ids, no padding
   prompt_len: int
-  finished: bool                # ended with <eos>
+  finished: bool                # ended with <eos> (or <eoi> under stop_after_image)
 
   @property
   def new_tokens(self) -> np.ndarray:
@@ -81,13 +82,13 @@ class Generator:
     self.max_len = config.model.max_len
     self.codes_per_image = tok.image.codes_per_image
     self.model = run.model.clone(causal=True, decode=True)
-    model, params = self.model, run.params
+    model = self.model
 
-    def step(cache, tokens, modality, segment_ids, positions):
+    def step(params, cache, tokens, modality, segment_ids, positions):
       logits, updated = model.apply({'params': params, 'cache': cache}, tokens, modality,
                                     segment_ids, positions, mutable=['cache'])
       return logits[:, -1], updated['cache']
-    self._step = jax.jit(step)
+    self._step = functools.partial(jax.jit(step), run.params)
     self._sample = jax.jit(nucleus_sample, static_argnames=('temperature', 'top_p'))
     v = self.vocab
     self._text_ids = np.arange(v.start('text'), v.start('text') + v.sizes[0])

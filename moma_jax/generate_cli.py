@@ -97,6 +97,14 @@ def _validation_images(config, count: int):
                                                        for e in examples])
 
 
+def _write(draw, *args) -> None:
+  """A figure to --image-out; an unwritable file is the user's to fix (exit 2)."""
+  try:
+    draw(*args)
+  except OSError as e:
+    raise cli.UsageError(f'--image-out: cannot write {args[-1]} ({e.strerror or e})') from e
+
+
 def main() -> None:
   if not WORKDIR.value:
     raise cli.UsageError('--workdir DIR is required')
@@ -123,7 +131,7 @@ def main() -> None:
     images = [(gen.images_of(s) or [None])[0] for s in samples]
     rows = [images[i * NUM_SAMPLES.value:(i + 1) * NUM_SAMPLES.value]
             for i in range(len(PROMPT.value))]
-    generate_figures.image_grid(rows, PROMPT.value, out)
+    _write(generate_figures.image_grid, rows, PROMPT.value, out)
     print(f'{PROG}: {len(PROMPT.value)} x {NUM_SAMPLES.value} images -> {out}')
     return
 
@@ -139,7 +147,7 @@ def main() -> None:
     for i, (c, t) in enumerate(zip(captions, truth)):
       print(f'[{i}] generated: {c!r}' + (f'\n    true:      {t!r}' if t else ''))
     if out:
-      generate_figures.captioned_images(images, captions, truth, out)
+      _write(generate_figures.captioned_images, images, captions, truth, out)
       print(f'{PROG}: figure -> {out}')
     return
 
@@ -151,7 +159,7 @@ def main() -> None:
           + ('' if s.finished else ' (stopped at --max_new_tokens)'))
     images += gen.images_of(s)
   if out and images:
-    generate_figures.image_grid([images], ['images in the continuations'], out)
+    _write(generate_figures.image_grid, [images], ['images in the continuations'], out)
     print(f'{PROG}: {len(images)} image(s) -> {out}')
   elif out:
     print(f'{PROG}: the continuations hold no image; {out} not written', file=sys.stderr)

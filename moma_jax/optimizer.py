@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from moma_jax.model import aux_router
+
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   """lr(u): linear warm-up from 0, then decay to 1% of `train.lr`."""
@@ -44,10 +46,6 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
                   mask=decay_mask))
 
 
-def _is_aux_router(path) -> bool:
-  return any(str(getattr(k, 'key', '')).startswith('aux_router') for k in path)
-
-
 def _clip_each_part(max_norm: float, updates, params=None):
   """optax.clip_by_global_norm's rule, applied to the auxiliary routers' leaves and to
   the other leaves separately."""
@@ -55,7 +53,7 @@ def _clip_each_part(max_norm: float, updates, params=None):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
   parts: dict[bool, list[int]] = {}
   for i, (path, _) in enumerate(leaves):
-    parts.setdefault(_is_aux_router(path), []).append(i)
+    parts.setdefault(aux_router.is_aux_param(path), []).append(i)
   out = [g for _, g in leaves]
   for idx in parts.values():
     norm = optax.tree.norm([out[i] for i in idx])

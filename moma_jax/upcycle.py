@@ -40,6 +40,7 @@ import numpy as np
 
 from moma_jax import configs
 from moma_jax import saved_run
+from moma_jax.model import aux_router
 from moma_jax.model import experts as experts_lib
 
 FIELD = 'upcycle.from_workdir'
@@ -95,7 +96,7 @@ def _path(keys) -> tuple[str, ...]:
 def _is_fresh(path: tuple[str, ...]) -> bool:
   """Routers the target learns anew: expert-group routers, every auxiliary router."""
   return (('experts' in path and path[-1].startswith('router_'))
-          or any(p.startswith('aux_router') for p in path))
+          or aux_router.is_aux_param(path))
 
 
 def expert_sources(source: ml_collections.ConfigDict,

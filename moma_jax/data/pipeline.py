@@ -112,10 +112,15 @@ def _vq_tokenizer(config) -> VQTokenizer:
   # Named after the images it is fitted on, so mixtures of other image datasets never
   # share a codebook by accident.
   names = '+'.join(_fit_datasets(config))
-  path = os.path.join(data_dir(config), 'vq', f'vq_k{vq.codebook_size}_p{vq.patch}_'
-                      f's{vq.seed}_n{vq.fit_images}_{names}.npz')
+  stem = os.path.join(data_dir(config), 'vq', f'vq_k{vq.codebook_size}_p{vq.patch}_'
+                      f's{vq.seed}_n{vq.fit_images}')
+  path = f'{stem}_{names}.npz'
   if os.path.exists(path):
     return VQTokenizer.load(path)
+  # Data directories made before codebooks were named after their images hold one
+  # codebook for every mixture: runs trained on it keep reading it.
+  if os.path.exists(f'{stem}.npz'):
+    return VQTokenizer.load(f'{stem}.npz')
   images = _fit_images(config, vq.fit_images, vq.seed)
   tok = VQTokenizer.fit(images, codebook_size=vq.codebook_size, patch=vq.patch, seed=vq.seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)

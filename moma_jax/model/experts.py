@@ -70,6 +70,11 @@ def stacked_slots(model: ml_collections.ConfigDict) -> tuple[tuple[int, ...], ..
   return tuple(tuple(row) for row in slots)
 
 
+def stack_order(model: ml_collections.ConfigDict) -> np.ndarray:
+  """order[s]: the index, in group-concatenated expert order, of stack position s."""
+  return np.argsort(np.concatenate([np.asarray(r) for r in stacked_slots(model)]))
+
+
 def topk_capacity(model: ml_collections.ConfigDict, n: int) -> int:
   """Token choice: tokens an expert keeps per group, ceil(cf * k * N / E), at most N."""
   e = int(model.experts[0])
@@ -166,8 +171,8 @@ class RoutedExperts(nn.Module):
         aux_logits = aux(x)                                                   # [G, N, E]
       if self.causal:
         if m.ffn == 'topk':
-          top = jax.lax.top_k(scores, m.top_k)[0][..., -1:]
-          take = scores >= top
+          top = jax.lax.top_k(scores, m.top_k)[1]                         # [G, N, k]
+          take = jax.nn.one_hot(top, e, dtype=jnp.int32).sum(-2) > 0
         else:
           take = aux_logits > 0
         causal_w.append((name, jnp.where(take & eligible[..., None], scores, 0.0), eligible))
@@ -190,7 +195,7 @@ class RoutedExperts(nn.Module):
     k = max(c[0].shape[-1] for c in cands)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, k - a.shape[-1])))
     # Group order -> stacked order: position s of the stack is concatenated expert order[s].
-    order = np.argsort(np.concatenate([np.asarray(r) for r in stacked_slots(m)]))
+    order = stack_order(m)
     idx = jnp.concatenate([pad(c[0]) for c in cands], axis=1)[:, order]    # [G, E, K]
     gate = jnp.concatenate([pad(c[1]) for c in cands], axis=1)[:, order]
     wanted = jnp.concatenate([c[2] for c in cands], axis=1)[:, order]     # [G, E]
@@ -226,7 +231,7 @@ class RoutedExperts(nn.Module):
     for name, w_i, eligible in per_group:
       share = (w_i > 0).sum((0, 1)) / jnp.maximum(eligible.sum(), 1)
       self.sow('route_stats', f'causal_share/{name}', share)
-    order = np.argsort(np.concatenate([np.asarray(r) for r in stacked_slots(m)]))
+    order = stack_order(m)
     w = jnp.concatenate([w_i for _, w_i, _ in per_group], axis=-1)[..., order]  # [G, N, E]
     wi_0, wi_1, wo = (a.astype(self.dtype) for a in weights)
     x_in = x.astype(self.dtype)
