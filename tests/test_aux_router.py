@@ -46,6 +46,10 @@ def test_counts_and_rates_by_hand():
   assert float(r['aux_router/precision']) == pytest.approx(2 / 3)
   assert float(r['aux_router/recall']) == pytest.approx(2 / 3)
   assert float(r['aux_router/balanced_accuracy']) == pytest.approx((2 / 3 + 0) / 2)
+  # Only positives (1t1i: every token is taken): balanced accuracy is the recall.
+  only = aux_router.rates({'text': dict(bce_sum=0.0, count=4.0, tp=3.0, fp=0.0, fn=1.0,
+                                        tn=0.0)})
+  assert float(only['aux_router/balanced_accuracy']) == pytest.approx(0.75)
   z, y = np.asarray([2.0, -1.0, 0.5, 3.0]), np.asarray([1, 1, 0, 1])
   bce = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
   assert float(r['aux_router/loss']) == pytest.approx(bce.mean(), rel=1e-6)

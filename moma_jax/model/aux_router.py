@@ -114,11 +114,16 @@ def summarize(sown) -> dict[str, jax.Array]:
 
 def _rates(c: dict[str, Any], suffix: str) -> dict[str, Any]:
   safe = lambda a, b: a / jnp.maximum(b, 1)
-  recall = safe(c['tp'], c['tp'] + c['fn'])
-  specificity = safe(c['tn'], c['tn'] + c['fp'])
+  positives, negatives = c['tp'] + c['fn'], c['tn'] + c['fp']
+  recall = safe(c['tp'], positives)
+  specificity = safe(c['tn'], negatives)
+  # The mean of the rates of the classes present: with no negatives (1t1i takes every
+  # token) it is the recall, not half of it.
+  balanced = jnp.where(negatives == 0, recall,
+                       jnp.where(positives == 0, specificity, (recall + specificity) / 2))
   return {f'aux_router/loss{suffix}': safe(c['bce_sum'], c['count']),
           f'aux_router/accuracy{suffix}': safe(c['tp'] + c['tn'], c['count']),
-          f'aux_router/balanced_accuracy{suffix}': (recall + specificity) / 2,
+          f'aux_router/balanced_accuracy{suffix}': balanced,
           f'aux_router/precision{suffix}': safe(c['tp'], c['tp'] + c['fp']),
           f'aux_router/recall{suffix}': recall}
 
