@@ -17,7 +17,8 @@ gradient skips the update; `train.max_nonfinite` of them in a row stop the run (
 Bad configurations, a DIR that is a file, missing data, or an upcycling source that is
 missing or does not fit end as one line, exit 2, before anything is written.
 
-The trainer reads top to bottom: checks, the jit'd step, the loop. The optimizer is in
+The trainer reads top to bottom: the jit'd step, the loop; the checks of its config and
+workdir are in moma_jax/train_checks.py. The optimizer is in
 moma_jax/optimizer.py, evaluation in moma_jax/evaluation.py.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ from moma_jax import metrics_log
 from moma_jax import optimizer as optimizer_lib
 from moma_jax import saved_run
 from moma_jax import sharding
+from moma_jax import train_checks
 from moma_jax import train_state
 from moma_jax import upcycle
 from moma_jax.data import datasets
@@ -77,74 +79,10 @@ PROCESS_ID = cli.define_once(flags.DEFINE_integer, 'process_id', None,
 USER_ERRORS = (*pipeline.DATA_ERRORS, saved_run.RunDirError)
 CONFIG_FILE = saved_run.CONFIG_FILE
 PROFILE_DIR = 'profile'
-# Fields that must agree with the run already in a workdir for it to be resumed.
-_RESUME_KEYS = ('model', 'data.seq_len', 'train.batch_size', 'routing.group_size')
 
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite losses or gradients in a row: exit code 1."""
-
-
-# ==================================================================================
-# Checks: everything a user can get wrong, before anything is written
-# ==================================================================================
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  for part in dotted.split('.'):
-    config = config[part]
-  return config
-
-
-def _to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as JSON-ready Python (tuples become lists)."""
-  return json.loads(config.to_json())
-
-
-def check_train_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for `train.*` values the trainer cannot run."""
-  t = config.train
-  if not isinstance(t.lr, (int, float)) or not t.lr > 0:
-    raise configs.ConfigError('train.lr', f'must be > 0, got {t.lr!r}')
-  if t.schedule not in ('linear', 'cosine'):
-    raise configs.ConfigError('train.schedule', f"must be 'linear' or 'cosine', got {t.schedule!r}")
-  if not isinstance(t.warmup, int) or t.warmup < 0:
-    raise configs.ConfigError('train.warmup', f'must be an integer >= 0, got {t.warmup!r}')
-  if t.weight_decay < 0:
-    raise configs.ConfigError('train.weight_decay', f'must be >= 0, got {t.weight_decay}')
-  if not t.clip > 0:
-    raise configs.ConfigError('train.clip', f'must be > 0, got {t.clip}')
-  for name in ('log_every', 'eval_every', 'ckpt_every', 'keep', 'max_nonfinite'):
-    if not isinstance(t[name], int) or isinstance(t[name], bool) or t[name] <= 0:
-      raise configs.ConfigError(f'train.{name}', f'must be a positive integer, got {t[name]!r}')
-  if t.eval_max_batches is not None and t.eval_max_batches <= 0:
-    raise configs.ConfigError('train.eval_max_batches', f'must be positive or None, got '
-                              f'{t.eval_max_batches}')
-  micro, rem = divmod(t.batch_size, t.grad_accum)
-  if rem or micro % config.routing.group_size:
-    raise configs.ConfigError('train.grad_accum', f'batch {t.batch_size} / {t.grad_accum} '
-                              'micro-batches must be a multiple of routing.group_size='
-                              f'{config.routing.group_size}')
-
-
-def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str:
-  """The absolute workdir; UsageError if it cannot hold this run. Writes nothing."""
-  if not workdir:
-    raise cli.UsageError('--workdir DIR is required')
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise cli.UsageError(f'--workdir: {workdir} is a file, not a directory')
-  saved = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(saved):
-    with open(saved) as f:
-      before = ml_collections.ConfigDict(json.load(f))
-    now = ml_collections.ConfigDict(_to_plain(config))
-    for key in _RESUME_KEYS:
-      if json.dumps(_get(before, key).to_dict() if key == 'model' else _get(before, key),
-                    sort_keys=True) != json.dumps(
-                        _get(now, key).to_dict() if key == 'model' else _get(now, key),
-                        sort_keys=True):
-        raise cli.UsageError(f'--workdir: {workdir} holds a run with another {key}; '
-                             'resume it with its own config or choose a new directory')
-  return workdir
 
 
 # ==================================================================================
@@ -317,9 +255,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   """
   # ---------------- Set-up: everything that can fail on user input ----------------
   configs.validate(config)
-  check_train_config(config)
+  train_checks.check_train_config(config)
   mesh = sharding.make_mesh(config)
-  workdir = check_workdir(workdir, config)
+  workdir = train_checks.check_workdir(workdir, config)
   tok = pipeline.load_tokenizers(config)
   data = pipeline.train_iterator(config, tok, jax.process_index(), jax.process_count())
   for name, _ in pipeline.mixture(config):   # fails now if a validation split is missing
@@ -328,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   model = transformer.build(config)
   report = flops.count(config)
   tx = optimizer_lib.optimizer(config)
-  plain_config = _to_plain(config)
+  plain_config = train_checks.to_plain(config)
   abstract, state_sh = train_state.layout(model, tx, mesh)
   state = train_state.create(model, tx, state_sh, config.train.seed)
   # A new upcycled run starts from the source run (read now: a bad source must fail
