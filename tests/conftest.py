@@ -25,6 +25,17 @@ def jit_vjp(f, cotangent):
   return run
 
 
+def train_usage_error(argv, capsys) -> str:
+  """Runs moma-train with argv, asserts exit 2 with one stderr line, returns that line."""
+  from moma_jax import train  # imported late: it defines absl flags
+  with pytest.raises(SystemExit) as exit_info:
+    train.run(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('moma-train: error: '), err
+  return err
+
+
 def tiny_config(ffn='moma', experts=(4, 4), **model_overrides):
   """A validated tiny config: d 32, 2 heads, 1 layer, seq 16, groups of 2 sequences."""
   c = configs.default_config()

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import tiny_train_config
+from conftest import tiny_train_config, train_usage_error
 from moma_jax import checkpoint as ckpt_lib
 from moma_jax import flops
 from moma_jax import metrics_log
@@ -222,12 +222,7 @@ def test_bad_config_exits_2_and_leaves_workdir(trained_run, tmp_path, capsys, ex
   before = snapshot(copy)
   argv = ['moma-train', f'--config={QUICKSTART}', f'--workdir={copy}',
           *_tiny_flags(config), *extra]
-  with pytest.raises(SystemExit) as exit_info:
-    train.run(argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.count('\n') == 1 and err.startswith('moma-train: error: '), err
-  assert expected in err, err
+  assert expected in train_usage_error(argv, capsys)
   assert snapshot(copy) == before
 
 
@@ -238,12 +233,8 @@ def test_workdir_that_is_a_file_and_unknown_variant(trained_run, tmp_path, capsy
   for conf, workdir, expected in [
       (QUICKSTART, str(path), 'is a file, not a directory'),
       (f'{QUICKSTART}:moma_9x', str(tmp_path / 'new'), "unknown quickstart variant 'moma_9x'")]:
-    with pytest.raises(SystemExit) as exit_info:
-      train.run(['moma-train', f'--config={conf}', f'--workdir={workdir}',
-                 *_tiny_flags(config)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and expected in err, err
+    argv = ['moma-train', f'--config={conf}', f'--workdir={workdir}', *_tiny_flags(config)]
+    assert expected in train_usage_error(argv, capsys)
   assert path.read_text() == 'keep me'
   assert not (tmp_path / 'new').exists()
 

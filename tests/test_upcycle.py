@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config, tiny_train_config
+from conftest import tiny_config, tiny_train_config, train_usage_error
 from moma_jax import checkpoint as ckpt_lib
 from moma_jax import configs
 from moma_jax import flops
@@ -315,11 +315,6 @@ def test_bad_upcycle_source_exits_2_and_writes_nothing(source_run, upcycled_run,
           f'--config.train.batch_size={t.batch_size}', '--config.train.steps=4',
           f'--config.upcycle.from_workdir={source}', f'--config.upcycle.at_step={at_step}',
           '--config.model.router_noise=gumbel', *extra]
-  with pytest.raises(SystemExit) as exit_info:
-    train.run(argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.count('\n') == 1 and err.startswith('moma-train: error: '), err
-  assert expected in err, err
+  assert expected in train_usage_error(argv, capsys)
   assert not workdir.exists()
   assert [snapshot(r['workdir']) for r in (source_run, upcycled_run)] == before
