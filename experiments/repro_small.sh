@@ -4,8 +4,9 @@
 # Trains every variant of experiments/repro_small.py and a second seed of dense and
 # 4t4i, trains post-hoc auxiliary routers and evaluates each sparse run causally, then
 # compares them with moma-compare and writes RUNS_DIR/report.md and the figures in
-# docs/, and measures the variants' throughput at the study's size (RUNS_DIR/throughput.md). Rerunning it reuses what is finished: moma-train resumes or finds a run done,
-# moma-aux finds its stage done.
+# docs/, and measures the variants' throughput at the study's size
+# (RUNS_DIR/throughput.md). Rerunning it reuses what is finished: moma-train resumes or
+# finds a run done, moma-aux finds its stage done.
 set -euo pipefail
 RUNS=${1:-runs/repro_small}
 HERE=$(cd "$(dirname "$0")" && pwd)
