@@ -8,8 +8,14 @@
 Saves are asynchronous: `save` returns once the arrays are copied off the device and
 the files are written in the background; `wait()` blocks until they are on disk. A save
 interrupted by a kill never becomes a step (Orbax writes into a temporary folder and
-renames it when done). A committed step that cannot be read back (a truncated file) is
-moved aside into `checkpoints_corrupt/` with a warning, and the previous one is used.
+renames it when done).
+
+On resume a step is unusable when it cannot be read back (a truncated array file, a
+missing item or metadata file, an empty step directory) or was written by another run
+(its saved config differs where the trainer says it must agree). Unusable steps newer
+than the newest usable one are moved aside into `checkpoints_corrupt/`, one warning line
+each, and the run resumes from that one. When no step is usable, `CheckpointError` names
+them and nothing is moved, so that rerunning never silently starts the run over.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import orbax.checkpoint as ocp
 
@@ -26,17 +32,32 @@ CORRUPT_DIR = 'checkpoints_corrupt'
 ITEMS = ('state', 'progress', 'config')
 
 
+class CheckpointError(Exception):
+  """A workdir whose checkpoints are all unusable; reported as one line, exit code 2."""
+
+
+def _step_dirs(directory: str) -> list[int]:
+  """Every step-named folder under `directory`, complete or not."""
+  if not os.path.isdir(directory):
+    return []
+  return [int(n) for n in os.listdir(directory)
+          if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+
+
 def has_checkpoints(workdir: str) -> bool:
-  """Whether `workdir` holds at least one committed checkpoint step."""
-  root = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
+  """Whether `workdir` holds at least one checkpoint step (readable or not: a run whose
+  checkpoints are all bad must say so, not start over)."""
+  return bool(_step_dirs(os.path.join(workdir, CHECKPOINT_DIR)))
 
 
 class Checkpoints:
   """The run's CheckpointManager: keeps the last `keep` steps (None: all)."""
 
-  def __init__(self, workdir: str, *, keep: int | None = None):
+  def __init__(self, workdir: str, *, keep: int | None = None, primary: bool = True):
+    """primary: whether this process moves unusable steps aside (one process of a
+    multi-process run does; the others only reload)."""
     self.workdir = os.path.abspath(workdir)
+    self.primary = primary
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
@@ -68,31 +89,61 @@ class Checkpoints:
     `jax.ShapeDtypeStruct` leaves); Orbax needs it to restore (a bare restore returns
     nothing useful).
     """
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target_state), progress=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['progress'])
+    state, progress, _ = self._read(step, target_state)
+    return state, progress
 
-  def restore_latest(self, target_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """(step, state, progress) of the newest readable step; None if there is none.
-    Unreadable newer steps are moved aside on the way."""
-    while (step := self.manager.latest_step()) is not None:
+  def _read(self, step: int, target_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target_state), progress=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore()))
+    if restored['progress'] is None or restored['config'] is None:
+      raise ValueError('an item is missing')
+    return restored['state'], dict(restored['progress']), dict(restored['config'])
+
+  def restore_latest(self, target_state: Any,
+                     accept: Callable[[dict[str, Any]], str | None] | None = None,
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, progress) of the newest usable step; None if there is no step.
+
+    accept: given a step's saved config, None if this run may resume from it, else why
+    not (one line). Unusable newer steps are moved aside (one warning line each) once a
+    usable one is found; with none usable, CheckpointError and nothing is moved.
+    """
+    complete = set(self.manager.all_steps())
+    unusable = []
+    for step in sorted(set(_step_dirs(self.directory)) | complete, reverse=True):
+      if step not in complete:
+        unusable.append((step, 'not a complete checkpoint (no Orbax metadata)'))
+        continue
       try:
-        return (step, *self.restore(step, target_state))
+        state, progress, saved_config = self._read(step, target_state)
       except Exception as e:  # pylint: disable=broad-except
-        # Whatever broke the read (truncated file, missing metadata), the step is unusable.
-        self._move_aside(step, e)
+        # Whatever broke the read (truncated file, missing item), the step is unusable.
+        unusable.append((step, f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'))
+        continue
+      reason = accept(saved_config) if accept is not None else None
+      if reason is not None:
+        unusable.append((step, reason))
+        continue
+      for bad, why in unusable:
+        self._move_aside(bad, why)
+      return step, state, progress
+    if unusable:
+      raise CheckpointError(
+          f'no usable checkpoint in {self.directory}: ' + '; '.join(
+              f'step {bad}: {why}' for bad, why in unusable) +
+          '; move that folder aside to start the run over')
     return None
 
-  def _move_aside(self, step: int, error: Exception) -> None:
+  def _move_aside(self, step: int, reason: str) -> None:
     src = os.path.join(self.directory, str(step))
     dst_root = os.path.join(self.workdir, CORRUPT_DIR)
-    os.makedirs(dst_root, exist_ok=True)
     dst = os.path.join(dst_root, f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
-    shutil.move(src, dst)
-    reason = (str(error).splitlines() or [''])[0][:200]
-    print(f'warning: checkpoint step {step} cannot be read ({type(error).__name__}: '
-          f'{reason}); moved it to {dst} and using the previous one', file=sys.stderr,
-          flush=True)
+    if self.primary:
+      os.makedirs(dst_root, exist_ok=True)
+      shutil.move(src, dst)
+      print(f'warning: checkpoint step {step} cannot be used ({reason}); moved it to '
+            f'{dst} and using the previous one', file=sys.stderr, flush=True)
     self.manager.reload()
 
   def wait(self) -> None:

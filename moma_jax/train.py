@@ -76,7 +76,7 @@ NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, 'num_processes', None,
                                 'processes of a multi-process run')
 PROCESS_ID = cli.define_once(flags.DEFINE_integer, 'process_id', None,
                              'this process, 0 .. num_processes - 1')
-USER_ERRORS = (*pipeline.DATA_ERRORS, saved_run.RunDirError)
+USER_ERRORS = (*pipeline.DATA_ERRORS, saved_run.RunDirError, ckpt_lib.CheckpointError)
 CONFIG_FILE = saved_run.CONFIG_FILE
 PROFILE_DIR = 'profile'
 
@@ -102,7 +102,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
   was; metrics['finite'] says which happened.
   """
   accum = config.train.grad_accum
-  base_key = jax.random.key(config.train.seed + 1)
+  seed = config.train.seed + 1
 
   def grads_of(params, batch, rng, poison):
     def objective(p):
@@ -112,7 +112,9 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
     return jax.value_and_grad(objective, has_aux=True)(params)
 
   def step_fn(state, batch, step, poison):
-    rng = jax.random.fold_in(base_key, step)
+    # Made inside the step: a key built at construction would be a concrete array on
+    # the default device, which an AOT compile for device-less TPU or GPU cannot take.
+    rng = jax.random.fold_in(jax.random.key(seed), step)
     if accum == 1:
       (value, metrics), grads = grads_of(state['params'], batch, rng, poison)
     else:
@@ -298,10 +300,19 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise cli.UsageError(f'--workdir: cannot create {workdir} ({e.strerror or e})') from e
-  ckpts = ckpt_lib.Checkpoints(workdir, keep=t.keep)
+  is_writer = jax.process_index() == 0
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=t.keep, primary=is_writer)
   progress = dict(step=0, train_flops=0.0, tokens=0, nonfinite_skipped=0,
                   nonfinite_in_a_row=0)
-  restored = ckpts.restore_latest(abstract)
+
+  def another_run(saved: dict[str, Any]) -> str | None:
+    key = train_checks.resume_mismatch(saved, plain_config)
+    return None if key is None else f'written by a run with another {key}'
+  try:
+    restored = ckpts.restore_latest(abstract, accept=another_run)
+  except ckpt_lib.CheckpointError:
+    ckpts.close()
+    raise
   # The workdir's own newest checkpoint; else the upcycled start; else the fresh init.
   start = restored[1:] if restored is not None else upcycled
   if start is not None:
@@ -313,7 +324,6 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
   step = progress['step']
   with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
     json.dump(plain_config, f, indent=1, sort_keys=True)
-  is_writer = jax.process_index() == 0
   log = metrics_log.MetricsLog(workdir, resume_step=step, total_steps=t.steps,
                                enabled=is_writer)
   if is_writer:

@@ -57,6 +57,23 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
                               f'{config.routing.group_size}')
 
 
+def resume_mismatch(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+  """The first of `_RESUME_KEYS` on which two plain configs (`to_plain`) differ, or None.
+
+  Used on a workdir's `config.json` and on each checkpoint's saved config alike."""
+  before, now = ml_collections.ConfigDict(before), ml_collections.ConfigDict(now)
+  plain = lambda v: json.dumps(v.to_dict() if isinstance(v, ml_collections.ConfigDict)
+                               else v, sort_keys=True)
+  for key in _RESUME_KEYS:
+    try:
+      saved = _get(before, key)
+    except (KeyError, AttributeError):
+      return key
+    if plain(saved) != plain(_get(now, key)):
+      return key
+  return None
+
+
 def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str:
   """The absolute workdir; UsageError if it cannot hold this run. Writes nothing."""
   if not workdir:
@@ -67,13 +84,8 @@ def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str
   saved = os.path.join(workdir, saved_run.CONFIG_FILE)
   if os.path.exists(saved):
     with open(saved) as f:
-      before = ml_collections.ConfigDict(json.load(f))
-    now = ml_collections.ConfigDict(to_plain(config))
-    for key in _RESUME_KEYS:
-      if json.dumps(_get(before, key).to_dict() if key == 'model' else _get(before, key),
-                    sort_keys=True) != json.dumps(
-                        _get(now, key).to_dict() if key == 'model' else _get(now, key),
-                        sort_keys=True):
-        raise cli.UsageError(f'--workdir: {workdir} holds a run with another {key}; '
-                             'resume it with its own config or choose a new directory')
+      key = resume_mismatch(json.load(f), to_plain(config))
+    if key is not None:
+      raise cli.UsageError(f'--workdir: {workdir} holds a run with another {key}; '
+                           'resume it with its own config or choose a new directory')
   return workdir

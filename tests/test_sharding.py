@@ -8,13 +8,17 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from moma_jax import checkpoint as ckpt_lib
 from moma_jax import configs
+from moma_jax import metrics_log
 from moma_jax import sharding
 
 from conftest import tiny_train_config
+from test_resume import kill_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,9 +59,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_log_the_losses_of_one(data_setup, tmp_path):
-  """Two real processes (one CPU device each, gloo) train 10 quickstart steps on the
-  data=2 mesh and log the losses one process (two devices) logs with the same global
-  batch."""
+  """Two real processes (one CPU device each, gloo), killed once and resumed, train 10
+  quickstart steps on the data=2 mesh and log the losses one process (two devices) logs
+  with the same global batch."""
   config = tiny_train_config(data_setup[0].data.data_dir, steps=10, eval_every=10,
                              ckpt_every=5, eval_max_batches=1)
   config.routing.group_size = 4                     # 2 routing groups: one per process
@@ -79,15 +83,35 @@ def test_two_processes_log_the_losses_of_one(data_setup, tmp_path):
                        env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*base, f'--workdir={tmp_path / "two"}', f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+  def two_processes():
+    port = _free_port()
+    return [subprocess.Popen(
+        [*base, f'--workdir={tmp_path / "two"}', f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  # Both processes are SIGKILLed at a random step after the first checkpoint (step 5);
+  # restarted, they resume from it and the run logs what the uninterrupted one did.
+  seed, rng = kill_seed()
+  kill_after = int(rng.integers(6, 10))
+  procs = two_processes()
+  deadline = time.monotonic() + 600
+  first = tmp_path / 'two' / ckpt_lib.CHECKPOINT_DIR / '5'
+  while not (first.is_dir() and any(r['step'] >= kill_after
+                                    for r in metrics_log.read_rows(tmp_path / 'two'))):
+    assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, (
+        seed, [p.communicate()[1][-2000:] for p in procs])
+    time.sleep(0.05)
+  for p in procs:
+    p.kill()
+    p.communicate()
+  assert 5 in ckpt_lib.Checkpoints(str(tmp_path / 'two')).all_steps(), seed
+  procs = two_processes()
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert '2 process(es); mesh data=2' in outs[0][0], outs[0][0]
+  assert '(resuming from step 5)' in outs[0][0], (seed, outs[0][0])
 
   def rows(name):
     with open(tmp_path / name / 'metrics.jsonl') as f:

@@ -1,4 +1,5 @@
-"""The trainer: loss falls, metrics as DESIGN §6, exact resume, stops, bad input, NaN.
+"""The trainer: loss falls, metrics as DESIGN §6, stops, bad input, NaN (exact resume:
+test_resume.py).
 
 Most tests reuse one tiny quickstart run shared by the whole test run (`trained_run` in
 conftest.py) as the uninterrupted reference; the rest run in-process for at most 30 tiny
@@ -95,93 +96,6 @@ def test_metrics_rows_follow_the_design(trained_run):
   assert os.path.exists(os.path.join(workdir, train.CONFIG_FILE))
   assert any(n.startswith('events') for n in os.listdir(
       os.path.join(workdir, metrics_log.TENSORBOARD_DIR)))
-
-
-# ----------------------------------------------------------------------------------
-# Exact resume after a crash and after a stop signal
-# ----------------------------------------------------------------------------------
-def assert_same_run(rows, reference):
-  """One training row per step, each equal to the reference run's in EXACT_KEYS, and
-  the same evaluation rows."""
-  got, want = training_rows(rows), training_rows(reference)
-  assert [r['step'] for r in got] == [r['step'] for r in want]
-  for a, b in zip(got, want):
-    assert {k: a.get(k) for k in EXACT_KEYS} == {k: b.get(k) for k in EXACT_KEYS}, a['step']
-  assert eval_rows(rows) == eval_rows(reference)
-
-
-KILL_DRIVER = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-from conftest import tiny_train_config
-from moma_jax import train
-data_dir, workdir, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-def kill(step):
-  if step == kill_at:
-    # Whether the checkpoint of this step (if one was started) has been committed yet.
-    committed = os.path.isdir(os.path.join(workdir, 'checkpoints', str(step)))
-    print('committed' if committed else 'not committed', flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-train.train(tiny_train_config(data_dir), workdir, on_step=kill)
-"""
-
-
-def test_exact_resume_after_sigkill(trained_run, tmp_path):
-  """Three seeded SIGKILLs, one while the asynchronous save of step 20 is in flight;
-  each restart resumes from the newest committed checkpoint and the finished run logs
-  exactly what the uninterrupted one did."""
-  config, _, reference = trained_run
-  workdir = str(tmp_path / 'run')
-  rng = np.random.default_rng(1)
-  kill_points = [int(rng.integers(11, 20)), 20, int(rng.integers(21, 30))]
-  driver = KILL_DRIVER.format(tests=os.path.dirname(__file__))
-  for kill_at in kill_points:
-    result = subprocess.run(
-        [sys.executable, '-c', driver, config.data.data_dir, workdir, str(kill_at)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-    if kill_at == 20:
-      # The kill came after the save of step 20 started and before Orbax committed it.
-      assert result.stdout.strip().endswith('not committed'), result.stdout
-      assert 20 not in ckpt_lib.Checkpoints(workdir).all_steps()
-    rows = metrics_log.read_rows(workdir)
-    assert max(r['step'] for r in rows) == kill_at
-  progress = train.train(config, workdir)
-  assert progress['step'] == 30
-  assert_same_run(metrics_log.read_rows(workdir), reference)
-
-
-def test_sigterm_saves_and_resume_is_exact(trained_run, tmp_path):
-  config, _, reference = trained_run
-  workdir = str(tmp_path / 'run')
-
-  def term_at(step):
-    if step == 23:
-      signal.raise_signal(signal.SIGTERM)
-
-  progress = train.train(config, workdir, on_step=term_at)
-  assert progress['step'] == 23
-  assert ckpt_lib.Checkpoints(workdir).latest_step() == 23
-  assert train.train(config, workdir)['step'] == 30
-  assert_same_run(metrics_log.read_rows(workdir), reference)
-
-
-def test_truncated_latest_checkpoint_is_moved_aside(trained_run, tmp_path):
-  config, workdir, reference = trained_run
-  copy = str(tmp_path / 'run')
-  shutil.copytree(workdir, copy)
-  # Truncate every file of the newest step's state.
-  state_dir = os.path.join(copy, ckpt_lib.CHECKPOINT_DIR, '30', 'state')
-  for root, _, files in os.walk(state_dir):
-    for name in files:
-      with open(os.path.join(root, name), 'r+b') as f:
-        f.truncate(0)
-  train.train(config, copy)   # resumes from step 20, trains 21..30 again
-  assert os.listdir(os.path.join(copy, ckpt_lib.CORRUPT_DIR))[0].startswith('30.')
-  assert ckpt_lib.Checkpoints(copy).all_steps() == [10, 20, 30]
-  assert_same_run(metrics_log.read_rows(copy), reference)
 
 
 # ----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ optimizer, the batch that comes next, the FLOPs count that goes on.
 """
 import hashlib
 import os
+import signal
+import time
 
 import jax
 import numpy as np
@@ -200,31 +202,34 @@ def test_flops_and_tokens_count_both_phases(source_run, upcycled_run):
   assert upcycled_run['progress']['train_flops'] == rows[-1]['train_flops']
 
 
-class Crash(Exception):
-  pass
-
-
-def test_restarted_upcycled_run_resumes_from_its_own_checkpoint(upcycled_run, tmp_path,
-                                                                capsys):
+def test_upcycled_run_killed_at_a_random_moment_resumes_from_its_own_checkpoint(
+    upcycled_run, tmp_path, capsys):
+  """SIGKILLed at a random moment after its step-2 checkpoint was started, the
+  upcycled run restarts from its own checkpoint (or, if that was not yet committed,
+  upcycles again from the source) and logs exactly what the uninterrupted one did."""
+  from test_resume import Child, assert_same_run, committed, kill_seed
   config, workdir = upcycled_run['config'], str(tmp_path / 'run')
-
-  def crash_at_2(step):
-    if step == 2:
-      raise Crash()                       # after the step-2 checkpoint was started
-
-  with pytest.raises(Crash):
-    train.train(config, workdir, on_step=crash_at_2)
-  assert f'upcycled    from {config.upcycle.from_workdir} at step {AT_STEP}' in (
-      capsys.readouterr().out)
+  seed, rng = kill_seed()
+  overrides = {'upcycle.from_workdir': config.upcycle.from_workdir,
+               'upcycle.at_step': AT_STEP, 'model.router_noise': 'gumbel',
+               'model.experts': [4, 4], 'train.steps': 4, 'train.ckpt_every': 2,
+               'train.eval_every': 100}
+  child = Child(config.data.data_dir, workdir, overrides)
+  child.wait_for('save-done 2')
+  time.sleep(rng.uniform(0, 0.2))
+  assert child.signal(signal.SIGKILL)[0] == -signal.SIGKILL
+  resumed = 2 in committed(workdir)
+  capsys.readouterr()
   steps = []
   progress = train.train(config, workdir, on_step=steps.append)
-  assert steps == [3, 4]                  # resumed at 2, not upcycled again from 0
-  assert '(resuming from step 2)' in capsys.readouterr().out
-  assert progress == upcycled_run['progress']
-  rows = training_rows(workdir)
-  assert [r['step'] for r in rows] == [1, 2, 3, 4]
-  for got, want in zip(rows, upcycled_run['rows']):
-    assert {k: got.get(k) for k in EXACT_KEYS} == {k: want.get(k) for k in EXACT_KEYS}
+  out = capsys.readouterr().out
+  if resumed:                             # not upcycled again from the source
+    assert steps == [3, 4] and '(resuming from step 2)' in out, (seed, out)
+  else:
+    assert steps == [1, 2, 3, 4] and 'upcycled    from' in out, (seed, out)
+  assert progress == upcycled_run['progress'], seed
+  rows = metrics_log.read_rows(upcycled_run['workdir'])
+  assert_same_run(workdir, rows, f'seed {seed}')
 
 
 # ----------------------------------------------------------------------------------

@@ -209,6 +209,20 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> ran
   return range(process_index * per, (process_index + 1) * per)
 
 
+def _from_json(row_state: dict[str, Any]) -> dict[str, Any]:
+  """A row stream's state as grain made it, from its JSON round trip (checkpoints).
+
+  grain's concat-then-split state marks "no partial document left over" by slices equal
+  to the tuple (-1, -1); JSON gives them back as lists, which never equal it, so the
+  restored stream would re-read its next document as a leftover and make another row.
+  (It bit every stream whose last row had ended exactly at a document's end.)
+  """
+  slices = row_state.get('remainder_slices')
+  if slices is None:
+    return row_state
+  return {**row_state, 'remainder_slices': {k: tuple(v) for k, v in slices.items()}}
+
+
 class TrainIterator(Iterator):
   """This process's rows of every global batch, forever; checkpointable."""
 
@@ -226,7 +240,7 @@ class TrainIterator(Iterator):
       raise ValueError(f'iterator state for {len(state["rows"])} rows, this process has '
                        f'{len(self._iters)}')
     for it, s in zip(self._iters, state['rows']):
-      it.set_state(s)
+      it.set_state(_from_json(s))
 
 
 def train_iterator(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
