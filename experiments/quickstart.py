@@ -12,7 +12,7 @@ Data: a mixture of moma_shapes, moma_digits and moma_pydoc, built on first use i
   moma-data preview --config experiments/quickstart.py --out preview.png
 FLOPs and parameters:
   moma-flops --config experiments/quickstart.py:mod_moma_4t4i
-Train (300 steps of 16 x 128 tokens, evaluation every 100), then compare:
+Train (300 steps of 16 x 128 tokens, evaluation every 25), then compare:
   moma-train --config experiments/quickstart.py:dense --workdir runs/quickstart/dense
   moma-train --config experiments/quickstart.py:moma_4t4i --workdir runs/quickstart/moma_4t4i
   moma-compare --baseline runs/quickstart/dense --run runs/quickstart/moma_4t4i \
@@ -53,5 +53,6 @@ def get_config(arg: str | None = None):
   c.routing.group_size = 8
   t = c.train
   t.batch_size, t.steps, t.lr, t.warmup = 16, 300, 1e-3, 30
-  t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 10, 100, 100, 8
+  # 12 evaluations per run on the same validation batches: the headline eta's curve.
+  t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 10, 25, 100, 8
   return c

@@ -37,8 +37,8 @@ PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5
 def _eta_cell(row: savings.Row | None) -> str:
   if row is None:
     return '-'
-  if not np.isfinite(row.eta):
-    return 'inf*' if row.extrapolated else 'nan'
+  if row.bound:
+    return f'>{row.eta:.2f}'
   return f'{row.eta:.2f}{"*" if row.extrapolated else ""}'
 
 

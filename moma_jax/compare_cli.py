@@ -3,6 +3,7 @@
 Usage:
   moma-compare --baseline DIR_dense --run DIR [--run DIR ...] --out OUT
                [--eval_only] [--modality text|image|overall ...] [--smooth DECADES]
+               [--max_extrapolation FACTOR]
   python -m moma_jax.compare_cli --baseline runs/dense --run runs/moma_4t4i --out cmp
 
 For every logged point of every run, eta_m = C_dense(L_m) / C: how many times more
@@ -12,8 +13,10 @@ dense curve, power-law extrapolation): moma_jax/savings.py; the files:
 moma_jax/savings_report.py.
 
 Writes into OUT (created if needed; other files there are left alone):
-  savings.csv        run, modality, source, step, train_flops, loss, eta, extrapolated
-  savings.md         eta per modality at the end of each run (* = extrapolated)
+  savings.csv        run, modality, source, step, train_flops, loss, eta, extrapolated,
+                     bound (eta is a lower bound)
+  savings.md         eta per modality, evaluation losses first: at each run's last point
+                     inside the dense run's range, then at its end (* = extrapolated)
   loss_vs_flops.png  loss vs training FLOPs, one panel per modality, all runs
   eta_vs_flops.png   eta vs training FLOPs, one panel per modality
 and prints the table of savings.md and the paths written.
@@ -22,7 +25,10 @@ Training losses are compared, and evaluation losses too when the baseline and ev
 have evaluation rows; --eval_only compares evaluation losses only. --modality (repeat
 it) picks the modalities; default: the baseline's, then overall. --smooth sets the
 smoothing half-width in decades of FLOPs (default 0.2 for training, 0.05 for
-evaluation losses; 0 turns smoothing off).
+evaluation losses; 0 turns smoothing off). The dense run's power law is trusted up to
+--max_extrapolation times its training FLOPs (default 2); beyond, and where the law
+never reaches a run's loss, the table gives a lower bound: "> 1.90 (beyond the dense
+run)".
 """
 from __future__ import annotations
 
@@ -52,6 +58,11 @@ SMOOTH = cli.define_once(flags.DEFINE_float, 'smooth', None,
                          'smoothing half-width in decades of training FLOPs (default '
                          f"{savings.DEFAULT_SMOOTH['train']} for training, "
                          f"{savings.DEFAULT_SMOOTH['eval']} for evaluation losses)")
+
+MAX_EXTRAPOLATION = cli.define_once(
+    flags.DEFINE_float, 'max_extrapolation', savings.MAX_EXTRAPOLATION,
+    "extrapolate the dense run's power law up to this multiple of its training FLOPs; "
+    'beyond, eta is given as a lower bound')
 
 
 def _arguments() -> tuple[str, list[str], str]:
@@ -84,13 +95,15 @@ def main() -> None:
   baseline = savings.read_run(baseline_dir, names[0])
   runs = [savings.read_run(d, n) for d, n in zip(run_dirs, names[1:])]
   sources = _sources(baseline, runs)
-  rows = savings.compare(baseline, runs, MODALITIES.value or None, sources, SMOOTH.value)
+  rows = savings.compare(baseline, runs, MODALITIES.value or None, sources, SMOOTH.value,
+                         MAX_EXTRAPOLATION.value)
   # Everything is read and computed before OUT is touched: a bad input writes nothing.
   try:
     os.makedirs(out, exist_ok=True)
     paths = [savings_report.write_csv(rows, os.path.join(out, 'savings.csv'))]
     path = os.path.join(out, 'savings.md')
-    table = savings_report.write_markdown(rows, baseline, path, SMOOTH.value)
+    table = savings_report.write_markdown(rows, baseline, path, SMOOTH.value,
+                                          MAX_EXTRAPOLATION.value)
     paths += [path, *savings_report.write_plots(baseline, runs, rows, out, SMOOTH.value)]
   except OSError as e:
     raise cli.UsageError(f'cannot write into --out {out}: {e}') from e

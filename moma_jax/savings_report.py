@@ -20,15 +20,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 import numpy as np
 
+from moma_jax.loss_curves import dense_curve
+from moma_jax.loss_curves import smooth_loss
 from moma_jax.savings import Row
 from moma_jax.savings import Run
-from moma_jax.savings import dense_curve
 from moma_jax.savings import final_rows
-from moma_jax.savings import smooth_loss
+from moma_jax.savings import MAX_EXTRAPOLATION
 from moma_jax.savings import smoothing
 
 CSV_COLUMNS = ('run', 'modality', 'source', 'step', 'train_flops', 'loss', 'eta',
-               'extrapolated')
+               'extrapolated', 'bound')
 MARK = '*'                         # markdown: an extrapolated eta
 LOSS_PNG = 'loss_vs_flops.png'
 ETA_PNG = 'eta_vs_flops.png'
@@ -57,53 +58,69 @@ def write_csv(rows: Sequence[Row], path: str) -> str:
     writer.writerow(CSV_COLUMNS)
     for row in rows:
       writer.writerow([row.run, row.modality, row.source, row.step, repr(row.train_flops),
-                       repr(row.loss), repr(row.eta), row.extrapolated])
+                       repr(row.loss), repr(row.eta), row.extrapolated, row.bound])
   return path
+
+
+BEYOND = '(beyond the dense run)'
 
 
 def _format_eta(row: Row | None) -> str:
   if row is None:
     return '-'
-  text = 'n/a' if math.isnan(row.eta) else 'inf' if math.isinf(row.eta) else f'{row.eta:.2f}'
-  return text + (MARK if row.extrapolated else '')
+  if row.bound:
+    return f'> {row.eta:.2f} {BEYOND}'
+  return f'{row.eta:.2f}' + (MARK if row.extrapolated else '')
 
 
-def markdown(rows: Sequence[Row], baseline: Run, smooth: float | None = None) -> str:
-  """The summary table: eta per modality at each run's last point, per loss source."""
+def markdown(rows: Sequence[Row], baseline: Run, smooth: float | None = None,
+             max_extrapolation: float = MAX_EXTRAPOLATION) -> str:
+  """The summary table. Per run, evaluation losses first (fixed validation batches), then
+  the noisier training losses; per loss, first eta at the run's last point inside the
+  dense run's measured range ("last measured"), then at its end where that differs."""
   modalities = list(dict.fromkeys(r.modality for r in rows))
   lines = ['| run | loss | point | train FLOPs | ' +
            ' | '.join(f'eta {m}' for m in modalities) + ' |',
            '|---|---|---|---:|' + '---:|' * len(modalities)]
-  measured = final_rows(rows, measured_only=True)
-  for (run, source), last in final_rows(rows).items():
-    flops = max(r.train_flops for r in last.values())
-    cells = [_format_eta(last.get(m)) for m in modalities]
-    lines.append(f'| {run} | {source} | end | {flops:.3g} | ' + ' | '.join(cells) + ' |')
-    inside = measured.get((run, source), {})
-    if any(inside.get(m) is not last.get(m) for m in modalities):
+  measured, ends = final_rows(rows, measured_only=True), final_rows(rows)
+  runs = list(dict.fromkeys(r.run for r in rows))
+  for run, source in sorted(ends, key=lambda k: (runs.index(k[0]), k[1] != 'eval')):
+    label = 'eval' if source == 'eval' else 'train (noisier)'
+    last, inside = ends[(run, source)], measured.get((run, source), {})
+    if inside:
       cells = [f'{_format_eta(inside[m])} @ {inside[m].train_flops:.2g}' if m in inside
                else '-' for m in modalities]
-      lines.append(f'| {run} | {source} | last measured | | ' + ' | '.join(cells) + ' |')
+      flops = max(r.train_flops for r in inside.values())
+      lines.append(f'| {run} | {label} | last measured | {flops:.3g} | ' +
+                   ' | '.join(cells) + ' |')
+    if any(inside.get(m) is not last.get(m) for m in modalities):
+      flops = max(r.train_flops for r in last.values())
+      lines.append(f'| {run} | {label} | end | {flops:.3g} | ' +
+                   ' | '.join(_format_eta(last.get(m)) for m in modalities) + ' |')
   end = max(c.flops[-1] for c in baseline.curves.values())
   widths = ', '.join(f'±{smoothing(s, smooth):g} for {s}'
                      for s in dict.fromkeys(r.source for r in rows))
   lines += [
       '',
-      f'eta = C_dense(L) / C at the last logged point of each run: C its training FLOPs, '
-      f'L its loss smoothed over decades of FLOPs ({widths} losses). Baseline: '
-      f'{baseline.name} ({baseline.workdir}; dense FFN, no MoD; {end:.3g} training FLOPs).',
-      f'Values marked {MARK} are extrapolated: L is outside the baseline\'s measured loss '
-      'range, so C_dense(L) comes from a power law L = a*C^-b + c fitted to the baseline. '
-      'A sparse run that ends below the dense run\'s final loss is always extrapolated '
-      'there; "last measured" gives eta (@ the run\'s FLOPs) at its last point inside the '
-      'measured range.']
+      f'eta = C_dense(L) / C: C the run\'s training FLOPs, L its loss smoothed over decades '
+      f'of FLOPs ({widths} losses), C_dense(L) the FLOPs at which the baseline reaches L. '
+      f'Baseline: {baseline.name} ({baseline.workdir}; dense FFN, no MoD; {end:.3g} '
+      'training FLOPs). "last measured": the last point at which both curves are measured '
+      '(@ the run\'s FLOPs there); "end": the run\'s last point.',
+      f'Values marked {MARK} are extrapolated: L is outside the baseline\'s measured range, '
+      'so C_dense(L) comes from a power law L = a*C^-b + c fitted to the baseline. The law '
+      f'is trusted up to {max_extrapolation:g}x the baseline\'s FLOPs; beyond that, or '
+      f'where it never reaches L, the table gives the lower bound "> x {BEYOND}". '
+      'Evaluation losses come from fixed validation batches; training losses from each '
+      'step\'s batch, whose modality mix varies, are noisier.']
   return '\n'.join(lines) + '\n'
 
 
 def write_markdown(rows: Sequence[Row], baseline: Run, path: str,
-                   smooth: float | None = None) -> str:
+                   smooth: float | None = None,
+                   max_extrapolation: float = MAX_EXTRAPOLATION) -> str:
   """savings.md: `markdown(...)`. Returns the text written."""
-  text = markdown(rows, baseline, smooth)
+  text = markdown(rows, baseline, smooth, max_extrapolation)
   with _replacing(path) as tmp, open(tmp, 'w') as f:
     f.write(text)
   return text
@@ -171,7 +188,7 @@ def loss_figure(baseline: Run, runs: Sequence[Run], modalities: Sequence[str],
 
 def eta_figure(baseline: Run, runs: Sequence[Run], rows: Sequence[Row]) -> Figure:
   """eta vs the run's training FLOPs (log x), one panel per modality; a dashed line at
-  eta = 1; extrapolated stretches dotted with open markers."""
+  eta = 1; extrapolated stretches dotted with open markers, lower bounds as up-triangles."""
   modalities = list(dict.fromkeys(r.modality for r in rows))
   sources = list(dict.fromkeys(r.source for r in rows))
   fig = Figure(figsize=(4.6 * len(modalities), 4.4), layout='constrained')
@@ -184,7 +201,12 @@ def eta_figure(baseline: Run, runs: Sequence[Run], rows: Sequence[Row]) -> Figur
         mine = [r for r in rows if (r.run, r.modality, r.source) == (run.name, modality, source)]
         flops = np.array([r.train_flops for r in mine])
         value = np.array([r.eta for r in mine])
-        value[~np.isfinite(value)] = np.nan
+        bound = np.array([r.bound for r in mine], dtype=bool)
+        if bound.any():
+          # Lower bounds, not values: up-triangles, never joined into the curve.
+          at = np.flatnonzero(bound)[::max(1, int(bound.sum()) // 8)]
+          ax.plot(flops[at], value[at], '^', mfc='none', ms=5, color=colors[run.name])
+        value[~np.isfinite(value) | bound] = np.nan
         extra = np.array([r.extrapolated for r in mine], dtype=bool)
         # The dotted stretch takes in its measured neighbours so the two lines join.
         joined = extra.copy()
@@ -202,7 +224,7 @@ def eta_figure(baseline: Run, runs: Sequence[Run], rows: Sequence[Row]) -> Figur
           ax.plot(ex[at], value[extra][at], 'o', mfc='none', ms=4, color=colors[run.name])
     ax.set(xscale='log', xlabel='training FLOPs of the run',
            ylabel=f'eta = C_dense(L) / C ({modality})', title=modality)
-    # The measured values set the scale: an extrapolated eta can be huge (or inf).
+    # The measured values set the scale.
     measured = [r.eta for r in rows if r.modality == modality and not r.extrapolated
                 and math.isfinite(r.eta)]
     if measured:
@@ -211,6 +233,8 @@ def eta_figure(baseline: Run, runs: Sequence[Run], rows: Sequence[Row]) -> Figur
   handles = _run_handles(baseline, runs, sources)[1:] + [
       Line2D([], [], color='grey', ls=':', marker='o', mfc='none', ms=4,
              label='extrapolated (power law)'),
+      Line2D([], [], color='grey', ls='', marker='^', mfc='none', ms=5,
+             label='lower bound (beyond the dense run)'),
       Line2D([], [], color='grey', ls='--', lw=1, label='eta = 1 (no savings)')]
   fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 5))
   fig.suptitle(f'FLOPs savings eta vs the dense baseline {baseline.name!r}')

@@ -104,14 +104,22 @@ def test_writes_csv_markdown_and_figures(runs, tmp_path, capsys):
 
   rows = read_csv(out / 'savings.csv')
   assert list(rows[0]) == ['run', 'modality', 'source', 'step', 'train_flops', 'loss', 'eta',
-                           'extrapolated']
+                           'extrapolated', 'bound']
   # Training points every 3 steps of 690 and eval points every 69, 3 modalities each.
   assert len(rows) == 3 * 230 + 3 * 10
   for modality, speedup in SPEEDUP.items():
     for source, count in (('train', 230), ('eval', 10)):
       mine = [r for r in rows if (r['modality'], r['source']) == (modality, source)]
       assert len(mine) == count and {r['run'] for r in mine} == {'moma_4t4i'}
-      np.testing.assert_allclose([float(r['eta']) for r in mine], speedup, rtol=0.02)
+      # Up to 2x the dense run's 1e15 FLOPs the law gives eta; beyond, the bound
+      # 2e15 / C, which the true eta (the speedup) exceeds.
+      exact = [r for r in mine if r['bound'] == 'False']
+      np.testing.assert_allclose([float(r['eta']) for r in exact], speedup, rtol=0.02)
+      for r in mine:
+        if r['bound'] == 'True':
+          assert float(r['eta']) == pytest.approx(2e15 / float(r['train_flops']))
+          assert float(r['eta']) < speedup and r['extrapolated'] == 'True'
+      assert (mine[-1]['bound'] == 'True') == (speedup * 690 * 1.1e12 > 2e15)
       extrapolated = [r['extrapolated'] == 'True' for r in mine]
       # The run ends below the dense run's lowest loss: its last points are extrapolated.
       assert extrapolated[-1] and not all(extrapolated), (modality, source)
@@ -119,23 +127,30 @@ def test_writes_csv_markdown_and_figures(runs, tmp_path, capsys):
 
   table = (out / 'savings.md').read_text()
   assert printed.out.startswith(table)
-  for source in ('train', 'eval'):
+  labels = [tuple(c.strip() for c in line.strip('|').split('|')[:3])
+            for line in table.splitlines() if line.startswith('| moma_4t4i |')]
+  # The headline is evaluation loss where both curves are measured.
+  assert labels == [('moma_4t4i', 'eval', 'last measured'), ('moma_4t4i', 'eval', 'end'),
+                    ('moma_4t4i', 'train (noisier)', 'last measured'),
+                    ('moma_4t4i', 'train (noisier)', 'end')]
+  for source in ('eval', 'train (noisier)'):
     line = next(l for l in table.splitlines()
                 if l.startswith(f'| moma_4t4i | {source} | end |'))
     cells = [c.strip() for c in line.strip('|').split('|')]
     assert cells[3] == '7.59e+14'
-    etas = [float(c.rstrip('*')) for c in cells[4:]]
-    np.testing.assert_allclose(etas, [2.0, 4.0, 3.0], rtol=0.02)
-    assert all(c.endswith('*') for c in cells[4:])
+    assert cells[4].endswith('*') and float(cells[4][:-1]) == pytest.approx(2.0, rel=0.02)
+    assert cells[5] == cells[6] == f'> {2e15 / (690 * 1.1e12):.2f} (beyond the dense run)'
     # ... and where the run's points were last inside the dense range: measured.
     line = next(l for l in table.splitlines()
                 if l.startswith(f'| moma_4t4i | {source} | last measured |'))
     cells = [c.strip() for c in line.strip('|').split('|')]
     etas = [float(c.split(' @ ')[0]) for c in cells[4:]]
     np.testing.assert_allclose(etas, [2.0, 4.0, 3.0], rtol=0.02)
+  assert 'inf' not in table and 'nan' not in table
   assert ('| run | loss | point | train FLOPs | eta text | eta image | eta overall |'
           in table)
   assert re.search(r'^Values marked \* are extrapolated: .*power law', table, re.M)
+  assert 'trusted up to 2x' in table
   assert f'Baseline: dense ({dense};' in table
   assert f'wrote {out}/savings.csv, {out}/savings.md' in printed.out
 
@@ -145,11 +160,28 @@ def test_writes_csv_markdown_and_figures(runs, tmp_path, capsys):
     assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 900
 
 
+def test_max_extrapolation_widens_what_the_law_gives(runs, tmp_path, capsys):
+  dense, sparse = runs
+  assert compare('--baseline', dense, '--run', sparse, '--out', str(tmp_path / 'o'),
+                 '--max_extrapolation', '5') == 0
+  rows = read_csv(tmp_path / 'o' / 'savings.csv')
+  assert not any(r['bound'] == 'True' for r in rows)
+  for modality, speedup in SPEEDUP.items():
+    np.testing.assert_allclose([float(r['eta']) for r in rows if r['modality'] == modality],
+                               speedup, rtol=0.02)
+  assert 'trusted up to 5x' in capsys.readouterr().out
+  assert compare('--baseline', dense, '--run', sparse, '--out', str(tmp_path / 'p'),
+                 '--max_extrapolation', '0.5') == 2
+  assert 'must be >= 1' in capsys.readouterr().err
+  assert not (tmp_path / 'p').exists()
+
+
 def test_eval_only_and_chosen_modalities(runs, tmp_path, capsys):
   dense, sparse = runs
   out = tmp_path / 'new' / 'out'           # created, parents too
   assert compare('--baseline', dense, '--run', sparse, '--run', sparse, '--out', str(out),
-                 '--eval_only', '--modality', 'image', '--smooth', '0') == 0
+                 '--eval_only', '--modality', 'image', '--smooth', '0',
+                 '--max_extrapolation', '5') == 0
   rows = read_csv(out / 'savings.csv')
   assert {(r['run'], r['modality'], r['source']) for r in rows} == {
       ('moma_4t4i', 'image', 'eval'), ('moma_4t4i#2', 'image', 'eval')}

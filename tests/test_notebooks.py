@@ -94,10 +94,11 @@ def test_flops_savings_runs(data_setup, tmp_path, monkeypatch):
   header = split(lines[0])
   assert {'eta text', 'eta image', 'eta overall'} <= set(header), header
   row = dict(zip(header, split(lines[2])))       # lines[1] is the |---| line
-  assert (row['run'], row['loss']) == ('moma_4t4i', 'train'), row
+  assert (row['run'], row['loss'], row['point']) == ('moma_4t4i', 'train (noisier)',
+                                                    'last measured'), row
   for modality in ('text', 'image', 'overall'):
-    # A finite eta, marked * where extrapolated.
-    assert re.fullmatch(r'\d+\.\d\d\*?', row[f'eta {modality}']), row
+    # A finite eta where both curves are measured, @ the run's FLOPs there.
+    assert re.fullmatch(r'\d+\.\d\d @ \S+', row[f'eta {modality}']), row
   # loss vs FLOPs, eta vs FLOPs, left behind vs step.
   assert len(_outputs(notebook, 'image/png')) >= 3
   printed = ''.join(_outputs(notebook, 'stream'))

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from moma_jax import loss_curves
 from moma_jax import savings
 
 TEXT = (30.0, 0.12, 1.5)           # a, b, c
@@ -38,15 +39,15 @@ def sparse_eta(modality, dense_flops, sparse_flops, noise=0.0, seed=0):
   rng = np.random.default_rng(seed)
   dense_loss = noisy(law(dense_flops, *LAW[modality]), rng, noise)
   sparse_loss = noisy(law(SPEEDUP[modality] * sparse_flops, *LAW[modality]), rng, noise)
-  dense = savings.dense_curve(dense_flops, dense_loss)
-  return savings.eta(dense, sparse_flops, savings.smooth_loss(sparse_flops, sparse_loss))
+  dense = loss_curves.dense_curve(dense_flops, dense_loss)
+  return loss_curves.eta(dense, sparse_flops, loss_curves.smooth_loss(sparse_flops, sparse_loss))
 
 
 @pytest.mark.parametrize('params', [TEXT, IMAGE, (5.0, 0.05, 0.5), (400.0, 0.3, 0.0)])
 @pytest.mark.parametrize('spacing', ['log', 'linear'])
 def test_power_law_fit_recovers_a_b_c(params, spacing):
   flops = (np.geomspace(1e12, 1e15, 200) if spacing == 'log' else logged(5e12, 1e15))
-  fit = savings.fit_power_law(flops, law(flops, *params))
+  fit = loss_curves.fit_power_law(flops, law(flops, *params))
   np.testing.assert_allclose([fit.a, fit.b], params[:2], rtol=1e-3)
   assert fit.c == pytest.approx(params[2], abs=1e-3)
   # And it inverts: the FLOPs at which the law reaches its own losses.
@@ -56,16 +57,16 @@ def test_power_law_fit_recovers_a_b_c(params, spacing):
 def test_power_law_fit_with_noise_stays_close():
   flops = logged(2e11, 1e15)
   loss = noisy(law(flops, *TEXT), np.random.default_rng(0), 0.01)
-  fit = savings.fit_power_law(flops, loss)
+  fit = loss_curves.fit_power_law(flops, loss)
   # b and c are strongly correlated under noise; the curve itself must be close.
   np.testing.assert_allclose(fit.loss(flops), law(flops, *TEXT), rtol=3e-3)
 
 
 def test_power_law_fit_refuses_what_is_no_power_law():
-  assert savings.fit_power_law(np.array([1e12, 2e12]), np.array([3.0, 2.0])) is None
+  assert loss_curves.fit_power_law(np.array([1e12, 2e12]), np.array([3.0, 2.0])) is None
   rising = np.geomspace(1e12, 1e15, 50)
-  assert savings.fit_power_law(rising, np.log(rising)) is None
-  assert savings.fit_power_law(np.full(5, 1e12), np.arange(5.0)) is None
+  assert loss_curves.fit_power_law(rising, np.log(rising)) is None
+  assert loss_curves.fit_power_law(np.full(5, 1e12), np.arange(5.0)) is None
 
 
 def test_smoothing_keeps_lines_in_log_flops_and_commutes_with_a_flops_scale():
@@ -74,22 +75,22 @@ def test_smoothing_keeps_lines_in_log_flops_and_commutes_with_a_flops_scale():
   line = 7.0 - 0.1 * np.log(flops)
   # A local linear fit reproduces a line exactly, ends included (a moving average would
   # not: its windows are one-sided there).
-  np.testing.assert_allclose(savings.smooth_loss(flops, line, 0.3), line, rtol=1e-9)
+  np.testing.assert_allclose(loss_curves.smooth_loss(flops, line, 0.3), line, rtol=1e-9)
   loss = noisy(law(flops, *TEXT), rng, 0.01)
   # Scaling every C by eta shifts ln C: the smoothed values must not change, so that
   # smoothing bias cancels between the dense and a sparse run.
-  np.testing.assert_allclose(savings.smooth_loss(3.7 * flops, loss, 0.2),
-                             savings.smooth_loss(flops, loss, 0.2), rtol=1e-9)
-  np.testing.assert_array_equal(savings.smooth_loss(flops, loss, 0.0), loss)
+  np.testing.assert_allclose(loss_curves.smooth_loss(3.7 * flops, loss, 0.2),
+                             loss_curves.smooth_loss(flops, loss, 0.2), rtol=1e-9)
+  np.testing.assert_array_equal(loss_curves.smooth_loss(flops, loss, 0.0), loss)
   # It does smooth: the noise left is a fraction of the 1% put in.
-  rest = savings.smooth_loss(flops, loss, 0.2) / law(flops, *TEXT) - 1
+  rest = loss_curves.smooth_loss(flops, loss, 0.2) / law(flops, *TEXT) - 1
   assert np.std(rest[200:]) < 0.3 * 0.01
 
 
 def test_dense_curve_is_the_isotonic_fit_with_plateaus_at_their_middle():
   flops = np.array([1.0, 10.0, 100.0, 1000.0, 10000.0])
   loss = np.array([5.0, 3.0, 4.0, 3.5, 1.0])
-  curve = savings.dense_curve(flops, loss, smooth=0.0)
+  curve = loss_curves.dense_curve(flops, loss, smooth=0.0)
   # Pool adjacent violators: 3, 4, 3.5 pool into their mean 3.5, one knot at the middle
   # of the pooled block in log-FLOPs (100), not at its first point.
   np.testing.assert_allclose(curve.loss, [5.0, 3.5, 1.0])
@@ -103,7 +104,7 @@ def test_dense_curve_is_the_isotonic_fit_with_plateaus_at_their_middle():
 def test_dense_curve_of_noisy_losses_is_monotone():
   flops = logged(1e11, 1e15)
   loss = noisy(law(flops, *IMAGE), np.random.default_rng(2), 0.02)
-  curve = savings.dense_curve(flops, loss)
+  curve = loss_curves.dense_curve(flops, loss)
   assert np.all(np.diff(curve.loss) < 0) and np.all(np.diff(curve.flops) > 0)
   assert curve.loss[0] <= loss.max() and curve.loss[-1] >= loss.min()
 
@@ -149,11 +150,11 @@ def test_eta_of_noisy_runs(modality, seed):
 
 def test_eta_is_inf_below_the_asymptote_and_nan_without_a_fit():
   flops = np.geomspace(1e12, 1e15, 100)
-  curve = savings.dense_curve(flops, law(flops, *TEXT))
-  values, extrapolated = savings.eta(curve, np.array([1e15, 1e15]), np.array([1.4, 1.6]))
+  curve = loss_curves.dense_curve(flops, law(flops, *TEXT))
+  values, extrapolated = loss_curves.eta(curve, np.array([1e15, 1e15]), np.array([1.4, 1.6]))
   assert math.isinf(values[0]) and math.isfinite(values[1]) and extrapolated.all()
-  no_fit = savings.DenseCurve(curve.flops, curve.loss, None)
-  values, extrapolated = savings.eta(no_fit, np.array([1e15]), np.array([1.6]))
+  no_fit = loss_curves.DenseCurve(curve.flops, curve.loss, None)
+  values, extrapolated = loss_curves.eta(no_fit, np.array([1e15]), np.array([1.6]))
   assert math.isnan(values[0]) and extrapolated.all()
 
 
@@ -175,7 +176,8 @@ def make_run(name, speedup, flops, ffn='sparse', mod=False, source='train'):
 def test_compare_rows_in_order():
   dense = make_run('dense', {}, logged(1e12, 1e15), ffn='dense')
   sparse = make_run('moma', {**SPEEDUP, 'overall': 3.0}, logged(7e11, 7e14))
-  rows = savings.compare(dense, [sparse])
+  # The law is the truth here: trusted as far as the run goes (image: 2.8x dense's FLOPs).
+  rows = savings.compare(dense, [sparse], max_extrapolation=3.0)
   assert [r.modality for r in rows[::1000]] == ['text', 'image', 'overall']
   assert len(rows) == 3 * 1000
   for modality, speedup in (('text', 2.0), ('image', 4.0), ('overall', 3.0)):
@@ -184,6 +186,43 @@ def test_compare_rows_in_order():
     assert all(abs(r.eta / speedup - 1) < 0.02 for r in mine), modality
   last = savings.final_rows(rows)[('moma', 'train')]
   assert last['text'].train_flops == pytest.approx(7e14) and last['text'].extrapolated
+
+
+def test_eta_beyond_the_extrapolation_limit_is_a_lower_bound():
+  """A run 4x more efficient than dense on images, 2x on text, with as many FLOPs: its
+  end needs 4x and 2x the dense run's FLOPs. With the law trusted up to 2x (default),
+  text stays a number and image becomes the bound 2 * C_end / C; up to 5x, both are
+  numbers; a loss below the asymptote or without a fitted law is a bound too."""
+  flops = logged(1e12, 1e15)
+  dense = make_run('dense', {}, flops, ffn='dense')
+  sparse = make_run('moma', {**SPEEDUP, 'overall': 3.0}, flops)
+  last = savings.final_rows(savings.compare(dense, [sparse]))[('moma', 'train')]
+  assert not last['text'].bound and last['text'].extrapolated
+  assert abs(last['text'].eta / 2.0 - 1) < 0.02
+  assert last['image'].bound and last['image'].eta == pytest.approx(2.0)
+  assert last['overall'].bound and last['overall'].eta == pytest.approx(2.0)
+  wide = savings.final_rows(savings.compare(dense, [sparse], max_extrapolation=5.0))
+  assert not any(r.bound for r in wide[('moma', 'train')].values())
+  assert abs(wide[('moma', 'train')]['image'].eta / 4.0 - 1) < 0.02
+  # Every value is finite; measured points are never bounds.
+  rows = savings.compare(dense, [sparse])
+  assert all(math.isfinite(r.eta) for r in rows)
+  assert not any(r.bound and not r.extrapolated for r in rows)
+  with pytest.raises(savings.InputError, match='must be >= 1'):
+    savings.compare(dense, [sparse], max_extrapolation=0.5)
+
+
+def test_bound_where_the_law_never_reaches_the_loss():
+  flops = logged(1e12, 1e15)
+  dense = make_run('dense', {}, flops, ffn='dense')
+  # Text losses that fall below the dense law's asymptote (1.5) at the end.
+  run = make_run('moma', {}, flops * 0.5)
+  text = run.curves[('train', 'text')]
+  loss = text.loss.copy()
+  loss[-50:] = np.linspace(1.49, 1.45, 50)
+  run.curves[('train', 'text')] = savings.Curve(text.step, text.flops, loss)
+  last = savings.final_rows(savings.compare(dense, [run], ['text']))[('moma', 'train')]
+  assert last['text'].bound and last['text'].eta == pytest.approx(2 * 1e15 / 5e14)
 
 
 @pytest.mark.parametrize('baseline,runs,modalities,message', [
@@ -266,7 +305,7 @@ def test_run_names_are_short_and_distinct():
 def test_savings_imports_no_jax():
   import subprocess
   import sys
-  code = 'import sys, moma_jax.savings; print("jax" in sys.modules)'
+  code = 'import sys, moma_jax.savings, moma_jax.loss_curves; print("jax" in sys.modules)'
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        cwd=os.path.join(os.path.dirname(__file__), '..'), check=True)
   assert out.stdout.strip() == 'False'
