@@ -67,6 +67,28 @@ def nucleus_sample(rng: jax.Array, logits: jax.Array, allowed: jax.Array,
       jnp.int32)
 
 
+def decode_step(model):
+  """(params, cache, tokens, modality, segment_ids, positions [B, T]) -> (logits [B, V]
+  of each row's last position, updated cache), jit'd; `model` in decode mode. T is the
+  prompt (prefill) or 1 (one new token per row)."""
+  def step(params, cache, tokens, modality, segment_ids, positions):
+    logits, updated = model.apply({'params': params, 'cache': cache}, tokens, modality,
+                                  segment_ids, positions, mutable=['cache'])
+    return logits[:, -1], updated['cache']
+  return jax.jit(step)
+
+
+def cache_shapes(model, batch_size: int):
+  """The KV cache of `batch_size` rows as ShapeDtypeStructs (every layer's [B, S, H, K]
+  keys and values, S = model.max_len slots), from abstract inputs only. The init key is
+  made inside the traced function: a concrete key would live on this machine's default
+  device, which an ahead-of-time compile for other devices cannot take."""
+  row = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
+  mod = jax.ShapeDtypeStruct((batch_size, 1), jnp.int8)
+  return jax.eval_shape(lambda t, m, s, p: model.init(jax.random.key(0), t, m, s, p)['cache'],
+                        row, mod, row, row)
+
+
 class Generator:
   """Sampling from a loaded run (`moma_jax.load`) with the data's tokenizers."""
 
@@ -82,13 +104,7 @@ class Generator:
     self.max_len = config.model.max_len
     self.codes_per_image = tok.image.codes_per_image
     self.model = run.model.clone(causal=True, decode=True)
-    model = self.model
-
-    def step(params, cache, tokens, modality, segment_ids, positions):
-      logits, updated = model.apply({'params': params, 'cache': cache}, tokens, modality,
-                                    segment_ids, positions, mutable=['cache'])
-      return logits[:, -1], updated['cache']
-    self._step = functools.partial(jax.jit(step), run.params)
+    self._step = functools.partial(decode_step(self.model), run.params)
     self._sample = jax.jit(nucleus_sample, static_argnames=('temperature', 'top_p'))
     v = self.vocab
     self._text_ids = np.arange(v.start('text'), v.start('text') + v.sizes[0])
@@ -151,7 +167,8 @@ class Generator:
       tokens[r, width - len(p):] = p
       segment[r, width - len(p):] = 1
       positions[r, width - len(p):] = np.arange(len(p))
-    cache = self._empty_cache(tokens, segment, positions)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         cache_shapes(self.model, b))
     logits, cache = self._step(cache, tokens, self.vocab.modality_of(tokens), segment,
                                positions)
     history = [list(p) for p in prompts]
@@ -178,12 +195,6 @@ class Generator:
                                  live[:, None], next_pos[:, None])
       next_pos = next_pos + 1
     return [Sample(np.asarray(h, np.int32), n, f) for h, n, f in zip(history, lens, finished)]
-
-  def _empty_cache(self, tokens, segment, positions):
-    shapes = jax.eval_shape(lambda: self.model.init(
-        jax.random.key(0), tokens, self.vocab.modality_of(tokens), segment,
-        positions)['cache'])
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   # ------------------------------------------------------------------ reading samples
   def images_of(self, sample: Sample) -> list[np.ndarray]:

@@ -17,11 +17,14 @@ equals, and a `jax.custom_vjp`. Backend: interpret mode on CPU (the only way Pal
 there), compiled (Triton) on GPU; on TPU `impl='auto'` picks megablox for the ragged
 matmul and XLA for the rest, whose Mosaic lowering is untested (see each module).
 Every op takes `impl` ('auto', 'pallas', 'xla'; the ragged matmul also 'megablox') and
-`interpret` (None = by backend). Importing this package needs only jax and numpy.
+`interpret` (None = by backend); `target_backend('tpu' | 'cuda')` makes them trace for
+another platform than this machine's (ahead-of-time compiles). Every pallas_call gives
+XLA a cost estimate (FLOPs, bytes). Importing this package needs only jax and numpy.
 """
 from __future__ import annotations
 
 from pallas_kernels import references
+from pallas_kernels._common import target_backend
 from pallas_kernels.combine import combine_rows
 from pallas_kernels.combine import combine_rows_reference
 from pallas_kernels.combine import rows_of_token
@@ -38,4 +41,5 @@ __all__ = [
     'expert_choice', 'gather_rows', 'swiglu_capacity', 'swiglu_ragged', 'combine_rows',
     'rows_of_token', 'references', 'expert_choice_reference', 'gather_rows_reference',
     'swiglu_capacity_reference', 'swiglu_ragged_reference', 'combine_rows_reference',
+    'target_backend',
 ]

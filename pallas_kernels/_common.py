@@ -10,13 +10,51 @@ Every kernel here is written once and runs three ways:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+# The platform a program is being built for, when that is not the machine's own: an
+# ahead-of-time compile for TPU, or a lowering for CUDA, on a CPU host
+# (moma_jax/aot.py). Read at trace time, so kernels choose their TPU or GPU path.
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar('pallas_target',
+                                                                     default=None)
+_PLATFORM_BACKEND = {'cuda': 'gpu', 'rocm': 'gpu', 'gpu': 'gpu', 'tpu': 'tpu', 'cpu': 'cpu'}
 
 
 def backend() -> str:
-  """'cpu', 'gpu' or 'tpu' (anything else is treated like 'cpu')."""
-  return jax.default_backend()
+  """'cpu', 'gpu' or 'tpu' (anything else is treated like 'cpu'): the target set by
+  `target_backend`, else the default backend."""
+  return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_backend(platform: str) -> Iterator[None]:
+  """Context: trace the kernels for `platform` ('tpu', 'cuda', 'gpu' or 'cpu') whatever
+  this machine has, e.g. to compile for device-less TPU devices or lower for CUDA."""
+  token = _TARGET.set(_PLATFORM_BACKEND[platform])
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def nbytes(*arrays) -> int:
+  """Bytes of arrays (or ShapeDtypeStructs), for a kernel's cost estimate."""
+  return int(sum(a.size * a.dtype.itemsize for a in arrays))
+
+
+def cost(flops: int, bytes_accessed: int, transcendentals: int = 0) -> pl.CostEstimate:
+  """A pallas_call's cost for XLA's cost analysis: without one a custom call counts as
+  zero FLOPs, and a compiled program's FLOPs would look smaller than they are. Bytes are
+  the operands read and the result written once (tiles re-read by several programs are
+  not counted)."""
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
+                         bytes_accessed=int(bytes_accessed))
 
 
 def use_interpret(interpret: bool | None) -> bool:
@@ -60,6 +98,13 @@ def compiler_params(num_warps: int | None = None, num_stages: int | None = None)
     return None
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def matmul_cost(m: int, k: int, n: int, x, ws, glu: bool) -> pl.CostEstimate:
+  """M rows of x times K x N weights, once per weight in ws; glu adds a sigmoid and two
+  products per output (silu(a) * b)."""
+  return cost(2 * m * k * n * len(ws) + (3 * m * n if glu else 0),
+              nbytes(x, *ws) + m * n * x.dtype.itemsize, m * n if glu else 0)
 
 
 def normalize_index(index: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

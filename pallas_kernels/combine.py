@@ -117,6 +117,10 @@ def combine_pallas(out: jax.Array, weight: jax.Array | None, rows: jax.Array, *,
       out_shape=jax.ShapeDtypeStruct((t_pad, d_pad), out.dtype),
       interpret=interpret,
       compiler_params=_common.compiler_params(num_warps=4),
+      # Per token and slot: a multiply (weighted) and an add per column.
+      cost_estimate=_common.cost(
+          (2 if weight is not None else 1) * t_pad * s * d_pad,
+          _common.nbytes(*args) + t_pad * d_pad * out.dtype.itemsize),
       name='combine_rows',
   )(*args)
   return y[:t, :d]

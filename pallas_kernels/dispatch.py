@@ -65,6 +65,8 @@ def gather_pallas(x: jax.Array, token_index: jax.Array, *, interpret: bool,
       out_shape=jax.ShapeDtypeStruct((r_pad, d_pad), x.dtype),
       interpret=interpret,
       compiler_params=_common.compiler_params(num_warps=4),
+      cost_estimate=_common.cost(  # a copy: rows read once, written once
+          0, _common.nbytes(index) + 2 * r_pad * d_pad * x.dtype.itemsize),
       name='dispatch_gather_rows',
   )(index, xp)
   return rows[:r, :d]

@@ -26,13 +26,12 @@ Kernels (all accumulate in float32 and write the input dtype):
   * `_ragged_tmm_kernel` — per-expert weight gradients x_e^T @ dy_e for ragged groups,
     grid (E, K / BK, N / BN), looping over the row tiles that overlap expert e's rows
     with a row mask (empty experts give zeros).
-Sizes that are not tile multiples are zero-padded in the wrappers (zero rows/columns add
-nothing to a product) and the results sliced; tiles are powers of two >= 16 (Triton's
-`dot` minimum), shrunk for small dimensions.
+Sizes that are not tile multiples are zero-padded in the wrappers and the results sliced;
+tiles are powers of two >= 16 (Triton's `dot` minimum), shrunk for small dimensions.
+Every pallas_call carries a cost estimate (`_common.cost`) for XLA's cost analysis.
 
 Gradients (`jax.custom_vjp`, every matmul of the backward on the same kernels, the
-SwiGLU's elementwise derivative in jnp): with a = x wi_0, b = x wi_1,
-h = silu(a) * b, out = h wo:
+SwiGLU's elementwise derivative in jnp): with a = x wi_0, b = x wi_1, h = silu(a) * b, out = h wo:
   dh = dout wo^T, dwo = h^T dout,
   da = dh * b * silu'(a), db = dh * silu(a),
   dx = [da db] [wi_0; wi_1]^T (one kernel call on the concatenated operands),
@@ -176,6 +175,7 @@ def bmm(x, ws, *, glu: bool = False, tiles=TILES, interpret: bool):
       out_shape=jax.ShapeDtypeStruct((e, mp, np_), x.dtype),
       interpret=interpret,
       compiler_params=_common.compiler_params(num_warps=4, num_stages=3),
+      cost_estimate=_common.matmul_cost(e * mp, kp, np_, x, ws, glu),
       name='grouped_matmul_glu' if glu else 'grouped_matmul',
   )(x, *ws)
   return out[:, :m, :n]
@@ -216,6 +216,7 @@ def ragged_mm(x, ws, group_sizes, *, glu: bool = False, tiles=TILES, interpret: 
       out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
       interpret=interpret,
       compiler_params=_common.compiler_params(num_warps=4, num_stages=3),
+      cost_estimate=_common.matmul_cost(mp, kp, np_, x, ws, glu),   # row x own expert
       name='ragged_matmul_glu' if glu else 'ragged_matmul',
   )(lo, hi, starts, ends, x, *ws)
   return out[:m, :n]
@@ -242,6 +243,8 @@ def ragged_tmm(x, dy, group_sizes, *, tiles=TILES, interpret: bool):
       out_shape=jax.ShapeDtypeStruct((e, kp, np_), x.dtype),
       interpret=interpret,
       compiler_params=_common.compiler_params(num_warps=4, num_stages=3),
+      cost_estimate=_common.cost(2 * mp * kp * np_,
+                                 _common.nbytes(x, dy) + e * kp * np_ * x.dtype.itemsize),
       name='ragged_transposed_matmul',
   )(starts, ends, x, dy)
   return out[:, :k, :n]

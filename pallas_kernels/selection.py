@@ -110,6 +110,9 @@ def _select_pallas(scores, eligible, k: int, interpret: bool):
       interpret=interpret,
       # Long rows need more threads to hold them (Triton keeps a block in registers).
       compiler_params=_common.compiler_params(num_warps=min(16, max(4, n_pad // 2048))),
+      # K rounds, each a max and a min over the Np keys (compares, no matmul FLOPs).
+      cost_estimate=_common.cost(2 * g * e * k * n_pad,
+                                 _common.nbytes(s, el) + 8 * g * e * k_pad),
       name='expert_choice_select',
   )(s, el)
   return idx[..., :k], gate[..., :k]

@@ -195,10 +195,14 @@ class RoutedExperts(nn.Module):
     k = max(c[0].shape[-1] for c in cands)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, k - a.shape[-1])))
     # Group order -> stacked order: position s of the stack is concatenated expert order[s].
+    # Static slices, not a gather `[:, order]`: the TPU compiler's emitter rejects that
+    # small gather for some shapes (a crash, not an error), and slices cost nothing.
     order = stack_order(m)
-    idx = jnp.concatenate([pad(c[0]) for c in cands], axis=1)[:, order]    # [G, E, K]
-    gate = jnp.concatenate([pad(c[1]) for c in cands], axis=1)[:, order]
-    wanted = jnp.concatenate([c[2] for c in cands], axis=1)[:, order]     # [G, E]
+    stacked = lambda parts: jnp.concatenate(
+        [parts[:, s:s + 1] for s in order], axis=1)
+    idx = stacked(jnp.concatenate([pad(c[0]) for c in cands], axis=1))   # [G, E, K]
+    gate = stacked(jnp.concatenate([pad(c[1]) for c in cands], axis=1))
+    wanted = stacked(jnp.concatenate([c[2] for c in cands], axis=1))     # [G, E]
 
     cast = lambda w: w.astype(self.dtype)
     weights = (cast(wi_0), cast(wi_1), cast(wo))

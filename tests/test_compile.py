@@ -1,0 +1,231 @@
+"""Every accelerator path builds: TPU compiles on device-less devices, CUDA lowerings.
+
+TPU: the quickstart's models (2 layers) compile for v5p:2x2x1 (4 chips) through libtpu,
+no TPU needed; skipped where libtpu is not installed. CUDA: the Pallas kernels and a
+whole training step lower through Triton on this CPU machine (compiling needs a GPU).
+"""
+import importlib.util
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from moma_jax import aot
+from moma_jax import compile_cli
+from moma_jax import compile_report
+from moma_jax import configs
+from moma_jax import flops
+from moma_jax import hlo_stats
+
+QUICKSTART = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'quickstart.py')
+TOPOLOGY = 'v5p:2x2x1'
+TRITON = '__gpu$xla.gpu.triton'
+needs_libtpu = pytest.mark.skipif(not aot.has_libtpu(),
+                                  reason="libtpu is not installed: pip install -e '.[tpu]'")
+
+
+def quickstart(variant, **overrides):
+  """The quickstart variant at 2 layers, groups of 4 sequences, with dotted overrides."""
+  spec = importlib.util.spec_from_file_location('quickstart', QUICKSTART)
+  qs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(qs)
+  c = qs.get_config(variant)
+  c.model.num_layers = 2
+  c.routing.group_size = 4
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return configs.validate(c)
+
+
+# ----------------------------------------------------------------------------------
+# TPU: training steps, the decode step
+# ----------------------------------------------------------------------------------
+@needs_libtpu
+@pytest.mark.parametrize('variant, kernels, layout, data, expert', [
+    ('dense', 'xla', 'ragged', 2, 2),
+    ('moma_4t4i', 'pallas', 'ragged', 4, 1),        # megablox gmm on TPU
+    ('moe_8x', 'xla', 'capacity', 2, 2),
+    ('mod_moma_4t4i', 'pallas', 'capacity', 2, 2),
+])
+def test_training_step_compiles_for_tpu(variant, kernels, layout, data, expert):
+  config = quickstart(variant, **{'model.kernels': kernels, 'routing.layout': layout,
+                                  'mesh.data': data, 'mesh.expert': expert})
+  target = aot.tpu_target(config, TOPOLOGY)
+  r = compile_report.measure(config, target, 'train')
+  assert r['compiled'] and r['devices'] == 4
+  mem = r['memory']
+  assert mem['temporaries'] > 0 and mem['state'] <= mem['arguments']
+  # Training costs more than the analytic model FLOPs (full attention squares, routing,
+  # optimizer) but not several times more at this size.
+  assert 1.0 < r['flops']['ratio'] < 3.0, r['flops']
+  # Gradients are summed over the batch shards.
+  assert 'all-reduce' in r['collectives']
+  routed = variant != 'dense'
+  assert ('all-to-all' in r['collectives']) == (routed and expert > 1)
+  if kernels == 'pallas' and layout == 'ragged':
+    gmm = [k for k in r['kernels'] if k['backend'] == 'Mosaic TPU']
+    assert gmm and all(k['counted'] for k in gmm), r['kernels']
+  assert not r['uncounted']
+
+
+@needs_libtpu
+def test_decode_step_compiles_for_tpu():
+  """A MoMa model decodes through (abstract) auxiliary routers and a KV cache."""
+  config = quickstart('moma_4t4i', **{'mesh.data': 2, 'mesh.expert': 2})
+  r = compile_report.measure(config, aot.tpu_target(config, TOPOLOGY), 'decode')
+  assert r['compiled'] and r['tokens'] == config.train.batch_size
+  # The cache: per layer keys and values [B, S, H, K], split over the 4 chips.
+  m = config.model
+  cache = 2 * m.num_layers * config.train.batch_size * m.max_len * m.d_model * 4 // 4
+  assert r['memory']['state'] > cache
+
+
+# ----------------------------------------------------------------------------------
+# CUDA: every Pallas kernel, forward and backward, and a training step lower to Triton
+# ----------------------------------------------------------------------------------
+def _kernel_cases():
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  t, d, e, c, f = 64, 32, 4, 16, 48
+  index = jnp.asarray(rng.integers(0, t + 1, (e * c,)), jnp.int32)
+  sizes = jnp.asarray([16, 8, 24, 8], jnp.int32)
+  w = lambda: (f32(e, d, f), f32(e, d, f), f32(e, f, d))
+  return {
+      'expert_choice_select': (
+          lambda s: pallas_kernels.expert_choice(s, jnp.ones((2, 32, 1), bool), 8)[1].sum(),
+          (f32(2, 32, e),)),
+      'dispatch_gather_rows': (
+          lambda x: pallas_kernels.gather_rows(x, index, rows_per_token=e).sum(), (f32(t, d),)),
+      'combine_rows': (
+          lambda o, g: pallas_kernels.combine_rows(o, g, index, t, e).sum(),
+          (f32(e * c, d), f32(e * c))),
+      'grouped_matmul': (
+          lambda x, *ws: pallas_kernels.swiglu_capacity(x, *ws).sum(), (f32(e, c, d), *w())),
+      'ragged_matmul': (
+          lambda x, *ws: pallas_kernels.swiglu_ragged(x, sizes, *ws).sum(),
+          (f32(e * c, d), *w())),
+  }
+
+
+@pytest.mark.parametrize('name', sorted(_kernel_cases()))
+def test_pallas_kernel_lowers_to_triton_forward_and_backward(name):
+  fn, args = _kernel_cases()[name]
+  grad = jax.value_and_grad(fn, argnums=tuple(range(len(args))))
+  with pallas_kernels.target_backend('cuda'):
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+  calls = hlo_stats.kernels(text)
+  assert calls and all(k['target'] == TRITON for k in calls), calls
+  names = {k['name'] for k in calls}
+  # The forward kernel itself; the backward runs it or others (value_and_grad keeps both).
+  assert any(n.startswith(name) for n in names), names
+
+
+def test_training_step_with_pallas_kernels_lowers_for_cuda():
+  config = quickstart('moma_4t4i', **{'model.kernels': 'pallas'})
+  r = compile_report.measure(config, aot.cuda_target(config), 'train')
+  assert r['lowered'] and not r['compiled']
+  names = {k['name'] for k in r['kernels'] if k['backend'] == 'Triton'}
+  assert {'expert_choice_select', 'dispatch_gather_rows', 'ragged_matmul',
+          'ragged_transposed_matmul', 'combine_rows'} <= names, names
+  # The Triton lowering drops cost estimates: none of them is counted.
+  assert sorted(set(r['uncounted'])) == sorted(names)
+
+
+# ----------------------------------------------------------------------------------
+# HLO text: collectives per step
+# ----------------------------------------------------------------------------------
+def test_collectives_count_loop_bodies_by_trip_count():
+  hlo = '\n'.join([
+      'HloModule m', '',
+      '%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {',
+      '  %ar = f32[8]{0} all-reduce(f32[8]{0} %x), replica_groups={}',
+      '}', '',
+      'ENTRY %main (a: f32[16,4]) -> f32[64,4] {',
+      '  %ag-start = (f32[16,4]{1,0}, f32[64,4]{1,0}) all-gather-start(f32[16,4]{1,0} %a)',
+      '  %ag-done = f32[64,4]{1,0:T(8,128)} all-gather-done(%ag-start)',
+      '  %w = (s32[], f32[8]) while(%t), condition=%c, body=%body, '
+      'backend_config={"known_trip_count":{"n":"3"}}',
+      '  %a2a = (bf16[2,8]{1,0}, bf16[2,8]{1,0}) all-to-all(%y, %z), dimensions={0}',
+      '}'])
+  got = hlo_stats.collectives(hlo)
+  assert got == {'all-to-all': dict(count=1, bytes=2 * 2 * 8 * 2),
+                 'all-gather': dict(count=1, bytes=64 * 4 * 4),
+                 'all-reduce': dict(count=3, bytes=3 * 8 * 4)}
+
+
+# ----------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------
+def _run(argv, capsys):
+  compile_cli.run(['moma-compile', *argv])
+  return capsys.readouterr()
+
+
+@needs_libtpu
+@pytest.mark.parametrize('mesh', [['--config.mesh.data=8'],
+                                  ['--config.mesh.expert=4', '--config.routing.group_size=8']])
+def test_a_mesh_the_topology_cannot_hold_is_one_line_exit_2(mesh, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _run(['--config', f'{QUICKSTART}:moma_4t4i', '--topology', TOPOLOGY, *mesh], capsys)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('moma-compile: error: mesh'), err
+  assert 'Traceback' not in err
+
+
+@needs_libtpu
+def test_json_output_is_consistent(capsys):
+  argv = ['--config', f'{QUICKSTART}:moma_4t4i', '--topology', TOPOLOGY, '--json',
+          '--config.model.num_layers=2', '--config.routing.group_size=4',
+          '--config.mesh.data=2', '--config.mesh.expert=2']
+  out = json.loads(_run(argv, capsys).out)
+  config = quickstart('moma_4t4i', **{'mesh.data': 2, 'mesh.expert': 2})
+  assert out['topology'] == TOPOLOGY and [s['step'] for s in out['steps']] == ['train']
+  r = out['steps'][0]
+  m = r['memory']
+  assert m['total'] == m['arguments'] + m['outputs'] + m['temporaries'] + m['code'] - m['aliased']
+  assert m['fits'] == (m['total'] <= m['hbm']) and m['margin'] == m['hbm'] - m['total']
+  f = r['flops']
+  tokens = config.train.batch_size * config.data.seq_len
+  assert r['tokens'] == tokens
+  assert f['analytic'] == pytest.approx(flops.count(config).train['overall'] * tokens / 4)
+  assert f['ratio'] == pytest.approx(f['compiled'] / f['analytic'])
+  assert r['collective_bytes'] == sum(c['bytes'] for c in r['collectives'].values()) > 0
+  e = r['roofline']
+  assert e['step_s'] == pytest.approx(max(e['compute_s'], e['memory_s'], e['collective_s']))
+  assert e['compute_s'] == pytest.approx(f['compiled'] / r['chip']['peak_flops'])
+  assert e['mfu'] == pytest.approx(f['analytic'] / (e['step_s'] * r['chip']['peak_flops']))
+
+
+@needs_libtpu
+def test_a_program_larger_than_hbm_is_a_verdict_exit_0(capsys):
+  argv = ['--config', f'{QUICKSTART}:dense', '--topology', TOPOLOGY, '--json',
+          '--config.model.num_layers=2', '--config.model.d_model=16384',
+          '--config.model.num_heads=32', '--config.model.ffn_dim=65536',
+          '--config.routing.group_size=4']
+  r = json.loads(_run(argv, capsys).out)['steps'][0]
+  m = r['memory']
+  assert not r['compiled'] and not m['fits']
+  # The float32 gradients of every parameter (replicated: data=4) are temporaries.
+  params = flops.count(quickstart('dense', **{
+      'model.num_layers': 2, 'model.d_model': 16384, 'model.num_heads': 32,
+      'model.ffn_dim': 65536})).params_total
+  assert m['required'] > max(m['hbm'], 4 * params) and m['hbm'] > 0
+  assert m['margin'] == pytest.approx(m['hbm'] - m['required']) and m['margin'] < 0
+
+
+def test_cuda_text_says_lowering_only(capsys):
+  argv = ['--config', f'{QUICKSTART}:moe_8x', '--platform', 'cuda',
+          '--config.model.num_layers=1', '--config.model.kernels=pallas']
+  out = _run(argv, capsys).out
+  assert 'lowered only' in out
+  assert re.search(r'Triton\s+ragged_matmul\s+x\d+', out), out
