@@ -27,6 +27,7 @@ from moma_jax import cli
 from moma_jax import configs
 from moma_jax import metrics_log
 from moma_jax import saved_run
+from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
 from moma_jax.model import transformer
 
@@ -89,6 +90,7 @@ def main() -> None:
     return
 
   tok = pipeline.load_tokenizers(config)
+  data_checks.check(config, tok)       # before anything is written
   joint = run.model.aux_routers
   model = run.model if joint else transformer.build(config, aux_routers=True)
   params = run.params

@@ -18,6 +18,7 @@ from absl import flags
 
 from moma_jax import cli
 from moma_jax.data import datasets
+from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
 from moma_jax.data import preview
 
@@ -41,6 +42,10 @@ def build(config) -> None:
   tok = pipeline.load_tokenizers(config)
   print(f'  {"tokenizers":<14} vocabulary {tok.vocab.size} ids (text {tok.text.vocab_size}, '
         f'image {tok.image.vocab_size}) {time.perf_counter() - start:6.1f} s')
+  start = time.perf_counter()
+  data_checks.check(config, tok)
+  print(f'  {"checked":<14} {"shards, record counts, sample documents":<32} '
+        f'{time.perf_counter() - start:6.1f} s')
 
 
 def show(config) -> None:

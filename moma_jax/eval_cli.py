@@ -23,6 +23,7 @@ from moma_jax import cli
 from moma_jax import configs
 from moma_jax import evaluation
 from moma_jax import saved_run
+from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
 
 PROG = 'moma-eval'
@@ -72,6 +73,7 @@ def main() -> None:
                            f'first: moma-aux --workdir {run.workdir}')
     model, prefix = model.clone(causal=True), 'eval_causal'
   tok = pipeline.load_tokenizers(config)
+  data_checks.check(config, tok, (config.data.eval_split,))
   step_fn = evaluation.make_eval_step(model, config.model.modalities)
   metrics = evaluation.evaluate(step_fn, run.params, config, tok, prefix=prefix)
   if JSON.value:

@@ -30,6 +30,7 @@ from moma_jax import cli
 from moma_jax import generate
 from moma_jax import generate_figures
 from moma_jax import saved_run
+from moma_jax.data import checks as data_checks
 from moma_jax.data import datasets
 from moma_jax.data import pipeline
 
@@ -91,6 +92,7 @@ def _validation_images(config, count: int):
   src = datasets.data_source(names[0], pipeline.data_dir(config), config.data.eval_split,
                              **pipeline.dataset_options(config).get(names[0], {}))
   count = min(count, len(src))
+  data_checks.check(config, pipeline.load_tokenizers(config), (config.data.eval_split,))
   examples = [src[i] for i in range(count)]
   caption = lambda c: c.decode('utf-8') if isinstance(c, bytes) else str(c)
   return ([np.asarray(e['image']) for e in examples], [caption(e['caption'])

@@ -51,7 +51,7 @@ from moma_jax import sharding
 from moma_jax import train_checks
 from moma_jax import train_state
 from moma_jax import upcycle
-from moma_jax.data import datasets
+from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
 from moma_jax.model import route_stats
 from moma_jax.model import transformer
@@ -261,10 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, label: str = '',
   mesh = sharding.make_mesh(config)
   workdir = train_checks.check_workdir(workdir, config)
   tok = pipeline.load_tokenizers(config)
+  data_checks.check(config, tok)   # bad data fails now, before the workdir is made
   data = pipeline.train_iterator(config, tok, jax.process_index(), jax.process_count())
-  for name, _ in pipeline.mixture(config):   # fails now if a validation split is missing
-    datasets.data_source(name, pipeline.data_dir(config), config.data.eval_split,
-                         **pipeline.dataset_options(config).get(name, {}))
   model = transformer.build(config)
   report = flops.count(config)
   tx = optimizer_lib.optimizer(config)

@@ -105,9 +105,18 @@ def _embedded_builder(name: str, data_dir: str, kwargs: dict[str, Any]):
       raise DatasetError(f'{name}: {e}') from e
   try:
     with _quiet_expected_warnings():
-      return cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
+      builder = cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
+      builder.is_prepared()
+      return builder
   except OSError as e:
     raise DatasetError(f'{name}: cannot use data directory {data_dir}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    # TFDS reads dataset_info.json and features.json here: a damaged one raises
+    # protobuf or JSON errors of assorted types.
+    folder = os.path.join(data_dir, name)
+    raise DatasetError(f'{name}: cannot read its dataset_info.json or features.json under '
+                       f'{folder} ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
+                       f'); {rebuild_hint(name, folder)}') from e
 
 
 def _tfds_builder(name: str, data_dir: str, kwargs: dict[str, Any]):
@@ -174,18 +183,32 @@ def splits(builder) -> list[str]:
   return sorted(builder.info.splits)
 
 
+def rebuild_hint(name: str, folder: str) -> str:
+  """What to do about the damaged dataset `name` stored in `folder`."""
+  if name in EMBEDDED:
+    return f'remove {folder} and rebuild it with `moma-data build --config EXPERIMENT`'
+  return f'prepare {name} again (its folder: {folder})'
+
+
+def split_names(split: str) -> list[str]:
+  """The split names in a TFDS split expression: 'train[:10%]+validation' -> both."""
+  return [re.match(r'\s*([^\[\s]*)', p).group(1) for p in str(split).split('+')]
+
+
 def data_source(name: str, data_dir: str | os.PathLike, split: str, **builder_kwargs):
   """Random-access examples of `split` (TFDS slicing such as 'train[:10%]' allowed):
   `len(src)`, `src[i]` -> dict of numpy arrays / bytes; usable as a grain source."""
   builder = prepare(name, data_dir, **builder_kwargs)
   known = splits(builder)
-  parts = [re.match(r'\s*([^\[\s]*)', p).group(1) for p in str(split).split('+')]
-  missing = [p for p in parts if p not in known]
+  missing = [p for p in split_names(split) if p not in known]
   if missing:
     raise DatasetError(f'{name} has no split {split!r}; splits: {", ".join(known)}')
   try:
     return builder.as_data_source(split=split)
   except (ValueError, KeyError, AssertionError, NotImplementedError) as e:
+    if 'of 0 length' in str(e):    # TFDS's word for a selection without examples
+      raise DatasetError(f'{name}: split {split!r} is empty; choose another split or '
+                         'dataset') from e
     raise DatasetError(f'{name}: cannot read split {split!r}: {e}') from e
 
 

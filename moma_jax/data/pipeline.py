@@ -159,7 +159,8 @@ class DatasetDocuments(Sequence):
   def __init__(self, config: ml_collections.ConfigDict, name: str, split: str,
                tok: docs_lib.Tokenizers):
     self.name, self.split, self.tok = name, split, tok
-    self.source = datasets.data_source(name, data_dir(config), split,
+    self.data_dir = data_dir(config)
+    self.source = datasets.data_source(name, self.data_dir, split,
                                        **dataset_options(config).get(name, {}))
     self.plan = None
     if datasets.KIND.get(name) == 'image_text':
@@ -170,13 +171,24 @@ class DatasetDocuments(Sequence):
   def __len__(self) -> int:
     return len(self.plan) if self.plan is not None else len(self.source)
 
+  def _example(self, i: int) -> dict[str, Any]:
+    try:
+      return self.source[i]
+    except Exception as e:  # pylint: disable=broad-except
+      # array_record reports a damaged shard (hash mismatch, truncation) as RuntimeError.
+      folder = os.path.join(self.data_dir, self.name)
+      raise datasets.DatasetError(
+          f'{self.name}/{self.split}: cannot read example {i} '
+          f'({(str(e).splitlines() or [type(e).__name__])[0][:200]}); '
+          f'{datasets.rebuild_hint(self.name, folder)}') from e
+
   def __getitem__(self, d: int) -> dict[str, np.ndarray]:
     if self.plan is None:
-      return docs_lib.example_document(self.tok, self.source[d],
+      return docs_lib.example_document(self.tok, self._example(d),
                                        f'{self.name}/{self.split} example {d}')
     members = self.plan.members(d)
     where = f'{self.name}/{self.split} example {int(members[0])}'
-    return docs_lib.image_text_document(self.tok, [self.source[int(i)] for i in members],
+    return docs_lib.image_text_document(self.tok, [self._example(int(i)) for i in members],
                                         int(self.plan.fmt[d]), where)
 
 

@@ -1,0 +1,226 @@
+"""Bad data: one line on stderr, exit code 2, and no workdir made or changed.
+
+Each case damages a private copy of the test data directory (or builds a small TFDS
+dataset that is wrong in one way) and runs `moma-train` on it. The data is checked
+before the workdir is created (moma_jax/data/checks.py); a record that is found bad only
+mid-run stops the run the same way, with its checkpoints intact, and a rerun on repaired
+data resumes.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import tiny_train_config, train_usage_error
+from moma_jax import checkpoint as ckpt_lib
+from moma_jax import train
+from moma_jax.data import datasets
+from moma_jax.data import pipeline
+
+QUICKSTART = 'experiments/quickstart.py'
+
+
+class _Tiny(tfds.core.GeneratorBasedBuilder):
+  """A small dataset made of FEATURES and the TRAIN / VALIDATION examples."""
+  VERSION = tfds.core.Version('1.0.0')
+  code_path = None
+  FEATURES: dict = {}
+  TRAIN: list = []
+  VALIDATION: list = []
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=tfds.features.FeaturesDict(self.FEATURES))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(self.TRAIN),
+            'validation': self._generate_examples(self.VALIDATION)}
+
+  def _generate_examples(self, examples):
+    yield from enumerate(examples)
+
+
+def _text(n):
+  return [{'text': f'a sentence, number {i}.'} for i in range(n)]
+
+
+class BadTokenIds(_Tiny):
+  FEATURES = {'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int32)}
+  TRAIN = [{'tokens': np.array([1, 50, 10**6, 2], np.int32)}] * 20
+  VALIDATION = TRAIN[:4]
+
+
+class WrongImageShape(_Tiny):
+  FEATURES = {'caption': tfds.features.Text(),
+              'image': tfds.features.Tensor(shape=(16, 16, 3), dtype=np.uint8)}
+  TRAIN = [{'caption': 'grey', 'image': np.full((16, 16, 3), 128, np.uint8)}] * 20
+  VALIDATION = TRAIN[:4]
+
+
+class OtherFeatures(_Tiny):
+  FEATURES = {'label': tfds.features.Scalar(dtype=np.int64)}
+  TRAIN = [{'label': i} for i in range(20)]
+  VALIDATION = TRAIN[:4]
+
+
+def _shard(data_dir, name, split='train'):
+  builder = datasets.prepare(name, data_dir)
+  return os.fspath(builder.info.splits[split].filepaths[0]), builder.data_dir
+
+
+def _truncate(data_dir):
+  path, _ = _shard(data_dir, 'moma_pydoc')
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  return 'moma_pydoc: shard', 'is corrupt'
+
+
+def _flip_bits(data_dir):
+  path, _ = _shard(data_dir, 'moma_shapes')
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 3)
+    chunk = f.read(64)
+    f.seek(os.path.getsize(path) // 3)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  return 'moma_shapes: shard', 'is corrupt'
+
+
+def _remove_shard(data_dir):
+  os.remove(_shard(data_dir, 'moma_digits')[0])
+  return 'moma_digits: shard', 'is missing'
+
+
+def _remove_validation_shard(data_dir):
+  os.remove(_shard(data_dir, 'moma_pydoc', 'validation')[0])
+  return 'moma_pydoc: shard', 'validation.array_record'
+
+
+def _shard_of_another_size(data_dir):
+  train, _ = _shard(data_dir, 'moma_pydoc')
+  shutil.copy(_shard(data_dir, 'moma_pydoc', 'validation')[0], train)
+  return 'holds 63 records, its dataset_info.json says 460', 'moma-data build'
+
+
+def _corrupt_dataset_info(data_dir):
+  _, folder = _shard(data_dir, 'moma_digits')
+  with open(os.path.join(folder, 'dataset_info.json'), 'w') as f:
+    f.write('{"name": "moma_digits", "splits": [')
+  return 'moma_digits: cannot read its dataset_info.json', 'moma-data build'
+
+
+def _empty_split(data_dir):
+  del data_dir
+  return "moma_shapes: split 'validation[:0]' is empty", 'another split'
+_empty_split.flags = ['--config.data.eval_split=validation[:0]']
+
+
+def _own_dataset(builder, expected):
+  def make(data_dir):
+    builder(data_dir=data_dir, file_format='array_record').download_and_prepare()
+    return expected
+  make.dataset = builder.name
+  return make
+
+
+DAMAGE = [_truncate, _flip_bits, _remove_shard, _remove_validation_shard,
+          _shard_of_another_size, _corrupt_dataset_info,
+          _own_dataset(BadTokenIds, ('bad_token_ids/train example', 'outside')),
+          _own_dataset(WrongImageShape, ('image of shape (16, 16, 3)', 'expected (32, 32, 3)')),
+          _own_dataset(OtherFeatures, ("has features ['label']", "the pipeline reads")),
+          _empty_split]
+
+
+@pytest.fixture
+def data_copy(data_setup, tmp_path):
+  datasets.build_all(data_setup[0].data.data_dir)   # every dataset of the mixture
+  copy = tmp_path / 'data'
+  shutil.copytree(data_setup[0].data.data_dir, copy)
+  return str(copy)
+
+
+def _flags(config, data_dir, name=None):
+  t = config.train
+  flags = [f'--config.data.data_dir={data_dir}', '--config.data.vq.fit_images=600',
+           '--config.model.d_model=32', '--config.model.num_layers=2',
+           '--config.model.ffn_dim=128', '--config.model.max_len=64',
+           '--config.data.seq_len=64', '--config.train.batch_size=8',
+           f'--config.train.steps={t.steps}', f'--config.train.ckpt_every={t.ckpt_every}',
+           f'--config.train.eval_every={t.eval_every}', '--config.train.eval_max_batches=1']
+  if name:
+    flags += [f'--config.data.name={name}']
+  return flags
+
+
+@pytest.mark.parametrize('damage', DAMAGE, ids=[getattr(d, 'dataset', d.__name__[1:])
+                                                for d in DAMAGE])
+def test_bad_data_is_one_line_exit_2_before_the_workdir(data_copy, tmp_path, capsys,
+                                                        damage):
+  expected = damage(data_copy)
+  capsys.readouterr()
+  config = tiny_train_config(data_copy, steps=4, ckpt_every=2, eval_every=4)
+  workdir = tmp_path / 'run'
+  argv = ['moma-train', f'--config={QUICKSTART}', f'--workdir={workdir}',
+          *_flags(config, data_copy, getattr(damage, 'dataset', None)),
+          *getattr(damage, 'flags', [])]
+  line = train_usage_error(argv, capsys)
+  for part in expected:
+    assert part in line, line
+  assert not workdir.exists()
+
+
+def test_a_record_found_bad_mid_run_stops_it_and_a_rerun_resumes(data_copy, tmp_path,
+                                                                 capsys, monkeypatch):
+  """The checks pass; at the 7th training step a record cannot be read (as array_record
+  reports a damaged chunk). One line, exit 2; checkpoints up to step 4 and their metrics
+  stay; with the data readable again, the rerun resumes from step 4."""
+  config = tiny_train_config(data_copy, steps=8, ckpt_every=4, eval_every=100,
+                             log_every=1)
+  workdir = tmp_path / 'run'
+  argv = ['moma-train', f'--config={QUICKSTART}', f'--workdir={workdir}',
+          *_flags(config, data_copy), '--config.train.log_every=1']
+  read, steps = pipeline.DatasetDocuments.__getitem__, []
+
+  def failing(self, d):
+    if self.split == 'train' and len(steps) >= 6:
+      self.source = _Broken(self.source)
+    return read(self, d)
+  monkeypatch.setattr(pipeline.DatasetDocuments, '__getitem__', failing)
+  monkeypatch.setattr(train, 'train', _recording(train.train, steps))
+  with pytest.raises(SystemExit) as exit_info:
+    train.run(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.splitlines()
+  # The progress lines of steps 1..6, then the one line.
+  assert [line.split()[1] for line in err[:-1]] == [f'{s}/8' for s in range(1, 7)], err
+  assert err[-1].startswith('moma-train: error: moma_pydoc/train: cannot read example')
+  assert 'moma-data build' in err[-1]
+  assert ckpt_lib.Checkpoints(str(workdir)).all_steps() == [4]
+  monkeypatch.setattr(pipeline.DatasetDocuments, '__getitem__', read)
+  steps.clear()
+  train.run(argv)
+  assert steps == [5, 6, 7, 8]
+  with open(workdir / 'metrics.jsonl') as f:
+    logged = [json.loads(line)['step'] for line in f]
+  assert logged[:8] == list(range(1, 9))
+
+
+class _Broken:
+  """A data source whose records read as a damaged array_record chunk does."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    raise RuntimeError('Corrupted Riegeli/records file: chunk data hash mismatch')
+
+
+def _recording(train_fn, steps):
+  def wrapped(config, workdir, **kwargs):
+    return train_fn(config, workdir, on_step=steps.append, **kwargs)
+  return wrapped
