@@ -45,7 +45,7 @@ from moma_jax.model import transformer
 
 STEPS = ('train', 'eval', 'decode')
 PLATFORMS = ('tpu', 'cuda')
-# Batch fields and their dtypes (DESIGN: tokens, modality, segment_ids, positions, loss_mask).
+# Batch fields and their dtypes (docs/design.md §7).
 BATCH_DTYPES = dict(tokens=jnp.int32, modality=jnp.int8, segment_ids=jnp.int32,
                     positions=jnp.int32, loss_mask=jnp.int32)
 

@@ -1,6 +1,6 @@
 """Where a training run's numbers go: `metrics.jsonl`, TensorBoard events, stderr.
 
-`metrics.jsonl` holds one JSON object per line (DESIGN.md §6). Training rows: `step`,
+`metrics.jsonl` holds one JSON object per line (docs/design.md §6). Training rows: `step`,
 `train_flops` (cumulative training FLOPs, flops.count's per-modality training FLOPs per
 token times the non-padding target tokens of that modality), `tokens` (cumulative
 non-padding target tokens), `loss`, `loss/{modality}`, `tokens_per_sec`, `lr`,

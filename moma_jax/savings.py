@@ -5,7 +5,7 @@
   rows = savings.compare(baseline, runs, ('text', 'image', 'overall'), ('train', 'eval'))
   # files and figures of the rows: moma_jax/savings_report.py
 
-eta (DESIGN.md §1): for a sparse run's point (training FLOPs C, loss L of modality m),
+eta (docs/design.md §1): for a sparse run's point (training FLOPs C, loss L of modality m),
 `eta_m = C_dense(L) / C`, C_dense(L) being the training FLOPs at which the dense run
 reaches L. Training and evaluation losses are compared separately (the "source"); the
 modality 'overall' is the loss over all tokens (`loss`, `eval/loss`).
@@ -14,7 +14,7 @@ How C_dense(L) is read off the dense run's logged points (smoothing in log-FLOPs
 isotonic dense curve, a power law beyond its range): moma_jax/loss_curves.py.
 
 Run directories hold `config.json` and `metrics.jsonl` as `moma-train` writes them
-(DESIGN.md §6); reading never changes them. Nothing here imports JAX.
+(docs/design.md §6); reading never changes them. Nothing here imports JAX.
 """
 from __future__ import annotations
 

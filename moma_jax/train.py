@@ -5,7 +5,7 @@ Usage:
   python -m moma_jax.train --config experiments/quickstart.py:dense --workdir /tmp/dense
 
 Writes into DIR: `config.json`, `metrics.jsonl` (one JSON row per logged step and per
-evaluation; keys in moma_jax/metrics_log.py and DESIGN.md §6), TensorBoard events under
+evaluation; keys in moma_jax/metrics_log.py and docs/design.md §6), TensorBoard events under
 `tensorboard/`, and Orbax checkpoints under `checkpoints/` (state, data position,
 config). A DIR holding checkpoints resumes from the newest one and drops the metric rows
 past it, so a killed run restarted with the same command continues bit-identically.

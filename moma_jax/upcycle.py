@@ -1,6 +1,6 @@
 """Upcycling: a 1t1i MoMa run's step N becomes the start of an n t m i MoMa run.
 
-The paper's recipe (Lin et al. 2024, section on upcycling; DESIGN.md §1): train MoMa
+The paper's recipe (Lin et al. 2024, section on upcycling; docs/design.md §1): train MoMa
 with one expert per modality (`model.experts=(1, 1)`), then at step N copy each
 modality's FFN into every expert of that modality's group of the larger model, add fresh
 routers, restart the optimizer state and the LR schedule, and keep the data position.

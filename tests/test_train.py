@@ -1,4 +1,4 @@
-"""The trainer: loss falls, metrics as DESIGN §6, stops, bad input, NaN (exact resume:
+"""The trainer: loss falls, metrics as design §6, stops, bad input, NaN (exact resume:
 test_resume.py).
 
 Most tests reuse one tiny quickstart run shared by the whole test run (`trained_run` in
