@@ -147,8 +147,8 @@ def _variants(config: ml_collections.ConfigDict) -> None:
   if JSON.value:
     print(json.dumps(dict(config=base, topology=TOPOLOGY.value, variants=rows), indent=1))
     return
-  head = (f'{"variant":<15} {"GFLOPs/token":>12} {"bytes/token":>11} {"coll/step":>10} '
-          f'{"mem/chip":>9} {"fits":>5} {"est tok/s":>10} {"ratio":>6} {"paper":>6}')
+  head = (f'{"variant":<15} {"GFLOPs/token":>12} {"bytes/token":>11} {"coll/step":>11} '
+          f'{"mem/chip":>10} {"fits":>5} {"est tok/s":>11} {"ratio":>6} {"paper":>6}')
   lines = [f'{base} variants on {TOPOLOGY.value} (training step; per-token figures over '
            'all chips; tok/s and ratio are roofline ESTIMATES)', head]
   fmt = lambda x, spec: format(x, spec) if x is not None else '-'
@@ -160,12 +160,13 @@ def _variants(config: ml_collections.ConfigDict) -> None:
       lines.append(f'{r["variant"]:<15} does not fit: the compiler refused it '
                    f'({short:.2f} GiB short)')
       continue
+    size = compile_report.human_bytes
     lines.append(
-        f'{r["variant"]:<15} {r["flops"]["compiled"] * per_token / 1e9:>12.3f} '
-        f'{r["flops"]["bytes_accessed"] * per_token / 1e6:>9.2f}MB '
-        f'{r["collective_bytes"] / 2**30:>7.2f}GiB {r["memory"]["total"] / 2**30:>6.1f}GiB '
+        f'{r["variant"]:<15} {r["flops"]["compiled"] * per_token / 1e9:>12.4g} '
+        f'{size(r["flops"]["bytes_accessed"] * per_token):>11} '
+        f'{size(r["collective_bytes"]):>11} {size(r["memory"]["total"]):>10} '
         f'{("yes" if fits else "no") if fits is not None else "?":>5} '
-        f'{fmt(r.get("roofline", {}).get("tokens_per_sec"), ",.0f"):>10} '
+        f'{fmt(r.get("roofline", {}).get("tokens_per_sec"), ",.0f"):>11} '
         f'{fmt(r["ratio_to_first"], ".2f"):>6} {fmt(r["paper_ratio"], ".2f"):>6}')
   print('\n'.join(lines), flush=True)
 

@@ -142,7 +142,7 @@ def _gib(n: float) -> str:
   return f'{n / GIB:.2f} GiB'
 
 
-def _bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
   for unit, size in (('GiB', GIB), ('MiB', 2**20), ('KiB', 2**10)):
     if abs(n) >= size:
       return f'{n / size:.2f} {unit}'
@@ -186,12 +186,12 @@ def format_step(r: dict[str, Any]) -> list[str]:
   ratio = f'{f["ratio"]:.3f}' if f['ratio'] else 'n/a'
   lines += ['  FLOPs per chip:',
             f'    compiled {f["compiled"]:.4g}, analytic (flops.py) {f["analytic"]:.4g}, '
-            f'ratio {ratio}; bytes accessed {_bytes(f["bytes_accessed"])}']
+            f'ratio {ratio}; bytes accessed {human_bytes(f["bytes_accessed"])}']
   if r['uncounted']:
     lines.append('    not in the compiled FLOPs (no cost estimate): '
                  + ', '.join(sorted(set(r['uncounted']))))
   lines.append('  collectives per step:' + ('' if r['collectives'] else ' none'))
-  lines += [f'    {kind:<19} x{c["count"]:<4} {_bytes(c["bytes"])}'
+  lines += [f'    {kind:<19} x{c["count"]:<4} {human_bytes(c["bytes"])}'
             for kind, c in r['collectives'].items()]
   if r['kernels']:
     lines.append('  kernels: ' + ', '.join(f'{k["name"]} x{k["count"]} ({k["backend"]})'

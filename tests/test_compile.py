@@ -223,6 +223,21 @@ def test_a_program_larger_than_hbm_is_a_verdict_exit_0(capsys):
   assert m['margin'] == pytest.approx(m['hbm'] - m['required']) and m['margin'] < 0
 
 
+@needs_libtpu
+def test_variants_table_against_the_first_variant(capsys):
+  argv = ['--config', f'{QUICKSTART}:dense', '--topology', TOPOLOGY, '--json',
+          '--variants', 'dense,moe_8x', '--config.model.num_layers=1',
+          '--config.routing.group_size=4', '--config.mesh.data=2', '--config.mesh.expert=2']
+  rows = json.loads(_run(argv, capsys).out)['variants']
+  assert [r['variant'] for r in rows] == ['dense', 'moe_8x']
+  assert [r['paper_ratio'] for r in rows] == [1.0, 0.91]
+  dense, moe = (r['roofline']['tokens_per_sec'] for r in rows)
+  assert rows[0]['ratio_to_first'] == 1.0
+  assert rows[1]['ratio_to_first'] == pytest.approx(moe / dense)
+  # The variants are different programs: only the MoE one exchanges rows.
+  assert 'all-to-all' in rows[1]['collectives'] and 'all-to-all' not in rows[0]['collectives']
+
+
 def test_cuda_text_says_lowering_only(capsys):
   argv = ['--config', f'{QUICKSTART}:moe_8x', '--platform', 'cuda',
           '--config.model.num_layers=1', '--config.model.kernels=pallas']
