@@ -18,6 +18,7 @@ from typing import Any
 import flax
 import orbax.checkpoint as ocp
 
+from moma_jax import run_dir
 from moma_jax.model import aux_router
 
 AUX_DIR = 'aux_router'
@@ -75,10 +76,7 @@ def save(workdir: str, aux_params, result: dict[str, Any]) -> None:
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(root, PARAMS_DIR), aux_params, force=True)
     ckpt.wait_until_finished()
-  tmp = os.path.join(root, f'.{RESULT_FILE}.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(result, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(root, RESULT_FILE))
+  run_dir.write_json(os.path.join(root, RESULT_FILE), result)
 
 
 def restore(workdir: str, abstract_aux) -> Any:

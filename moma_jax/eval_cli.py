@@ -22,6 +22,7 @@ from moma_jax import aux_store
 from moma_jax import cli
 from moma_jax import configs
 from moma_jax import evaluation
+from moma_jax import run_dir
 from moma_jax import saved_run
 from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
@@ -90,7 +91,7 @@ def main() -> None:
 def run(argv: list[str] | None = None) -> None:
   """Console script entry point (`moma-eval`); argv[0] is the program name."""
   cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False,
-               user_errors=(*pipeline.DATA_ERRORS, saved_run.RunDirError))
+               user_errors=(*pipeline.DATA_ERRORS, run_dir.RunDirError))
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ import numpy as np
 from moma_jax import cli
 from moma_jax import generate
 from moma_jax import generate_figures
+from moma_jax import run_dir
 from moma_jax import saved_run
 from moma_jax.data import checks as data_checks
 from moma_jax.data import datasets
@@ -170,7 +171,7 @@ def main() -> None:
 def run(argv: list[str] | None = None) -> None:
   """Console script entry point (`moma-generate`); argv[0] is the program name."""
   cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False,
-               user_errors=(*pipeline.DATA_ERRORS, saved_run.RunDirError,
+               user_errors=(*pipeline.DATA_ERRORS, run_dir.RunDirError,
                             generate.GenerationError))
 
 

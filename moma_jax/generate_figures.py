@@ -1,19 +1,19 @@
 """Figures of generated samples: image grids with their captions (matplotlib, PNG)."""
 from __future__ import annotations
 
-import os
 import textwrap
 from typing import Sequence
 
 from matplotlib.figure import Figure
 import numpy as np
 
+from moma_jax import run_dir
+
 
 def _save(fig, path: str) -> None:
   """Writes the figure next to `path`, then renames: a reader never sees half a PNG."""
-  tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp.png')
-  fig.savefig(tmp, dpi=120)
-  os.replace(tmp, path)
+  with run_dir.atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png', dpi=120)
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray | None]], labels: Sequence[str],

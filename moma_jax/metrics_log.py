@@ -24,7 +24,9 @@ from typing import Any, Mapping
 import numpy as np
 from tensorboardX import SummaryWriter
 
-METRICS_FILE = 'metrics.jsonl'
+from moma_jax import run_dir
+
+METRICS_FILE = run_dir.METRICS_FILE
 TENSORBOARD_DIR = 'tensorboard'
 
 
@@ -70,10 +72,9 @@ def _truncate(path: str, last_step: int) -> int:
     if row.get('step', 0) <= last_step:
       keep.append(line if line.endswith('\n') else line + '\n')
   if len(keep) != len(lines):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    # Atomic: a kill here leaves the old or the new file.
+    with run_dir.atomic_path(path) as tmp, open(tmp, 'w') as f:
       f.writelines(keep)
-    os.replace(tmp, path)   # atomic: a kill here leaves the old or the new file
   return len(lines) - len(keep)
 
 

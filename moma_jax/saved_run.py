@@ -12,7 +12,6 @@ the loaded model then carries them (`run.model.aux_routers`), so that
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -23,15 +22,11 @@ from moma_jax import aux_store
 from moma_jax import checkpoint as ckpt_lib
 from moma_jax import configs
 from moma_jax import optimizer as optimizer_lib
+from moma_jax import run_dir
 from moma_jax import sharding
 from moma_jax import train_state
 from moma_jax.model import transformer
 
-CONFIG_FILE = 'config.json'
-
-
-class RunDirError(Exception):
-  """A directory that is not (or not yet) a training run; reported as one line."""
 
 
 def _as_tuples(value: Any) -> Any:
@@ -53,14 +48,7 @@ def _merge(base: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's validated config: `config.json` over today's defaults (a field added to
   the schema since the run was made takes its default)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise RunDirError(f'{workdir} is not a training run: no {CONFIG_FILE}')
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise RunDirError(f'cannot read {path}: {e}') from e
+  saved = run_dir.read_config_json(workdir)
   merged = _merge(configs.default_config().to_dict(), _as_tuples(saved))
   return configs.validate(ml_collections.ConfigDict(merged))
 
@@ -88,16 +76,16 @@ def load(workdir: str, step: int | None = None, with_aux_routers: bool = True) -
   auxiliary routers trained on that step if there are any (and `with_aux_routers`)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(workdir):
-    raise RunDirError(f'no such run directory: {workdir}')
+    raise run_dir.RunDirError(f'no such run directory: {workdir}')
   config = read_config(workdir)
   if not ckpt_lib.has_checkpoints(workdir):
-    raise RunDirError(f'{workdir} has no checkpoint yet')
+    raise run_dir.RunDirError(f'{workdir} has no checkpoint yet')
   ckpts = ckpt_lib.Checkpoints(workdir)
   try:
     steps = ckpts.all_steps()
     step = max(steps) if step is None else step
     if step not in steps:
-      raise RunDirError(f'{workdir} has no checkpoint of step {step}; it has '
+      raise run_dir.RunDirError(f'{workdir} has no checkpoint of step {step}; it has '
                         f'{", ".join(map(str, sorted(steps)))}')
     model = transformer.build(config)
     state, progress = ckpts.restore(step, abstract_state(config, model))

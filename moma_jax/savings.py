@@ -27,13 +27,12 @@ from typing import Sequence
 import numpy as np
 
 from moma_jax import configs
+from moma_jax import run_dir
 from moma_jax.loss_curves import DEFAULT_SMOOTH
 from moma_jax.loss_curves import dense_curve
 from moma_jax.loss_curves import eta
 from moma_jax.loss_curves import smooth_loss
 
-CONFIG_FILE = 'config.json'        # as saved_run.CONFIG_FILE (which imports JAX)
-METRICS_FILE = 'metrics.jsonl'     # as metrics_log.METRICS_FILE (which imports tensorboardX)
 SOURCES = ('train', 'eval')
 OVERALL = 'overall'
 # eta from the dense power law only up to 2x the dense run's FLOPs; a bound beyond.
@@ -79,22 +78,18 @@ class Run:
   def curve(self, source: str, modality: str) -> Curve:
     if (source, modality) not in self.curves:
       what = 'evaluation' if source == 'eval' else 'training'
-      raise InputError(f'{os.path.join(self.workdir, METRICS_FILE)} has no {what} rows '
+      raise InputError(f'{os.path.join(self.workdir, run_dir.METRICS_FILE)} has no {what} rows '
                        f'with {loss_key(source, modality)!r}')
     return self.curves[(source, modality)]
 
 
 def _read_model_config(workdir: str) -> tuple[tuple[str, ...], str, bool]:
   """(modalities, ffn, mod.enabled) of config.json, today's defaults for missing fields."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise InputError(f'{workdir} is not a training run: no {CONFIG_FILE}')
   try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise InputError(f'cannot read {path}: {e}') from e
-  model = saved.get('model') if isinstance(saved, dict) else None
+    saved = run_dir.read_config_json(workdir)
+  except run_dir.RunDirError as e:
+    raise InputError(str(e)) from e
+  model = saved.get('model')
   model = model if isinstance(model, dict) else {}
   defaults = configs.default_config().model
   mod = model.get('mod') if isinstance(model.get('mod'), dict) else {}
@@ -105,9 +100,9 @@ def _read_model_config(workdir: str) -> tuple[tuple[str, ...], str, bool]:
 
 def _read_metrics(workdir: str) -> list[dict]:
   """The rows of metrics.jsonl. A cut-off last line (a run still writing) is skipped."""
-  path = os.path.join(workdir, METRICS_FILE)
+  path = os.path.join(workdir, run_dir.METRICS_FILE)
   if not os.path.isfile(path):
-    raise InputError(f'{workdir} has no {METRICS_FILE} (not a training run, or nothing '
+    raise InputError(f'{workdir} has no {run_dir.METRICS_FILE} (not a training run, or nothing '
                      'logged yet)')
   with open(path) as f:
     lines = [line for line in f if line.strip()]
@@ -161,7 +156,7 @@ def read_run(workdir: str, name: str | None = None) -> Run:
       if curve is not None:
         curves[(source, modality)] = curve
   if not curves:
-    raise InputError(f'{os.path.join(workdir, METRICS_FILE)} has no usable rows (none with '
+    raise InputError(f'{os.path.join(workdir, run_dir.METRICS_FILE)} has no usable rows (none with '
                      "a finite 'loss' or 'eval/loss' and train_flops > 0)")
   name = name or os.path.basename(os.path.normpath(workdir))
   return Run(workdir, name, modalities, ffn, mod_enabled, curves)

@@ -9,17 +9,17 @@ The numbers come from moma_jax/savings.py; this module only lays them out.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 import numpy as np
 
+from moma_jax import run_dir
 from moma_jax.loss_curves import dense_curve
 from moma_jax.loss_curves import smooth_loss
 from moma_jax.savings import Row
@@ -39,21 +39,9 @@ ETA_PNG = 'eta_vs_flops.png'
 # Writing: csv, markdown, figures. Each file is written whole or not at all.
 # ----------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _replacing(path: str) -> Iterator[str]:
-  """Yields a temporary path in path's folder; moves it onto `path` when all went well."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def write_csv(rows: Sequence[Row], path: str) -> str:
   """savings.csv: one line per Row, columns CSV_COLUMNS. Returns path."""
-  with _replacing(path) as tmp, open(tmp, 'w', newline='') as f:
+  with run_dir.atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)
     for row in rows:
@@ -121,7 +109,7 @@ def write_markdown(rows: Sequence[Row], baseline: Run, path: str,
                    max_extrapolation: float = MAX_EXTRAPOLATION) -> str:
   """savings.md: `markdown(...)`. Returns the text written."""
   text = markdown(rows, baseline, smooth, max_extrapolation)
-  with _replacing(path) as tmp, open(tmp, 'w') as f:
+  with run_dir.atomic_path(path) as tmp, open(tmp, 'w') as f:
     f.write(text)
   return text
 
@@ -250,7 +238,7 @@ def write_plots(baseline: Run, runs: Sequence[Run], rows: Sequence[Row], out_dir
   for name, fig in ((LOSS_PNG, loss_figure(baseline, runs, modalities, sources, smooth)),
                     (ETA_PNG, eta_figure(baseline, runs, rows))):
     path = os.path.join(out_dir, name)
-    with _replacing(path) as tmp:
+    with run_dir.atomic_path(path) as tmp:
       fig.savefig(tmp, format='png', dpi=110)
     paths.append(path)
   return paths

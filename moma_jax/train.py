@@ -46,7 +46,7 @@ from moma_jax import evaluation
 from moma_jax import flops
 from moma_jax import metrics_log
 from moma_jax import optimizer as optimizer_lib
-from moma_jax import saved_run
+from moma_jax import run_dir
 from moma_jax import sharding
 from moma_jax import train_checks
 from moma_jax import train_state
@@ -76,8 +76,7 @@ NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, 'num_processes', None,
                                 'processes of a multi-process run')
 PROCESS_ID = cli.define_once(flags.DEFINE_integer, 'process_id', None,
                              'this process, 0 .. num_processes - 1')
-USER_ERRORS = (*pipeline.DATA_ERRORS, saved_run.RunDirError, ckpt_lib.CheckpointError)
-CONFIG_FILE = saved_run.CONFIG_FILE
+USER_ERRORS = (*pipeline.DATA_ERRORS, run_dir.RunDirError, ckpt_lib.CheckpointError)
 PROFILE_DIR = 'profile'
 
 
@@ -320,8 +319,7 @@ def _train_on_mesh(config, workdir, label, profile_steps, on_step, *, mesh, data
     data.set_state({'rows': [all_rows[r] for r in mine]})
     progress.update(saved)
   step = progress['step']
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    json.dump(plain_config, f, indent=1, sort_keys=True)
+  run_dir.write_json(os.path.join(workdir, run_dir.CONFIG_FILE), plain_config)
   log = metrics_log.MetricsLog(workdir, resume_step=step, total_steps=t.steps,
                                enabled=is_writer)
   if is_writer:

@@ -14,7 +14,7 @@ import ml_collections
 
 from moma_jax import cli
 from moma_jax import configs
-from moma_jax import saved_run
+from moma_jax import run_dir
 
 # Fields that must agree with the run already in a workdir for it to be resumed.
 _RESUME_KEYS = ('model', 'data.seq_len', 'train.batch_size', 'routing.group_size')
@@ -81,10 +81,11 @@ def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise cli.UsageError(f'--workdir: {workdir} is a file, not a directory')
-  saved = os.path.join(workdir, saved_run.CONFIG_FILE)
-  if os.path.exists(saved):
-    with open(saved) as f:
-      key = resume_mismatch(json.load(f), to_plain(config))
+  if os.path.exists(os.path.join(workdir, run_dir.CONFIG_FILE)):
+    try:
+      key = resume_mismatch(run_dir.read_config_json(workdir), to_plain(config))
+    except run_dir.RunDirError as e:
+      raise cli.UsageError(f'--workdir: {e}; it is not a run this config can resume') from e
     if key is not None:
       raise cli.UsageError(f'--workdir: {workdir} holds a run with another {key}; '
                            'resume it with its own config or choose a new directory')

@@ -169,7 +169,7 @@ def initial_state(config: ml_collections.ConfigDict, tx, fresh_params: Any,
   state: {'params': upcycled, 'opt': tx.init of them} (Adam moments 0, count 0, so the
   LR schedule restarts). progress: step 0, the source's `train_flops`, `tokens` and
   `data` (the position of every row of the global batch) at `upcycle.at_step`.
-  Raises RunDirError (no such run or step) or ConfigError (a source that does not fit).
+  Raises run_dir.RunDirError (no such run or step) or ConfigError (a source that does not fit).
   """
   u = config.upcycle
   source = saved_run.load(u.from_workdir, u.at_step, with_aux_routers=False)

@@ -20,6 +20,7 @@ from conftest import tiny_train_config, train_usage_error
 from moma_jax import checkpoint as ckpt_lib
 from moma_jax import flops
 from moma_jax import metrics_log
+from moma_jax import run_dir
 from moma_jax import train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
@@ -93,7 +94,7 @@ def test_metrics_rows_follow_the_design(trained_run):
     assert key in evals[-1], key
   assert evals[-1]['eval/loss'] < evals[0]['eval/loss']
   assert sorted(os.listdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR))) == ['10', '20', '30']
-  assert os.path.exists(os.path.join(workdir, train.CONFIG_FILE))
+  assert os.path.exists(os.path.join(workdir, run_dir.CONFIG_FILE))
   assert any(n.startswith('events') for n in os.listdir(
       os.path.join(workdir, metrics_log.TENSORBOARD_DIR)))
 
@@ -242,11 +243,10 @@ def test_load_returns_the_checkpointed_parameters(trained_run):
 
 def test_load_errors_name_the_problem(trained_run, tmp_path):
   import moma_jax
-  from moma_jax import saved_run
   for workdir, step, expected in [(str(tmp_path / 'nope'), None, 'no such run directory'),
                                   (str(tmp_path), None, 'no config.json'),
                                   (trained_run[1], 7, 'has no checkpoint of step 7')]:
-    with pytest.raises(saved_run.RunDirError, match=expected):
+    with pytest.raises(run_dir.RunDirError, match=expected):
       moma_jax.load(workdir, step)
 
 

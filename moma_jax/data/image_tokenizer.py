@@ -12,18 +12,19 @@ Shapes (axis legend):
   decode   int32 [..., n]         -> uint8 [..., H, W, 3]
   codebook float32 [K, D]
 
-`save` writes a small .npz atomically (temporary file, then `os.replace`), so an
+`save` writes a small .npz atomically (moma_jax/run_dir.py), so an
 interrupted save never leaves a file that looks complete; `load` and every input check
 raise `VQTokenizerError` (a ValueError) that says what was expected.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from typing import Callable
 
 import numpy as np
+
+from moma_jax import run_dir
 
 FORMAT_VERSION = 1
 # Patches per distance block: [2048, 512] float32 is 4 MiB, which stays in cache while
@@ -248,21 +249,10 @@ class VQTokenizer:
   # --------------------------------------------------------------------------------
   def save(self, path: str) -> None:
     """Writes codebook and metadata to `path` (.npz), atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.',
-                               suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        # A file object, not a name: np.savez would append '.npz' to a name.
-        np.savez(f, codebook=self.codebook, image_size=self.image_size, patch=self.patch,
-                 version=FORMAT_VERSION)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    with run_dir.atomic_path(path) as tmp, open(tmp, 'wb') as f:
+      # A file object, not a name: np.savez would append '.npz' to a name.
+      np.savez(f, codebook=self.codebook, image_size=self.image_size, patch=self.patch,
+               version=FORMAT_VERSION)
 
   @classmethod
   def load(cls, path: str) -> 'VQTokenizer':

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from typing import Iterable
 
 import numpy as np
+
+from moma_jax import run_dir
 
 BYTES = 'bytes'
 
@@ -154,16 +155,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
                                    **settings)
   except RuntimeError as e:
     raise TokenizerError(f'training {path} failed: {e}') from e
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(model.getvalue())
-    os.replace(tmp, path)      # never a half-written model under the final name
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # Never a half-written model under the final name.
+  with run_dir.atomic_path(path) as tmp, open(tmp, 'wb') as f:
+    f.write(model.getvalue())
   return path
