@@ -27,7 +27,7 @@ from pallas_kernels import references
 from pallas_kernels._common import target_backend
 from pallas_kernels.combine import combine_rows
 from pallas_kernels.combine import combine_rows_reference
-from pallas_kernels.combine import rows_of_token
+from pallas_kernels.row_kernels import rows_of_token
 from pallas_kernels.dispatch import gather_rows
 from pallas_kernels.dispatch import gather_rows_reference
 from pallas_kernels.grouped_matmul import swiglu_capacity

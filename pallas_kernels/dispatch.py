@@ -7,8 +7,8 @@ Axis legend: T tokens (all groups, flat), R rows, D embed, S rows per token (at 
 that token, one in [-T, 0) wraps as in numpy, anything else (the routing plan's dump
 index T) gives a zero row.
 
-Kernel design (`_gather_kernel`): grid (R / BR, D / BD); a program loads its BR token
-indices, clamps absent ones to row 0 (so every load is in bounds) and gathers a
+Kernel design (`row_kernels.gather_pallas`): grid (R / BR, D / BD); a program loads its
+BR token indices, clamps absent ones to row 0 (so every load is in bounds) and gathers a
 [BR, BD] tile of x with one vector-indexed load, then zeroes the absent rows with a
 select (not a multiply, so a NaN in row 0 cannot leak into a zero row). x is seen as a
 [T, BD] column strip per program (the full T axis). R and D are padded to tile
@@ -28,11 +28,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
+from pallas_kernels import row_kernels
 
-ROW_TILE, COL_TILE = 32, 128
+ROW_TILE, COL_TILE = row_kernels.ROW_TILE, row_kernels.COL_TILE
 
 
 def gather_rows_reference(x: jax.Array, token_index: jax.Array) -> jax.Array:
@@ -40,42 +40,10 @@ def gather_rows_reference(x: jax.Array, token_index: jax.Array) -> jax.Array:
   return jnp.take(x, token_index, axis=0, mode='fill', fill_value=0)
 
 
-def _gather_kernel(index_ref, x_ref, rows_ref, *, num_tokens: int):
-  """index_ref [BR] int32; x_ref [T, BD]; rows_ref [BR, BD]."""
-  index, present = _common.normalize_index(index_ref[...], num_tokens)
-  tile = x_ref[jnp.where(present, index, 0), :]
-  rows_ref[...] = jnp.where(present[:, None], tile, 0).astype(rows_ref.dtype)
-
-
-def gather_pallas(x: jax.Array, token_index: jax.Array, *, interpret: bool,
-                  row_tile: int = ROW_TILE, col_tile: int = COL_TILE) -> jax.Array:
-  """The raw kernel (no custom_vjp): rows [R, D] = x[token_index]."""
-  t, d = x.shape
-  r = token_index.shape[0]
-  br, bd = _common.tile(r, row_tile), _common.tile(d, col_tile)
-  r_pad, d_pad = _common.round_up(r, br), _common.round_up(d, bd)
-  index = _common.pad_to(token_index.astype(jnp.int32), 0, r_pad, value=t)
-  xp = _common.pad_to(x, 1, d_pad)
-  rows = pl.pallas_call(
-      functools.partial(_gather_kernel, num_tokens=t),
-      grid=(r_pad // br, d_pad // bd),
-      in_specs=[pl.BlockSpec((br,), lambda i, j: (i,)),
-                pl.BlockSpec((t, bd), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((br, bd), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((r_pad, d_pad), x.dtype),
-      interpret=interpret,
-      compiler_params=_common.compiler_params(num_warps=4),
-      cost_estimate=_common.cost(  # a copy: rows read once, written once
-          0, _common.nbytes(index) + 2 * r_pad * d_pad * x.dtype.itemsize),
-      name='dispatch_gather_rows',
-  )(index, xp)
-  return rows[:r, :d]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _gather(x, token_index, rows_per_token, interpret, tiles):
-  return gather_pallas(x, token_index, interpret=interpret, row_tile=tiles[0],
-                       col_tile=tiles[1])
+  return row_kernels.gather_pallas(x, token_index, interpret=interpret,
+                                   row_tile=tiles[0], col_tile=tiles[1])
 
 
 def _gather_fwd(x, token_index, rows_per_token, interpret, tiles):
@@ -87,10 +55,9 @@ def _gather_bwd(rows_per_token, interpret, tiles, residuals, d_rows):
   if rows_per_token is None:
     dx = jnp.zeros((t, d), d_rows.dtype).at[token_index].add(d_rows, mode='drop')
   else:
-    from pallas_kernels import combine  # pylint: disable=g-import-not-at-top
-    rows_of_token, _ = combine.rows_of_token(token_index, t, rows_per_token)
-    dx = combine.combine_pallas(d_rows, None, rows_of_token, interpret=interpret,
-                                row_tile=tiles[0], col_tile=tiles[1])
+    rows_of_token, _ = row_kernels.rows_of_token(token_index, t, rows_per_token)
+    dx = row_kernels.combine_pallas(d_rows, None, rows_of_token, interpret=interpret,
+                                    row_tile=tiles[0], col_tile=tiles[1])
   return dx, None
 
 
