@@ -19,11 +19,13 @@ lowering fails, the failing op, and no memory or FLOPs.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 
 from moma_jax import aot
@@ -70,6 +72,21 @@ def out_of_memory(e: Exception) -> dict[str, Any] | None:
   return dict(fits=False, message=text[:400], **found)
 
 
+@contextlib.contextmanager
+def _without_persistent_cache() -> Iterator[None]:
+  """An executable for device-less TPUs cannot be loaded back from JAX's persistent
+  compilation cache (there is no client to load it into): keep it out of the cache.
+  The cache decides once per process whether it is used, hence the resets."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
+
+
 def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) -> dict[str, Any]:
   """The step `step` ('train', 'eval', 'decode') on `target` (module docstring)."""
   built = aot.build_step(config, target, step)
@@ -90,12 +107,9 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
                uncounted=[k['name'] for k in kernels if not k['counted']])
     return out
   start = time.perf_counter()
-  # An executable for device-less TPUs cannot be loaded back from JAX's persistent
-  # compilation cache (there is no client to load it into): keep it out of the cache.
-  cache = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
   try:
-    compiled = lowered.compile()
+    with _without_persistent_cache():
+      compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
     refused = out_of_memory(e)
     if refused is None:
@@ -103,8 +117,6 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
     out['seconds']['compile'] = time.perf_counter() - start
     out.update(compiled=False, memory=refused)
     return out
-  finally:
-    jax.config.update('jax_enable_compilation_cache', cache)
   out['seconds']['compile'] = time.perf_counter() - start
   hlo = compiled.as_text()
   mem = hlo_stats.memory(compiled)
