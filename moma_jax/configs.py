@@ -187,8 +187,9 @@ def as_fraction(c: float) -> fractions.Fraction:
   return fractions.Fraction(c).limit_denominator(4096)
 
 
-def ceil_frac(c: fractions.Fraction, n: int) -> int:
-  """ceil(c * n) in exact integer arithmetic."""
+def ceil_frac(c: fractions.Fraction, n):
+  """ceil(c * n) in exact integer arithmetic; n an int or an integer array (the routing
+  functions' token counts b, traced or not)."""
   return -((-c.numerator * n) // c.denominator)
 
 

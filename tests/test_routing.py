@@ -167,4 +167,4 @@ def test_ceil_capacity_is_exact_integer_arithmetic():
   c = configs.as_fraction(1 / 3)
   assert c == fractions.Fraction(1, 3)
   b = jnp.array([0, 1, 3, 4, 30_000, 30_001])
-  np.testing.assert_array_equal(routing.ceil_capacity(c, b), [0, 1, 1, 2, 10_000, 10_001])
+  np.testing.assert_array_equal(configs.ceil_frac(c, b), [0, 1, 1, 2, 10_000, 10_001])

@@ -243,12 +243,15 @@ class RoutedExperts(nn.Module):
         'gnd,edf->gnef', x_in, wi_1)
     out = jnp.einsum('gnef,efd->gned', h, wo)
     y = jnp.einsum('gne,gned->gnd', w.astype(out.dtype), out)
-    taken = (w > 0).sum(-1)
-    for i, mod in enumerate(m.modalities):
+    self._sow_left_behind((w > 0).sum(-1), modality, valid)
+    return y.astype(x_in.dtype)
+
+  def _sow_left_behind(self, taken, modality, valid):
+    """Per modality, the share of its tokens no expert took; taken [G, N] int."""
+    for i, mod in enumerate(self.config.model.modalities):
       of_mod = valid & (modality == i)
       self.sow('route_stats', f'left_behind/{mod}',
                ((taken == 0) & of_mod).sum() / jnp.maximum(of_mod.sum(), 1))
-    return y.astype(x_in.dtype)
 
   def _sow_balance_loss(self, scores, assign, eligible, top_k):
     """Switch/GShard balance loss E * sum_e f_e * P_e over the group's valid tokens."""
@@ -271,10 +274,7 @@ class RoutedExperts(nn.Module):
     max_e = max(e for _, e in groups) if m.ffn != 'topk' else m.top_k
     hist = jnp.stack([((taken == i) & valid).sum() for i in range(max_e + 1)]) / n_valid
     self.sow('route_stats', 'experts_per_token', hist)
-    for i, mod in enumerate(m.modalities):
-      of_mod = valid & (modality == i)
-      self.sow('route_stats', f'left_behind/{mod}',
-               ((taken == 0) & of_mod).sum() / jnp.maximum(of_mod.sum(), 1))
+    self._sow_left_behind(taken, modality, valid)
     start = 0
     for (_, e), name, (_, logits, eligible) in zip(groups, names, logits_all):
       want, got = wanted[:, start:start + e].sum(), kept[:, start:start + e].sum()

@@ -23,6 +23,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from moma_jax import configs
+
 
 @flax.struct.dataclass
 class RoutingPlan:
@@ -44,11 +46,6 @@ class RoutingPlan:
   wanted: jax.Array
   kept: jax.Array
   capacity: int | None = flax.struct.field(pytree_node=False, default=None)
-
-
-def ceil_capacity(c: fractions.Fraction, b: jax.Array) -> jax.Array:
-  """k = ceil(c * b) in exact int32 arithmetic (c a fraction, b a token count)."""
-  return -((-c.numerator * b) // c.denominator)
 
 
 def router_scores(logits: jax.Array, kind: str, noise_rng: jax.Array | None = None) -> jax.Array:
@@ -88,10 +85,10 @@ def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fr
     gate [G, E, K] float32 their scores; wanted [G, E] int32 = ceil(c * b).
   """
   g, n, e = scores.shape
-  k_max = min(n, -((-capacity.numerator * n) // capacity.denominator))
+  k_max = min(n, configs.ceil_frac(capacity, n))
   idx, gate = select(scores, eligible, k_max)
   b = eligible.sum(1).astype(jnp.int32)                          # [G, E] or [G, 1]
-  wanted = jnp.broadcast_to(ceil_capacity(capacity, b), (g, e))
+  wanted = jnp.broadcast_to(configs.ceil_frac(capacity, b), (g, e))
   return idx, gate, wanted
 
 
