@@ -38,7 +38,7 @@ from moma_jax import evaluation
 from moma_jax import generate
 from moma_jax import optimizer as optimizer_lib
 from moma_jax import sharding
-from moma_jax import train
+from moma_jax import train_step
 from moma_jax import train_state
 from moma_jax.model import expert_parallel
 from moma_jax.model import transformer
@@ -174,7 +174,7 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
   """The step `name` ('train', 'eval' or 'decode') with its abstract arguments on
   `target.mesh`, built as moma-train, the evaluator and moma-generate build it.
 
-  train: train.make_train_step(state, batch [B, L], step, poison), the trainer's own.
+  train: train_step.make_train_step(state, batch [B, L], step, poison), the trainer's own.
   eval: evaluation.make_eval_step(params, batch [B, L]).
   decode: one new token for each of B rows against a KV cache of S slots
     (generate.decode_step). A model whose routing looks ahead (expert choice, MoD)
@@ -187,7 +187,7 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
     model = transformer.build(config)
     tx = optimizer_lib.optimizer(config)
     abstract, state_sh = train_state.layout(model, tx, mesh)
-    fn = train.make_train_step(model, tx, config, (state_sh, batch_sh))
+    fn = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
     args = (abstract, abstract_batch(config, batch_sh), _scalar(jnp.int32, mesh),
             _scalar(jnp.float32, mesh))
     return BuiltStep(name, fn, args, config.train.batch_size * config.data.seq_len)

@@ -22,6 +22,7 @@ from moma_jax import flops
 from moma_jax import metrics_log
 from moma_jax import run_dir
 from moma_jax import train
+from moma_jax import train_step
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 QUICKSTART = 'experiments/quickstart.py'
@@ -291,7 +292,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_setup):
     model, tx = transformer.build(config), optimizer_lib.optimizer(config)
     params, _ = transformer.init(model, jax.random.key(0))
     batch = next(pipeline.train_iterator(config, tok, 0, 1))
-    step = train.make_train_step(model, tx, config)
+    step = train_step.make_train_step(model, tx, config)
     state, metrics = step({'params': params, 'opt': tx.init(params)},
                           {k: jax.numpy.asarray(v) for k, v in batch.items()},
                           jax.numpy.int32(1), jax.numpy.float32(1))

@@ -17,6 +17,7 @@ from moma_jax import configs
 from moma_jax import optimizer as optimizer_lib
 from moma_jax import sharding
 from moma_jax import train
+from moma_jax import train_step
 from moma_jax import train_state
 from moma_jax.model import transformer
 
@@ -99,7 +100,7 @@ def run(name, mesh_shape, ep_capacity_factor=None, kernels='xla'):
                             mutable=['intermediates', 'route_stats', 'aux_loss'])
       return value, grads, sown['intermediates'], metrics
     value, grads, inter, metrics = jax.jit(first)(state['params'], put(data[0]))
-    step = train.make_train_step(model, tx, config, (state_sh, batch_sh))
+    step = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
     losses = []
     for i, batch in enumerate(data):
       state, metrics = step(state, put(batch), jnp.int32(i + 1), jnp.float32(1))
