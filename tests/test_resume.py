@@ -120,45 +120,59 @@ def kill_seed():
 # ----------------------------------------------------------------------------------
 # SIGKILL at random moments, one run after another in the same workdir
 # ----------------------------------------------------------------------------------
+CHECKPOINTS, EVALUATIONS = (10, 20, 30), (15, 30)     # trained_run's steps
+
+
 def test_random_sigkills_resume_exactly(trained_run, tmp_path):
-  """Five SIGKILLs, each at a random moment of its phase: just after the first
-  checkpoint was started, between a checkpoint and an evaluation, during an evaluation,
-  during an asynchronous save, and at a random later time. After each, the rows left
-  are the reference's; the run finished after the last equals it row for row."""
+  """SIGKILLs at random moments of five phases, one run after another in one workdir:
+  just after a checkpoint was started, between a checkpoint and an evaluation, during
+  an evaluation, during an asynchronous save, and at a random later time. A kill that
+  missed its phase (it came too late) is followed by another with a shorter wait. After
+  each kill the rows left are the reference's; the run finished after the last equals
+  it row for row."""
   config, _, reference = trained_run
   seed, rng = kill_seed()
   workdir = str(tmp_path / 'run')
-  data_dir = config.data.data_dir
-  between = int(rng.integers(10, 14))            # killed during step between+1 <= 14
-  plan = [  # (phase, marker to wait for, its occurrence, seconds to wait after it)
-      ('just after a checkpoint', 'save-done 10', 1, rng.uniform(0, 0.5)),
-      ('between a checkpoint and an evaluation', f'step-done {between}', 1,
-       rng.uniform(0, 0.05)),
-      # The first evaluation of a process compiles its step: it lasts over a second.
-      ('during an evaluation', 'row-done 15', 1, rng.uniform(0, 0.3)),
-      ('during an asynchronous save', 'save-done 20', 1, rng.uniform(0, 0.002)),
-      ('at a random later moment', f'step-done {int(rng.integers(21, 29))}', 1,
-       rng.uniform(0, 1.0))]
-  landed = {}
-  for phase, marker, nth, delay in plan:
-    context = f'seed {seed}, {phase}'
-    child = Child(data_dir, workdir)
-    child.wait_for(marker, nth)
-    time.sleep(delay)
-    code, err = child.signal(signal.SIGKILL)
-    assert code == -signal.SIGKILL, (context, err[-3000:])
-    after = child.markers[child.markers.index(marker) + 1:]
-    step = int(marker.split()[-1])
-    if phase == 'during an evaluation':
-      landed[phase] = f'row {step}' not in after          # its row never began
-    elif phase == 'during an asynchronous save':
-      landed[phase] = step not in committed(workdir)
-    elif phase.startswith('between'):
-      landed[phase] = 'row 15' not in after                # the evaluation step's row
+  newest = lambda: max(committed(workdir), default=0)
+  next_of = lambda steps: min(s for s in steps if s > newest())
+
+  def after_checkpoint():
+    return f'save-done {next_of(CHECKPOINTS[:2])}', rng.uniform(0, 0.5), lambda after: True
+
+  def between():
+    start = max(newest(), 10)
+    end = next_of(EVALUATIONS)
+    step = int(rng.integers(start, end - 1))        # killed in step step+1 < end
+    return (f'step-done {step}', rng.uniform(0, 0.05),
+            lambda after: f'row {end}' not in after)
+
+  def evaluation():
+    step = next_of(EVALUATIONS)                      # between its two rows
+    return f'row-done {step}', rng.uniform(0, 0.3), lambda after: f'row {step}' not in after
+
+  def saving():
+    step = next_of(CHECKPOINTS)
+    return (f'save-done {step}', rng.uniform(0, 0.002),
+            lambda after: step not in committed(workdir))
+
+  def later():
+    return (f'step-done {int(rng.integers(newest() + 1, 29))}', rng.uniform(0, 1.0),
+            lambda after: True)
+
+  for phase in (after_checkpoint, between, evaluation, saving, later):
+    for attempt in range(4):
+      marker, delay, landed = phase()
+      context = f'seed {seed}, {phase.__name__}, attempt {attempt}'
+      child = Child(config.data.data_dir, workdir)
+      child.wait_for(marker)
+      time.sleep(delay * 0.2**attempt)
+      code, err = child.signal(signal.SIGKILL)
+      assert code == -signal.SIGKILL, (context, err[-3000:])
+      assert_prefix_of(workdir, reference, context)
+      if landed(child.markers[child.markers.index(marker) + 1:]):
+        break
     else:
-      landed[phase] = True
-    assert_prefix_of(workdir, reference, context)
-  assert all(landed.values()), (f'seed {seed}', landed)
+      raise AssertionError(f'{context}: every kill missed its phase')
   train.train(config, workdir)
   assert_same_run(workdir, reference, f'seed {seed}')
 
