@@ -1,22 +1,27 @@
 """Training throughput of compute-matched variants, in the layout of the paper's Table 2.
 
-  python benchmarks/throughput.py                       # tiny, seconds per variant on a CPU
+  python benchmarks/throughput.py                  # tiny: about a minute a variant on a CPU
+  python benchmarks/throughput.py --layout ragged  # the exact layout (the config default)
   python benchmarks/throughput.py --size 90m --seq 4096 --batch 8 --kernels xla,pallas
 
 In one process, for each variant — dense, moma 1t1i, moe_8x, moma 4t4i, MoD 1t1i,
 MoD 4t4i — builds the model (MoD variants deeper, to the dense model's FLOPs per token:
-`flops.mod_layers_matching`), times `--steps` jit'd training steps (forward, backward,
-AdamW) on random mixed-modal batches (half the tokens image, in blocks, as in a
-balanced caption mix) after `--warmup` steps, and prints tokens/s, the ratio to the
-dense model's, the paper's ratio (A100, 435M-matched), and the model FLOPs utilization
-where the device's peak is known. A benchmark, never a test: numbers depend on the
-machine and on what else runs on it.
+`flops.mod_layers_matching`), compiles its jit'd training step (forward, backward,
+AdamW) and runs `--warmup` steps on a random mixed-modal batch (half the tokens image,
+in blocks, as in a balanced caption mix). Then `--repeats` rounds each time `--steps`
+steps of every variant in turn (interleaved, so a change in the machine's load hits all
+variants alike), and prints the median tokens/s, the ratio to the dense model's median,
+the paper's ratio (A100, 435M-matched), and the model FLOPs utilization: against the
+vendor's peak for a known accelerator, else against the peak measured here at the start
+of the run (FLOP/s of a large matmul in the compute dtype). A benchmark, never a test:
+numbers depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 
@@ -31,8 +36,8 @@ from moma_jax import configs  # noqa: E402
 from moma_jax import flops  # noqa: E402
 from moma_jax import optimizer as optimizer_lib  # noqa: E402
 from moma_jax import sharding  # noqa: E402
-from moma_jax import train  # noqa: E402
 from moma_jax import train_state  # noqa: E402
+from moma_jax import train_step  # noqa: E402
 from moma_jax.model import transformer  # noqa: E402
 
 # (name, ffn, experts, MoD) in the paper's Table 2 order; its throughput vs dense (A100).
@@ -86,8 +91,9 @@ def random_batch(config, seed: int = 0):
               loss_mask=np.ones((b, l), np.int32))
 
 
-def measure(config, steps: int, warmup: int) -> float:
-  """Training tokens per second over `steps` steps, after `warmup` (compiling) ones."""
+def prepare(config, warmup: int):
+  """Compiles the training step and runs `warmup` steps; returns timed(steps) -> the
+  training tokens per second of `steps` more steps."""
   mesh = sharding.one_device_mesh()
   model = transformer.build(config)
   tx = optimizer_lib.optimizer(config)
@@ -95,18 +101,40 @@ def measure(config, steps: int, warmup: int) -> float:
   state = train_state.create(model, tx, state_sh, seed=0)
   batch_sh = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), sharding.axis_rules():
-    step = train.make_train_step(model, tx, config, (state_sh, batch_sh))
+    step = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
     batch = sharding.global_batch(random_batch(config), batch_sh)
-    one = jnp.float32(1)
-    for i in range(warmup):
-      state, metrics = step(state, batch, jnp.int32(i + 1), one)
-    jax.block_until_ready(state)
+  one = jnp.float32(1)
+  done = [0]
+
+  def run(n):
+    nonlocal state
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      for _ in range(n):
+        done[0] += 1
+        state, metrics = step(state, batch, jnp.int32(done[0]), one)
+      jax.block_until_ready((state, metrics))
+
+  run(max(1, warmup))
+
+  def timed(steps: int) -> float:
     start = time.perf_counter()
-    for i in range(steps):
-      state, metrics = step(state, batch, jnp.int32(warmup + i + 1), one)
-    jax.block_until_ready((state, metrics))
-    elapsed = time.perf_counter() - start
-  return steps * config.train.batch_size * config.data.seq_len / elapsed
+    run(steps)
+    return steps * config.train.batch_size * config.data.seq_len / (
+        time.perf_counter() - start)
+  return timed
+
+
+def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of this device's best of `repeats` [size, size] x [size, size] matmuls."""
+  a = jnp.ones((size, size), dtype)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
 
 
 def main(argv=None) -> None:
@@ -114,12 +142,14 @@ def main(argv=None) -> None:
   p.add_argument('--size', default='tiny', choices=('tiny', '90m', '435m', '1.4b'))
   p.add_argument('--seq', type=int, default=128)
   p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--steps', type=int, default=20, help='timed steps per repeat')
+  p.add_argument('--repeats', type=int, default=3,
+                 help='rounds of timed steps per variant; tokens/s is their median')
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--kernels', default='xla', help="comma-separated: 'xla', 'pallas'")
   p.add_argument('--layout', default='capacity', choices=configs.LAYOUTS,
-                 help="row layout of the sparse FFNs (DESIGN.md §4): 'capacity' is the "
-                      "fast XLA layout, 'ragged' the exact one")
+                 help="row layout of the sparse FFNs (docs/design.md §4): 'capacity' "
+                      "cuts the rows past a static buffer per expert, 'ragged' is exact")
   p.add_argument('--capacity_factor', type=float, default=1.0,
                  help='routing.capacity_factor of the capacity layout (2.0 holds every '
                       'row 4t4i and 1t1i can ask for at a 1/2 modality share)')
@@ -131,33 +161,49 @@ def main(argv=None) -> None:
   if unknown:
     p.error(f'unknown variants {", ".join(unknown)}')
   device = jax.devices()[0]
-  peak = PEAK_FLOPS.get(device.device_kind)
+  measured_peak = matmul_peak(jnp.dtype(args.dtype))
+  peak = PEAK_FLOPS.get(device.device_kind) or measured_peak
   base = base_config(args.size, args.seq, args.batch)
   base.routing.capacity_factor = args.capacity_factor
+  layout = (f'layout {args.layout}' + (f' (factor {args.capacity_factor})'
+                                        if args.layout == 'capacity' else ' (exact)'))
+  against = ('it' if peak == measured_peak
+             else f'the vendor peak {peak / 1e12:g} TFLOP/s')
   print(f'# throughput: size {args.size}, {args.batch} x {args.seq} tokens per step, '
-        f'{args.dtype}, layout {args.layout} (factor {args.capacity_factor}), {args.steps} timed steps after '
-        f'{args.warmup}; device {device.device_kind} ({device.platform}), peak '
-        f'{f"{peak / 1e12:g} TFLOP/s" if peak else "unknown"}')
-  print('| variant | kernels | layers | train GFLOPs/token | tokens/s | vs dense | '
-        'paper (A100) | MFU |')
-  print('|---|---|---|---|---|---|---|---|')
+        f'{args.dtype}, {layout}; median of {args.repeats} x {args.steps} timed steps '
+        f'after {args.warmup}; device {device.device_kind} ({device.platform}); matmul '
+        f'peak measured {measured_peak / 1e9:,.1f} GFLOP/s ({args.dtype}), MFU against '
+        f'{against}')
+  runs = []                            # (name, kernels, config, timed) in table order
   for kernels in args.kernels.split(','):
-    dense_rate = None
     for name, ffn, experts, mod in VARIANTS:
       if name not in wanted:
         continue
       try:
         config = variant_config(base, ffn, experts, mod, kernels, args.layout, args.dtype)
       except configs.ConfigError as e:
-        print(f'| {name} | {kernels} | - | - | not run: {e} | | | |', flush=True)
+        runs.append((name, kernels, None, str(e)))
         continue
-      rate = measure(config, args.steps, args.warmup)
-      per_token = flops.train_flops(config)
-      dense_rate = rate if name == 'dense' else dense_rate
-      ratio = f'{rate / dense_rate:.2f}' if dense_rate else '-'
-      mfu = f'{per_token * rate / peak:.1%}' if peak else 'unknown peak'
-      print(f'| {name} | {kernels} | {config.model.num_layers} | {per_token / 1e9:.4g} | '
-            f'{rate:,.0f} | {ratio} | {PAPER_RATIO[name]:.2f} | {mfu} |', flush=True)
+      runs.append((name, kernels, config, prepare(config, args.warmup)))
+  rates = {(name, kernels): [] for name, kernels, config, _ in runs if config is not None}
+  for _ in range(args.repeats):
+    for name, kernels, config, timed in runs:
+      if config is not None:
+        rates[name, kernels].append(timed(args.steps))
+  print('| variant | kernels | layers | train GFLOPs/token | tokens/s | vs dense | '
+        'paper (A100) | MFU |')
+  print('|---|---|---|---|---|---|---|---|')
+  for name, kernels, config, timed in runs:
+    if config is None:
+      print(f'| {name} | {kernels} | - | - | not run: {timed} | | | |')
+      continue
+    rate = statistics.median(rates[name, kernels])
+    dense = rates.get(('dense', kernels))
+    ratio = f'{rate / statistics.median(dense):.2f}' if dense else '-'
+    per_token = flops.train_flops(config)
+    mfu = per_token * rate / peak
+    print(f'| {name} | {kernels} | {config.model.num_layers} | {per_token / 1e9:.4g} | '
+          f'{rate:,.0f} | {ratio} | {PAPER_RATIO[name]:.2f} | {mfu:.1%} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,9 @@ against its jnp reference; tests/test_kernel_switch.py a whole training step):
   swiglu_blocks(rows [E, C, D], wi_0, wi_1 [E, D, F], wo [E, F, D]) -> [E, C, D]
   swiglu_ragged(rows [R, D], group_sizes [E], wi_0, wi_1, wo) -> [R, D]
   combine(out [R, D], weight [R], token_index [R], T) -> y [T, D]
+'xla' does the ragged SwiGLU with `jax.lax.ragged_dot`, except on CPU, where a batched
+block per expert plus a loop over its overflow rows computes the same
+(moma_jax/model/tiled_swiglu.py).
 'pallas' runs compiled (Triton) on GPU and in interpret mode on CPU (slow there: for
 tests; the CPU default is 'xla'); on TPU it takes megablox's grouped matmul for the
 ragged layout and XLA for the rest (pallas_kernels/__init__.py says why).
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import pallas_kernels
 
 from moma_jax.model import routing
+from moma_jax.model import tiled_swiglu
 from moma_jax.model.layers import swiglu
 
 
@@ -37,10 +41,20 @@ class Ops:
   combine: Callable
 
 
-def _swiglu_ragged_xla(rows, group_sizes, wi_0, wi_1, wo):
+def _swiglu_ragged_dot(rows, group_sizes, wi_0, wi_1, wo):
   h = nn.silu(jax.lax.ragged_dot(rows, wi_0, group_sizes)) * jax.lax.ragged_dot(
       rows, wi_1, group_sizes)
   return jax.lax.ragged_dot(h, wo, group_sizes)
+
+
+def _swiglu_ragged_xla(rows, group_sizes, wi_0, wi_1, wo):
+  """The ragged SwiGLU: blocks and tiles on CPU, whose `ragged_dot` runs every expert
+  over every row (moma_jax/model/tiled_swiglu.py); `ragged_dot` elsewhere. Chosen when
+  the computation is lowered, so a program compiled here for another platform keeps
+  `ragged_dot`."""
+  return jax.lax.platform_dependent(rows, group_sizes, wi_0, wi_1, wo,
+                                    cpu=tiled_swiglu.swiglu_tiled,
+                                    default=_swiglu_ragged_dot)
 
 
 XLA = Ops(
