@@ -214,7 +214,7 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
     fn = generate.decode_step(decoder)
     return BuiltStep(name, fn, (params, cache, one['tokens'], one['modality'],
                                 one['segment_ids'], one['positions']), b)
-  raise cli.UsageError(f'--steps: unknown step {name!r}; one of {", ".join(STEPS)}')
+  raise cli.UsageError(f'--build: unknown step {name!r}; one of {", ".join(STEPS)}')
 
 
 def lower(built: BuiltStep, target: Target) -> jax.stages.Lowered:

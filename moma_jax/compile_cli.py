@@ -2,14 +2,14 @@
 
 Usage:
   moma-compile --config FILE[:ARG] [--topology v5p:2x2x2] [--platform tpu|cuda]
-      [--steps train[,eval,decode]] [--variants dense,moma_4t4i,...] [--json]
+      [--build train[,eval,decode]] [--variants dense,moma_4t4i,...] [--json]
       [--config.a.b=VALUE ...]
   moma-compile --config experiments/quickstart.py:moma_4t4i --topology v5p:2x2x1 \
       --config.mesh.data=2 --config.mesh.expert=2 --config.routing.group_size=4
 
 Builds the experiment's model, optimizer state and mesh over the topology's devices —
 device-less TPU devices from libtpu, so no TPU is needed (`pip install -e '.[tpu]'`) —
-and compiles the training step (and with --steps the evaluation step and the KV-cache
+and compiles the training step (and with --build the evaluation step and the KV-cache
 decode step; decoding a routed model includes the auxiliary routers moma-aux adds) from
 abstract shapes, then prints per chip: parameters + optimizer state, temporaries,
 outputs and their total against the chip's HBM (fits, or by how much it does not);
@@ -52,8 +52,10 @@ TOPOLOGY = cli.define_once(flags.DEFINE_string, 'topology', 'v5p:2x2x2',
 PLATFORM = cli.define_once(
     lambda name, default, text: flags.DEFINE_enum(name, default, aot.PLATFORMS, text),
     'platform', 'tpu', 'tpu: compile for --topology; cuda: lower for one GPU')
-STEPS = cli.define_once(flags.DEFINE_list, 'steps', ['train'],
-                        f'steps to build, of {",".join(aot.STEPS)}')
+# Not --steps: moma-aux's --steps is an integer, and the two share a flag namespace
+# wherever both are imported into one process (tests, notebooks).
+BUILD = cli.define_once(flags.DEFINE_list, 'build', ['train'],
+                        f'the steps to build, of {",".join(aot.STEPS)}')
 VARIANTS = cli.define_once(flags.DEFINE_list, 'variants', [],
                            'variants of the same experiment file to compare (train step)')
 JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
@@ -84,10 +86,10 @@ def _describe(config: ml_collections.ConfigDict, target: aot.Target) -> str:
 
 
 def main(config: ml_collections.ConfigDict) -> None:
-  steps = [s.strip() for s in STEPS.value if s.strip()]
+  steps = [s.strip() for s in BUILD.value if s.strip()]
   for s in steps:
     if s not in aot.STEPS:
-      raise cli.UsageError(f'--steps: unknown step {s!r}; one of {", ".join(aot.STEPS)}')
+      raise cli.UsageError(f'--build: unknown step {s!r}; one of {", ".join(aot.STEPS)}')
   if VARIANTS.value:
     return _variants(config)
   target = target_of(config)

@@ -16,6 +16,9 @@ import pytest
 
 import pallas_kernels
 from moma_jax import aot
+# moma-aux's flags too: the suite runs the CLIs in one process, where flag names clash
+# unless each is its own (moma-aux --steps is an integer).
+from moma_jax import aux_cli  # noqa: F401  pylint: disable=unused-import
 from moma_jax import compile_cli
 from moma_jax import compile_report
 from moma_jax import configs
