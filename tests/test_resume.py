@@ -140,9 +140,9 @@ def test_random_sigkills_resume_exactly(trained_run, tmp_path):
     return f'save-done {next_of(CHECKPOINTS[:2])}', rng.uniform(0, 0.5), lambda after: True
 
   def between():
-    start = max(newest(), 10)
+    start = max(newest(), 10)                        # a restart resumes after `start`
     end = next_of(EVALUATIONS)
-    step = int(rng.integers(start, end - 1))        # killed in step step+1 < end
+    step = int(rng.integers(start + 1, end - 1))    # killed in step step+1 < end
     return (f'step-done {step}', rng.uniform(0, 0.05),
             lambda after: f'row {end}' not in after)
 
