@@ -32,13 +32,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from experiments import paper_table1  # noqa: E402
+from moma_jax.analysis import flops  # noqa: E402
 from moma_jax import configs  # noqa: E402
-from moma_jax import flops  # noqa: E402
-from moma_jax import optimizer as optimizer_lib  # noqa: E402
-from moma_jax import sharding  # noqa: E402
-from moma_jax import train_state  # noqa: E402
-from moma_jax import train_step  # noqa: E402
+from moma_jax.model import sharding  # noqa: E402
 from moma_jax.model import transformer  # noqa: E402
+from moma_jax.training import optimizer as optimizer_lib  # noqa: E402
+from moma_jax.training import state as train_state  # noqa: E402
+from moma_jax.training import step as train_step  # noqa: E402
 
 # (name, ffn, experts, MoD) in the paper's Table 2 order; its throughput vs dense (A100).
 VARIANTS = (('dense', 'dense', (4, 4), False), ('moma_1t1i', 'moma', (1, 1), False),

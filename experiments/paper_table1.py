@@ -38,14 +38,13 @@ moma_4t4i has moe_8x's parameters (two 4-way routers weigh as much as one 8-way)
 moma_1t1i has the dense model's plus one FFN per layer. With the paper's capacities
 every sparse model costs its dense model's forward FLOPs per token (routers aside).
 At 90m and 435m the MoD depths (14, 40) are the FLOPs-matched ones
-(`moma_jax.flops.mod_layers_matching` of the dense config); the 1.4b MoD model is
+(`moma_jax.analysis.flops.mod_layers_matching` of the dense config); the 1.4b MoD model is
 wider (d 2304), and 32 layers of it cost 3.17 GFLOPs/token forward vs the dense 1.4b's 3.09.
 """
-import re
-
 import ml_collections
 
 from moma_jax import configs
+from moma_jax import variants
 
 # size -> (layers, d_model, heads) for the dense and the mixture-of-depths models.
 DENSE_SIZES = {'90m': (8, 512, 8), '435m': (24, 1024, 16), '1.4b': (24, 2048, 16)}
@@ -54,34 +53,38 @@ MOD_SIZES = {'90m': (14, 512, 8), '435m': (40, 1024, 16), '1.4b': (32, 2304, 18)
 TOKEN_BUDGET = 10**12                   # training tokens, as in the paper
 BATCH_SEQUENCES = 512                   # x 4096 = 2.1M tokens per step
 
-_PATTERN = re.compile(r'(mod_)?(dense|moe_8x|moma_(\d+)t(\d+)i)_(90m|435m|1\.4b)')
 VARIANTS_HELP = ('[mod_]{dense|moe_8x|moma_<n>t<m>i}_{90m|435m|1.4b}, e.g. dense_90m, '
                  'moe_8x_435m, moma_4t4i_1.4b, mod_moma_1t1i_90m')
 
 
+def _parse(arg: str | None) -> tuple[variants.Variant, str]:
+  """(variant, size) of a Table 1 name; ValueError listing VARIANTS_HELP if it is none.
+
+  Only the paper's spellings: its one MoE (8 experts) and MoMa written moma_<n>t<m>i.
+  """
+  body, _, size = (arg or '').rpartition('_')
+  try:
+    variant = variants.parse(body)
+  except ValueError:
+    variant = None
+  if (variant is None or size not in DENSE_SIZES or variant.name != body
+      or (variant.ffn == 'moe' and variant.experts != (8,))):
+    raise ValueError(f'unknown variant {arg!r} of paper_table1.py; valid: {VARIANTS_HELP}')
+  return variant, size
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The Table 1 model named by `arg` (see the module docstring)."""
-  match = _PATTERN.fullmatch(arg or '')
-  if match is None:
-    raise ValueError(f'unknown variant {arg!r} of paper_table1.py; valid: {VARIANTS_HELP}')
-  is_mod, ffn, n_text, n_image, size = match.groups()
+  variant, size = _parse(arg)
 
   c = configs.default_config()
   m = c.model
-  m.num_layers, m.d_model, m.num_heads = (MOD_SIZES if is_mod else DENSE_SIZES)[size]
+  m.num_layers, m.d_model, m.num_heads = (MOD_SIZES if variant.mod else DENSE_SIZES)[size]
   m.ffn_dim = 4 * m.d_model
   m.vocab_size = 65_536
   m.max_len = 4096
-  if ffn == 'dense':
-    m.ffn = 'dense'
-  elif ffn == 'moe_8x':
-    m.ffn, m.experts = 'moe', (8,)
-  else:
-    if len(m.modalities) != 2:  # '<n>t<m>i' names exactly a text and an image group
-      raise ValueError(f'{ffn} needs modalities (text, image), got {m.modalities!r}')
-    m.ffn, m.experts = 'moma', (int(n_text), int(n_image))
+  variants.apply(variant, m)            # a moma variant checks for (text, image)
   m.capacity = None                     # 1/E per group: one expert's worth per token
-  m.mod.enabled = bool(is_mod)
   m.mod.capacity, m.mod.every, m.mod.first = 0.25, 2, 0
 
   c.data.seq_len = 4096

@@ -17,14 +17,14 @@ Train (300 steps of 16 x 128 tokens, evaluation every 25), then compare:
   moma-train --config experiments/quickstart.py:moma_4t4i --workdir runs/quickstart/moma_4t4i
   moma-compare --baseline runs/quickstart/dense --run runs/quickstart/moma_4t4i \
       --out runs/quickstart/savings
-Measured on a 2-core CPU (all three, data build included: 6 min 44 s, other jobs sharing
-the machine; median 6.7k tokens/s dense, 2.9k moma_4t4i): the training loss falls from
-about 7.3 to 1.99 (dense) and 1.84 (moma_4t4i, mean of the last 5 logged); evaluation
-loss at step 300 (text / image): dense 2.15 (1.69 / 2.78), moma_4t4i 1.99 (1.64 / 2.49).
-eta at the last point inside the dense range (train loss): text 1.12, image 1.14,
-overall 1.10; the end points are extrapolated.
+Measured on a quiet 2-core CPU (all three from a fresh clone, install and data build
+included: 5 min 9 s; median 6.7k tokens/s dense, 6.2k moma_4t4i): the training loss
+falls from about 7.3 to 1.99 (dense) and 1.86 (moma_4t4i, mean of the last 5 logged);
+evaluation loss at step 300 (text / image): dense 2.15 (1.69 / 2.78), moma_4t4i 2.02
+(1.67 / 2.49). eta at the last point where both evaluation curves are measured: text
+1.08, image 1.63, overall 1.27 (training losses: 1.10, 1.11, 1.09).
 
-Upcycling (the paper's recipe, moma_jax/upcycle.py): train 1t1i, then start 4t4i from
+Upcycling (the paper's recipe, moma_jax/training/upcycle.py): train 1t1i, then start 4t4i from
 its step 100 (each modality's FFN copied into all 4 experts of its group, fresh routers
 with Gumbel-sigmoid noise, optimizer and LR schedule restarted, data position and FLOPs
 count continued):
@@ -35,6 +35,7 @@ count continued):
       --config.model.router_noise=gumbel
 """
 from moma_jax import configs
+from moma_jax import variants
 
 VARIANTS = ('dense', 'moma_4t4i', 'moe_8x', 'mod_moma_4t4i')
 
@@ -47,9 +48,8 @@ def get_config(arg: str | None = None):
   m = c.model
   m.d_model, m.num_heads, m.num_layers, m.ffn_dim = 128, 4, 4, 512
   m.max_len = c.data.seq_len = 128
-  m.ffn = {'dense': 'dense', 'moe_8x': 'moe'}.get(variant, 'moma')
-  m.experts = (8,) if variant == 'moe_8x' else (4, 4)
-  m.mod.enabled = variant.startswith('mod_')
+  m.experts = (4, 4)                    # kept by dense, whose FFN never reads it
+  variants.apply(variants.parse(variant), m)
   c.routing.group_size = 8
   t = c.train
   t.batch_size, t.steps, t.lr, t.warmup = 16, 300, 1e-3, 30

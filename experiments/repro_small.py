@@ -9,7 +9,7 @@ Variants (`--config experiments/repro_small.py:VARIANT[,seed=S]`):
   mod_4t4i    4t4i in a mixture-of-depths model
 Every sparse variant costs its dense model's forward FLOPs per token (routers aside);
 the MoD models are deeper, at the depth whose FLOPs per token match the dense model's
-(`moma_jax.flops.mod_layers_matching`). `seed=S` changes the initialization and the
+(`moma_jax.analysis.flops.mod_layers_matching`). `seed=S` changes the initialization and the
 data order (train.seed, data.seed).
 
 Data: moma_shapes with enough scenes that no scene is seen twice, plus moma_pydoc text
@@ -21,8 +21,9 @@ routers and causal evaluation, then the comparison) is one command:
 """
 import ml_collections
 
+from moma_jax.analysis import flops
 from moma_jax import configs
-from moma_jax import flops
+from moma_jax import variants
 
 VARIANTS = ('dense', '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i')
 
@@ -56,15 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'unknown repro_small variant {variant!r}; one of {", ".join(VARIANTS)}')
   c = _dense_depth_config()
   m = c.model
-  kind = variant.removeprefix('mod_')
-  if kind == 'dense':
-    m.ffn = 'dense'
-  elif kind == 'moe_8x':
-    m.ffn, m.experts = 'moe', (8,)
-  else:
-    m.ffn, m.experts = 'moma', {'1t1i': (1, 1), '4t4i': (4, 4)}[kind]
-  if variant.startswith('mod_'):
-    m.mod.enabled = True
+  parsed = variants.parse(variant)
+  variants.apply(parsed, m)
+  if parsed.mod:
     m.num_layers = flops.mod_layers_matching(c)
   c.routing.group_size = 8
   # The capacity layout (one batched matmul, fast on a CPU) with buffers that hold every

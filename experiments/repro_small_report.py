@@ -24,8 +24,8 @@ import sys
 
 import numpy as np
 
-from moma_jax import savings
-from moma_jax import savings_report
+from moma_jax.analysis import savings
+from moma_jax.analysis import savings_report
 
 SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i')
 MODS = ('text', 'image', 'overall')

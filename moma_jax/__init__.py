@@ -1,13 +1,13 @@
 """moma_jax: Mixture of Modality-Aware Experts for early-fusion mixed-modal language models.
 
 Entry points: `moma_jax.configs` (config schema), `moma_jax.model.transformer` (the
-decoder and its loss), `moma_jax.flops` (FLOPs and parameter accounting),
+decoder and its loss), `moma_jax.analysis.flops` (FLOPs and parameter accounting),
 `moma_jax.load(workdir)` (a trained run's config, model and parameters).
 """
 __version__ = '0.1.0'
 
 
 def load(workdir: str, step: int | None = None):
-  """A training run read back: `.config`, `.model`, `.params`, `.step` (moma_jax.saved_run)."""
-  from moma_jax import saved_run   # pylint: disable=import-outside-toplevel
+  """A training run read back: `.config`, `.model`, `.params`, `.step` (moma_jax.inference.saved_run)."""
+  from moma_jax.inference import saved_run   # pylint: disable=import-outside-toplevel
   return saved_run.load(workdir, step)

@@ -15,11 +15,10 @@ Field reference (the names other parts rely on):
   model.mod.*      mixture-of-depths: capacity c_d, layer pattern (every, first).
   routing.*        routing group size and row layout (see moma_jax/model/routing.py).
   upcycle.*        from_workdir: a 1t1i MoMa run whose step `at_step` (> 0) a new run
-                   starts from, its FFNs copied into every expert (moma_jax/upcycle.py).
+                   starts from, its FFNs copied into every expert (moma_jax/training/upcycle.py).
 """
 from __future__ import annotations
 
-import fractions
 from typing import Collection, Sequence
 
 import ml_collections
@@ -68,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   # the model on stop-gradient inputs. 'post_hoc' (the paper's): trained after the model
   # by `moma-aux`, whatever `enabled` says; the training run carries none.
   m.aux_router = ml_collections.ConfigDict(dict(enabled=False, mode='post_hoc'))
-  m.kernels = 'xla'
+  m.kernels = 'xla'                     # 'auto' | 'xla' | 'pallas': moma_jax/model/kernels.py
   m.dtype = 'float32'
   m.param_dtype = 'float32'
   m.remat = 'none'
@@ -147,7 +146,7 @@ def shrink_for_cpu(config: ml_collections.ConfigDict,
 
 
 # ----------------------------------------------------------------------------------
-# Derived quantities (one place for each, used by the model and the FLOPs count)
+# Derived model sizes (routing's own: moma_jax/model/routing_spec.py)
 # ----------------------------------------------------------------------------------
 def ffn_hidden(model: ml_collections.ConfigDict) -> int:
   """SwiGLU hidden width: `model.ffn_hidden`, or round(2/3 * ffn_dim)."""
@@ -156,41 +155,9 @@ def ffn_hidden(model: ml_collections.ConfigDict) -> int:
   return max(1, int(round(2 * model.ffn_dim / 3)))
 
 
-def expert_groups(model: ml_collections.ConfigDict) -> tuple[tuple[tuple[int, ...], int], ...]:
-  """The expert groups as ((modality ids served, number of experts), ...).
-
-  moma: one group per modality; moe/topk: one group serving every modality;
-  dense: no group.
-  """
-  all_mods = tuple(range(len(model.modalities)))
-  if model.ffn == 'moma':
-    return tuple(((i,), int(e)) for i, e in enumerate(model.experts))
-  if model.ffn in ('moe', 'topk'):
-    return ((all_mods, int(model.experts[0])),)
-  return ()
-
-
-def group_capacities(model: ml_collections.ConfigDict) -> tuple[fractions.Fraction, ...]:
-  """Capacity c of each expert group as an exact fraction (None -> 1/E)."""
-  groups = expert_groups(model)
-  if model.capacity is None:
-    caps = [1.0 / e for _, e in groups]
-  elif len(model.capacity) == 1:
-    caps = [model.capacity[0]] * len(groups)
-  else:
-    caps = list(model.capacity)
-  return tuple(as_fraction(c) for c in caps)
-
-
-def as_fraction(c: float) -> fractions.Fraction:
-  """A capacity as a small exact fraction, so that ceil(c * b) is integer arithmetic."""
-  return fractions.Fraction(c).limit_denominator(4096)
-
-
-def ceil_frac(c: fractions.Fraction, n):
-  """ceil(c * n) in exact integer arithmetic; n an int or an integer array (the routing
-  functions' token counts b, traced or not)."""
-  return -((-c.numerator * n) // c.denominator)
+def ffn_label(model: ml_collections.ConfigDict) -> str:
+  """The FFN kind for people: 'dense', or the kind and its experts, 'moma (4, 4)'."""
+  return model.ffn if model.ffn == 'dense' else f'{model.ffn} {tuple(model.experts)}'
 
 
 def mod_layers(model: ml_collections.ConfigDict) -> tuple[bool, ...]:
@@ -251,7 +218,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of('model.router', m.router, ('sigmoid', 'softmax'))
   _one_of('model.router_noise', m.router_noise, ('none', 'gumbel'))
   _one_of('model.norm', m.norm, ('post', 'pre'))
-  _one_of('model.kernels', m.kernels, ('xla', 'pallas'))
+  _one_of('model.kernels', m.kernels, ('auto', 'xla', 'pallas'))
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
   _one_of('model.remat', m.remat, ('none', 'full', 'dots'))
@@ -270,7 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                         f' (one per {"modality" if m.ffn == "moma" else "layer"}), got {experts!r}')
     for e in experts:
       _positive('model.experts', e)
-    n_groups = len(expert_groups(m))
+    n_groups = len(m.modalities) if m.ffn == 'moma' else 1
     if m.capacity is not None and len(m.capacity) not in (1, n_groups):
       raise ConfigError('model.capacity', f'needs 1 or {n_groups} entries, got {m.capacity!r}')
     if m.ffn == 'topk':
@@ -311,7 +278,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.data.seq_len > m.max_len:
     raise ConfigError('data.seq_len', f'{config.data.seq_len} exceeds model.max_len={m.max_len}')
 
-  # What fits the source run is checked when it is read (moma_jax/upcycle.py).
+  # What fits the source run is checked when it is read (moma_jax/training/upcycle.py).
   u = config.upcycle
   if u.from_workdir is not None:
     if not u.from_workdir:
@@ -324,16 +291,3 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError('upcycle.at_step', f'{u.at_step!r} is set but upcycle.from_workdir '
                       'is not')
   return config
-
-
-def expected_fractions(config: ml_collections.ConfigDict) -> tuple[float, ...]:
-  """Expected share of each modality among a routing group's tokens (capacity layout)."""
-  if config.routing.expected_fraction is not None:
-    return tuple(config.routing.expected_fraction)
-  groups = expert_groups(config.model)
-  if config.model.ffn == 'moma':
-    total = sum(e for _, e in groups)
-    return tuple(e / total for _, e in groups)
-  n = len(config.model.modalities)
-  return (1.0 / n,) * n
-

@@ -19,7 +19,7 @@ over the S columns of its [BT, S] block of the inverse map (S is small and stati
 for each gathers a [BT, BD] tile of `out` rows and the BT weights with vector-indexed
 loads (absent rows clamped to row 0 and zeroed by a select), accumulating
 weight * out in float32; one store at the end. T and D are padded to tile multiples.
-TPU: no vector-indexed VMEM loads in Mosaic, so `impl='auto'` is XLA there.
+TPU: no vector-indexed VMEM loads in Mosaic, so the model takes `impl='xla'` there.
 
 Gradient (`jax.custom_vjp`; backward uses the Pallas dispatch gather, the rest jnp):
   d_out[r] = weight[r] * dy[token_index[r]],  d_weight[r] = <out[r], dy[token_index[r]]>,
@@ -76,7 +76,7 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def combine_rows(out: jax.Array, weight: jax.Array, token_index: jax.Array,
-                 num_tokens: int, rows_per_token: int, *, impl: str = 'auto',
+                 num_tokens: int, rows_per_token: int, *, impl: str = 'pallas',
                  interpret: bool | None = None,
                  tiles: tuple[int, int] = (ROW_TILE, COL_TILE)) -> jax.Array:
   """y [T, D] = sum_{r: token_index[r] = t} weight[r] * out[r]; differentiable in out
@@ -88,12 +88,10 @@ def combine_rows(out: jax.Array, weight: jax.Array, token_index: jax.Array,
     token_index: [R] int32 (T for unused rows).
     num_tokens: static T.
     rows_per_token: static S >= the rows any token has (e.g. the number of experts).
-    impl: 'pallas', 'xla' (the reference) or 'auto' (xla on TPU, else pallas).
+    impl: 'pallas' or 'xla' (the reference).
     interpret: None = interpret mode on CPU, compiled on GPU.
     tiles: (BT tokens, BD columns) per program, powers of two.
   """
-  if impl == 'auto':
-    impl = 'xla' if _common.backend() == 'tpu' else 'pallas'
   if impl == 'xla':
     return combine_rows_reference(out, weight, token_index, num_tokens)
   return _combine(out, weight, token_index.astype(jnp.int32), int(num_tokens),

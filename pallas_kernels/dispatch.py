@@ -14,7 +14,7 @@ select (not a multiply, so a NaN in row 0 cannot leak into a zero row). x is see
 [T, BD] column strip per program (the full T axis). R and D are padded to tile
 multiples (padding rows carry the absent index T and are sliced off).
 TPU: Mosaic has no vector-indexed loads from VMEM, so on TPU `gather_rows` uses the
-XLA gather (`impl='auto'`); the kernel is for GPU (Triton) and interpret mode.
+XLA gather (`impl='xla'`); the kernel is for GPU (Triton) and interpret mode.
 
 Gradient (`jax.custom_vjp`): the scatter-add of the row cotangents into x. With
 `rows_per_token` (static S, the most rows one token can have — the number of experts
@@ -65,7 +65,7 @@ _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def gather_rows(x: jax.Array, token_index: jax.Array, *, rows_per_token: int | None = None,
-                impl: str = 'auto', interpret: bool | None = None,
+                impl: str = 'pallas', interpret: bool | None = None,
                 tiles: tuple[int, int] = (ROW_TILE, COL_TILE)) -> jax.Array:
   """rows [R, D] = x[token_index] (zero rows for absent tokens), differentiable in x.
 
@@ -73,12 +73,10 @@ def gather_rows(x: jax.Array, token_index: jax.Array, *, rows_per_token: int | N
     x: [T, D] tokens.
     token_index: [R] int32, T (or any out-of-range index) for an unused row.
     rows_per_token: static S >= the rows any token has; enables the Pallas backward.
-    impl: 'pallas', 'xla' (the reference) or 'auto' (xla on TPU, else pallas).
+    impl: 'pallas' or 'xla' (the reference).
     interpret: None = interpret mode on CPU, compiled on GPU.
     tiles: (BR rows, BD columns) per program, powers of two.
   """
-  if impl == 'auto':
-    impl = 'xla' if _common.backend() == 'tpu' else 'pallas'
   if impl == 'xla':
     return gather_rows_reference(x, token_index)
   return _gather(x, token_index.astype(jnp.int32), rows_per_token,

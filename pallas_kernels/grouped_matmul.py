@@ -38,14 +38,14 @@ SwiGLU's elementwise derivative in jnp): with a = x wi_0, b = x wi_1, h = silu(a
   d[wi_0 wi_1] = x^T [da db].
 Transposed operands are formed by XLA (a copy) rather than by transposed-tile kernels.
 
-TPU: for the ragged layout `impl='auto'` uses `jax.experimental.pallas.ops.tpu.megablox`
-`gmm` — it fits: the same ragged contract (lhs [R, K], rhs [E, K, N], int32
+TPU: for the ragged layout the model takes `impl='megablox'`,
+`jax.experimental.pallas.ops.tpu.megablox` `gmm` — it fits: the same ragged contract (lhs [R, K], rhs [E, K, N], int32
 group_sizes), Mosaic-tuned tiling, scalar-prefetched group metadata (which Triton lacks,
 hence our own kernel on GPU) and its own custom_vjp with the `tgmm` weight gradient. It
 needs R to be a multiple of its row tile (we pad) and does not write rows past the
 last group (we mask them to zero, in and out, so values and gradients match the
 reference). It does not fuse the GLU, so the SwiGLU is three gmm calls there. For the
-capacity layout `impl='auto'` on TPU is XLA's batched einsum, which XLA tiles well on
+capacity layout the model takes `impl='xla'` on TPU, XLA's batched einsum, which XLA tiles well on
 the MXU; `impl='pallas'` forces `_bmm_kernel` (untested under Mosaic).
 """
 from __future__ import annotations
@@ -365,31 +365,27 @@ def _swiglu_megablox(rows, group_sizes, wi_0, wi_1, wo, interpret: bool):
 # ----------------------------------------------------------------------------------
 # Public ops.
 # ----------------------------------------------------------------------------------
-def swiglu_capacity(rows, wi_0, wi_1, wo, *, impl: str = 'auto', tiles=TILES,
+def swiglu_capacity(rows, wi_0, wi_1, wo, *, impl: str = 'pallas', tiles=TILES,
                     interpret: bool | None = None):
   """SwiGLU per expert block: rows [E, C, D], wi_* [E, D, F], wo [E, F, D] -> [E, C, D].
 
-  impl: 'pallas', 'xla' (the reference) or 'auto' (xla on TPU, else pallas).
+  impl: 'pallas' or 'xla' (the reference).
   tiles: (BM, BK, BN), powers of two. Differentiable in rows and weights.
   """
-  if impl == 'auto':
-    impl = 'xla' if _common.backend() == 'tpu' else 'pallas'
   if impl == 'xla':
     return swiglu_capacity_reference(rows, wi_0, wi_1, wo)
   return _swiglu_capacity(rows, wi_0, wi_1, wo, (tuple(tiles), _common.use_interpret(interpret)))
 
 
-def swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, *, impl: str = 'auto', tiles=TILES,
+def swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, *, impl: str = 'pallas', tiles=TILES,
                   interpret: bool | None = None):
   """SwiGLU of ragged expert groups: rows [R, D], group_sizes [E] int32 (expert e's rows
   follow expert e-1's), wi_* [E, D, F], wo [E, F, D] -> [R, D] (zero past the groups).
 
-  impl: 'auto' (megablox on TPU, else 'pallas'), 'pallas', 'megablox' or 'xla' (the
-  `ragged_dot` reference). tiles: (BM, BK, BN) of our kernels.
+  impl: 'pallas', 'megablox' (TPU's grouped matmul) or 'xla' (the `ragged_dot`
+  reference). tiles: (BM, BK, BN) of our kernels.
   Differentiable in rows and weights.
   """
-  if impl == 'auto':
-    impl = 'megablox' if _common.backend() == 'tpu' else 'pallas'
   if impl == 'xla':
     return swiglu_ragged_reference(rows, group_sizes, wi_0, wi_1, wo)
   interpret = _common.use_interpret(interpret)

@@ -27,7 +27,7 @@ equals); the cost is O(K * N) per program, fine for routing groups of a few thou
 tokens (for a group of 8 x 4096 tokens and K = N / 4 the XLA sort behind top_k scales
 better; the benchmark shows where). The results are carried as [Kp] vectors and stored
 once (no dynamic-offset stores), which keeps the kernel within what Triton and
-interpret mode both lower. On TPU `impl='auto'` is the XLA reference.
+interpret mode both lower. On TPU the model takes the XLA reference (`impl='xla'`).
 
 Gradient (`jax.custom_vjp`, backward in jnp/XLA): idx has none; gate's cotangent is
 scattered back to scores[g, idx, e] where the gate was finite (where the reference's
@@ -145,7 +145,7 @@ def _select_bwd(k, interpret, residuals, cotangents):
 _select.defvjp(_select_fwd, _select_bwd)
 
 
-def expert_choice(scores: jax.Array, eligible: jax.Array, k: int, *, impl: str = 'auto',
+def expert_choice(scores: jax.Array, eligible: jax.Array, k: int, *, impl: str = 'pallas',
                   interpret: bool | None = None):
   """Per expert, its top-k eligible tokens of each group (Pallas); see module doc.
 
@@ -153,9 +153,8 @@ def expert_choice(scores: jax.Array, eligible: jax.Array, k: int, *, impl: str =
     scores: [G, N, E] float32 router scores.
     eligible: [G, N, E] or [G, N, 1] bool.
     k: static K <= N, slots per expert.
-    impl: 'pallas', 'xla' (the reference) or 'auto' (xla on TPU, where this 1-D
-      row-per-program kernel is untested under Mosaic and top_k is a fast sort;
-      pallas elsewhere).
+    impl: 'pallas' or 'xla' (the reference; what the model takes on TPU, where this
+      1-D row-per-program kernel is untested under Mosaic and top_k is a fast sort).
     interpret: None = interpret mode on CPU, compiled on GPU/TPU.
   Returns:
     idx [G, E, K] int32, gate [G, E, K] float32 (differentiable w.r.t. scores).
@@ -163,8 +162,6 @@ def expert_choice(scores: jax.Array, eligible: jax.Array, k: int, *, impl: str =
   n = scores.shape[1]
   if not 0 < k <= n:
     raise ValueError(f'k={k} must be in [1, N={n}]')
-  if impl == 'auto':
-    impl = 'xla' if _common.backend() == 'tpu' else 'pallas'
   if impl == 'xla':
     return expert_choice_reference(scores, eligible, k)
   eligible = jnp.broadcast_to(eligible, scores.shape[:2] + eligible.shape[2:])

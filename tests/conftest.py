@@ -27,9 +27,9 @@ def jit_vjp(f, cotangent):
 
 def train_usage_error(argv, capsys) -> str:
   """Runs moma-train with argv, asserts exit 2 with one stderr line, returns that line."""
-  from moma_jax import train  # imported late: it defines absl flags
+  from moma_jax.cli import train as train_cli  # imported late: it defines absl flags
   with pytest.raises(SystemExit) as exit_info:
-    train.run(argv)
+    train_cli.run(argv)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('moma-train: error: '), err
@@ -103,8 +103,8 @@ def tiny_train_config(data_dir, variant='moma_4t4i', **train_overrides):
 @pytest.fixture(scope='session')
 def trained_run(data_setup, tmp_path_factory):
   """(config, workdir, metrics rows) of one tiny quickstart run shared by every test."""
-  from moma_jax import metrics_log
-  from moma_jax import train
+  from moma_jax.training import metrics_log
+  from moma_jax.training import trainer as train
   config = tiny_train_config(data_setup[0].data.data_dir)
   workdir = str(tmp_path_factory.mktemp('trained') / 'run')
   train.train(config, workdir)
@@ -118,8 +118,8 @@ def aux_run(data_setup, tmp_path_factory):
 
   Apart from `trained_run`: its 30 steps of d 32 leave expert choice nearly random, and
   the routers' balanced accuracy there stays near 0.88 (measured); here it is 0.92."""
-  from moma_jax import aux_cli
-  from moma_jax import train
+  from moma_jax.cli import aux as aux_cli
+  from moma_jax.training import trainer as train
   config = tiny_train_config(data_setup[0].data.data_dir, steps=100, log_every=10,
                              eval_every=100, ckpt_every=100)
   config.model.d_model, config.model.ffn_dim = 64, 256

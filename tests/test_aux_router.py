@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
-from moma_jax import aux_cli
-from moma_jax import aux_store
-from moma_jax import metrics_log
-from moma_jax import saved_run
-from moma_jax import train
+from moma_jax.cli import aux as aux_cli
+from moma_jax.inference import aux_store
+from moma_jax.inference import saved_run
 from moma_jax.model import aux_router
 from moma_jax.model import routing
+from moma_jax.training import metrics_log
+from moma_jax.training import trainer as train
 
 
 # One test process builds the shared aux_run fixture for both files (--dist loadgroup).
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.xdist_group('aux_run')
 def test_taken_mask_marks_exactly_the_wanted_candidates():
   scores = jnp.asarray([[[0.9, 0.1], [0.2, 0.8], [0.7, 0.6], [0.1, 0.3]]])   # [1, 4, 2]
   eligible = jnp.asarray([[True, True, True, False]])[..., None]
-  idx, _, wanted = routing.expert_choice(scores, eligible, routing.fractions.Fraction(1, 2))
-  taken = aux_router.taken_mask(idx, wanted, 4)
+  sel = routing.expert_choice(scores, eligible, routing.fractions.Fraction(1, 2))
+  taken = aux_router.taken_mask(sel.idx, sel.wanted, 4)
   # ceil(3 / 2) = 2 tokens per expert among the 3 eligible: expert 0 takes 0, 2;
   # expert 1 takes 1, 2; token 3 (not eligible) is never taken.
   np.testing.assert_array_equal(taken[0], [[1, 0], [0, 1], [1, 1], [0, 0]])
@@ -144,7 +144,7 @@ def test_joint_routers_train_with_the_model_and_leave_it_unchanged(data_setup, t
 
 
 def test_moma_eval_causal_gives_the_stage_s_causal_loss(post_hoc, capsys):
-  from moma_jax import eval_cli
+  from moma_jax.cli import eval as eval_cli
   run_dir, result = post_hoc
   eval_cli.run(['moma-eval', f'--workdir={run_dir}', '--causal', '--json'])
   got = json.loads(capsys.readouterr().out)
@@ -153,7 +153,7 @@ def test_moma_eval_causal_gives_the_stage_s_causal_loss(post_hoc, capsys):
 
 
 def test_moma_eval_causal_without_routers_exits_2(trained_run, capsys):
-  from moma_jax import eval_cli
+  from moma_jax.cli import eval as eval_cli
   with pytest.raises(SystemExit) as exit_info:
     eval_cli.run(['moma-eval', f'--workdir={trained_run[1]}', '--causal'])
   assert exit_info.value.code == 2

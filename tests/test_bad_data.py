@@ -15,10 +15,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import tiny_train_config, train_usage_error
-from moma_jax import checkpoint as ckpt_lib
-from moma_jax import train
+from moma_jax.cli import train as train_cli
 from moma_jax.data import datasets
 from moma_jax.data import pipeline
+from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.training import trainer as train
 
 QUICKSTART = 'experiments/quickstart.py'
 
@@ -190,7 +191,7 @@ def test_a_record_found_bad_mid_run_stops_it_and_a_rerun_resumes(data_copy, tmp_
   monkeypatch.setattr(pipeline.DatasetDocuments, '__getitem__', failing)
   monkeypatch.setattr(train, 'train', _recording(train.train, steps))
   with pytest.raises(SystemExit) as exit_info:
-    train.run(argv)
+    train_cli.run(argv)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.splitlines()
   # The progress lines of steps 1..6, then the one line.
@@ -200,7 +201,7 @@ def test_a_record_found_bad_mid_run_stops_it_and_a_rerun_resumes(data_copy, tmp_
   assert ckpt_lib.Checkpoints(str(workdir)).all_steps() == [4]
   monkeypatch.setattr(pipeline.DatasetDocuments, '__getitem__', read)
   steps.clear()
-  train.run(argv)
+  train_cli.run(argv)
   assert steps == [5, 6, 7, 8]
   with open(workdir / 'metrics.jsonl') as f:
     logged = [json.loads(line)['step'] for line in f]
@@ -224,3 +225,62 @@ def _recording(train_fn, steps):
   def wrapped(config, workdir, **kwargs):
     return train_fn(config, workdir, on_step=steps.append, **kwargs)
   return wrapped
+
+
+def _tree(top) -> dict[str, bytes]:
+  """Every file under `top` with its content: what a tool must leave unchanged."""
+  out = {}
+  for folder, _, files in os.walk(top):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, top)] = f.read()
+  return out
+
+
+TOOLS = {
+    'moma-eval': lambda w: ('eval', ['--workdir', w]),
+    'moma-aux': lambda w: ('aux', ['--workdir', w, '--steps', '2']),
+    'moma-generate': lambda w: ('generate', ['--workdir', w, '--task', 'caption',
+                                             '--validation_images', '1']),
+    'moma-data': lambda w: ('data', []),     # its experiment file is made in the test
+}
+
+
+@pytest.mark.parametrize('tool', sorted(TOOLS))
+def test_the_other_tools_say_one_line_and_change_nothing(tool, trained_run, data_copy,
+                                                         tmp_path, capsys):
+  """A truncated validation shard (and a truncated train shard) under a copy of a trained
+  run: moma-eval, moma-aux, moma-generate and moma-data build each end with exit 2 and
+  one line naming the shard, and leave the run directory as it was."""
+  import importlib
+  from moma_jax import run_dir
+  for split in ('train', 'validation'):
+    path, _ = _shard(data_copy, 'moma_shapes', split)
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained_run[1], workdir)
+  config = run_dir.read_config_json(workdir)
+  config['data']['data_dir'] = data_copy
+  run_dir.write_json(os.path.join(workdir, run_dir.CONFIG_FILE), config)
+  before = _tree(workdir)
+  module, args = TOOLS[tool](workdir)
+  if tool == 'moma-data':        # takes an experiment file: the run's data, as a file
+    exp = tmp_path / 'exp.py'
+    exp.write_text('from moma_jax import configs\n'
+                   'def get_config(arg=None):\n'
+                   '  c = configs.default_config()\n'
+                   f'  c.data.data_dir = {data_copy!r}\n'
+                   f'  c.data.vq.fit_images = {config["data"]["vq"]["fit_images"]}\n'
+                   '  return c\n')
+    args = ['build', '--config', str(exp)]
+  cli_module = importlib.import_module(f'moma_jax.cli.{module}')
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    cli_module.run([tool, *args])
+  err = capsys.readouterr().err.strip()
+  assert exit_info.value.code == 2, err
+  assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+  assert 'moma_shapes' in err and 'corrupt' in err, err
+  assert _tree(workdir) == before

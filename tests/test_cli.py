@@ -1,6 +1,6 @@
 """Command-line errors end as one line `moma-flops: error: ...` and exit code 2.
 
-Each case runs `python -m moma_jax.flops_cli` in a subprocess, as a user would; the
+Each case runs `python -m moma_jax.cli.flops` in a subprocess, as a user would; the
 FLOPs tool imports no JAX, so each run takes well under a second.
 """
 import os
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from moma_jax import flops_cli
+from moma_jax.cli import flops as flops_cli
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 TABLE1 = 'experiments/paper_table1.py'
 
 
 def moma_flops(*args):
-  return subprocess.run([sys.executable, '-m', 'moma_jax.flops_cli', *args], cwd=ROOT,
+  return subprocess.run([sys.executable, '-m', 'moma_jax.cli.flops', *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=60,
                         env={**os.environ, 'MOMA_TRACEBACK': ''})
 
@@ -79,7 +79,7 @@ def test_repeated_runs_in_one_process(capsys):
 
 
 def test_runlocal_shrinks_any_experiment_but_keeps_explicit_overrides():
-  from moma_jax import cli
+  from moma_jax.cli import command as cli
   from moma_jax import configs
   argv = ['moma-flops', '--config=experiments/paper_table1.py:mod_moma_4t4i_1.4b',
           '--config.runlocal=True', '--config.train.steps=7']

@@ -17,7 +17,7 @@ from matplotlib import image as mpimg
 import numpy as np
 import pytest
 
-from moma_jax import compare_cli
+from moma_jax.cli import compare as compare_cli
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 LAWS = {'text': (30.0, 0.12, 1.5), 'image': (60.0, 0.15, 2.0), 'overall': (45.0, 0.13, 1.8)}
@@ -255,7 +255,7 @@ def test_user_errors_are_one_line_and_exit_2(runs, tmp_path, capsys):
 def test_subprocess_user_error(runs, tmp_path):
   dense, _ = runs
   result = subprocess.run(
-      [sys.executable, '-m', 'moma_jax.compare_cli', '--baseline', dense, '--run',
+      [sys.executable, '-m', 'moma_jax.cli.compare', '--baseline', dense, '--run',
        str(tmp_path / 'missing'), '--out', str(tmp_path / 'out')],
       cwd=ROOT, capture_output=True, text=True, timeout=60,
       env={**os.environ, 'MOMA_TRACEBACK': ''})

@@ -14,16 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moma_jax.analysis import aot
 import pallas_kernels
-from moma_jax import aot
 # moma-aux's flags too: the suite runs the CLIs in one process, where flag names clash
 # unless each is its own (moma-aux --steps is an integer).
-from moma_jax import aux_cli  # noqa: F401  pylint: disable=unused-import
-from moma_jax import compile_cli
-from moma_jax import compile_report
+from moma_jax.analysis import compile_report
+from moma_jax.analysis import flops
+from moma_jax.analysis import hlo_stats
+from moma_jax.cli import aux as aux_cli  # noqa: F401  pylint: disable=unused-import
+from moma_jax.cli import compile as compile_cli
 from moma_jax import configs
-from moma_jax import flops
-from moma_jax import hlo_stats
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'quickstart.py')
 TOPOLOGY = 'v5p:2x2x1'

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import jit_vjp, tiny_config
-from moma_jax.model import routing_reference as ref
 from moma_jax.model.block import Block
 from moma_jax.model.depth import DepthRoutedBlock
+from moma_jax.model import routing_spec
+import routing_reference as ref
 
 B, L, D = 4, 16, 32
 
@@ -43,12 +44,13 @@ def test_depth_block_equals_reference(variant):
   variant = dict(variant)
   aware = variant.pop('aware')
   config = tiny_config(**variant, **{'mod.enabled': True, 'mod.modality_aware': aware})
-  frozen = ml_collections.FrozenConfigDict(config)
+  frozen = ml_collections.FrozenConfigDict(config.model)
+  spec = routing_spec.from_config(config)
   x, mod, seg, pos = depth_inputs()
-  module = DepthRoutedBlock(frozen, rows_per_group=2)
+  module = DepthRoutedBlock(frozen, spec, rows_per_group=2)
   params = nn.unbox(module.init(jax.random.key(0), x, mod, seg, pos)['params'])
   params['router'] = params['router'] * 50    # spread the scores: ties only from duplicates
-  inner = Block(frozen, rows_per_group=1)
+  inner = Block(frozen, spec, rows_per_group=1)
 
   def block_apply(*args):
     return inner.apply({'params': params['block']}, *args,

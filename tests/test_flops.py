@@ -1,4 +1,4 @@
-"""The analytic FLOPs count (moma_jax/flops.py) against XLA's compiled count and the paper.
+"""The analytic FLOPs count (moma_jax/analysis/flops.py) against XLA's compiled count and the paper.
 
 XLA's `cost_analysis()['flops']` of the jitted forward pass differs from our convention
 in known ways, each accounted for explicitly here:
@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from moma_jax.analysis import flops
+from moma_jax.cli import flops as flops_cli
 from moma_jax import configs
-from moma_jax import flops
-from moma_jax import flops_cli
+from moma_jax.model import routing_spec
 from moma_jax.model import transformer
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -77,7 +78,7 @@ def xla_router_flops(config):
   """Router FLOPs per token as XLA does them: every group's router on every token (that
   runs the block, in MoD layers), plus the MoD routers."""
   m = config.model
-  width = sum(e for _, e in configs.expert_groups(m))
+  width = routing_spec.from_config(config).num_experts
   c_d = m.mod.capacity
   return sum((c_d if is_mod else 1.0) * 2.0 * m.d_model * width + (
       2.0 * m.d_model if is_mod else 0.0) for is_mod in configs.mod_layers(m))

@@ -1,4 +1,4 @@
-"""Sampling (moma_jax/generate.py, moma-generate): nucleus sampling, the grammar, the KV
+"""Sampling (moma_jax/inference/generate.py, moma-generate): nucleus sampling, the grammar, the KV
 cache against the full causal pass, and the command's output and errors."""
 import os
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import moma_jax
-from moma_jax import generate
-from moma_jax import generate_cli
+from moma_jax.cli import generate as generate_cli
 from moma_jax.data import pipeline
 from moma_jax.data import vocab as vocab_lib
+from moma_jax.inference import generate
 
 
 # One test process builds the shared aux_run fixture for both files (--dist loadgroup).

@@ -65,3 +65,74 @@ def test_pallas_step_equals_xla_step(variant):
   np.testing.assert_allclose(m_p['loss/image'], m_x['loss/image'], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                g_p, g_x)
+
+
+def test_dense_mixture_of_depths_step_follows_the_switch():
+  """A dense FFN under mixture-of-depths: the depth router's selection, gather and
+  combine are the only routing ops, and 'pallas' equals 'xla' on them too."""
+  results = {}
+  for kernels in ('xla', 'pallas'):
+    config = tiny_config(ffn='dense', kernels=kernels, num_layers=2,
+                         **{'mod.enabled': True, 'mod.modality_aware': True})
+    results[kernels] = step_results(config)
+  (v_x, _, g_x, s_x), (v_p, _, g_p, s_p) = results['xla'], results['pallas']
+  np.testing.assert_array_equal(s_p['layer_0']['plan'][0].token_index,
+                                s_x['layer_0']['plan'][0].token_index)
+  np.testing.assert_allclose(v_p, v_x, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               g_p, g_x)
+
+
+def _pallas_kernel_names(config) -> list[str]:
+  """The Pallas kernels in the jaxpr of one training step's loss and gradients."""
+  model = transformer.build(config)
+  params, _ = transformer.init(model, jax.random.key(0))
+  batch = transformer.dummy_batch(config)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: transformer.loss_fn(model, p, batch)[0]))(params)
+  names = []
+
+  def walk(jpr):
+    for eqn in jpr.eqns:
+      if eqn.primitive.name == 'pallas_call':
+        names.append(str(eqn.params['name']))
+        continue
+      for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(item, 'jaxpr', None)
+          if inner is not None:
+            walk(getattr(inner, 'jaxpr', inner))
+  walk(jaxpr.jaxpr)
+  return names
+
+
+def test_mixture_of_depths_picks_gathers_and_combines_through_the_switch():
+  """With a dense FFN, every Pallas kernel of a step is mixture-of-depths' own: its
+  selection, its gather of the picked rows and its combine (forward and backward)."""
+  config = tiny_config(ffn='dense', kernels='pallas', num_layers=2,
+                       **{'mod.enabled': True})
+  names = _pallas_kernel_names(config)
+  assert any('select' in n or 'choice' in n for n in names), names
+  assert any('gather' in n for n in names), names
+  assert any('combine' in n for n in names), names
+  config.model.kernels = 'xla'
+  assert _pallas_kernel_names(config) == []
+
+
+def test_kernel_choice_is_resolved_per_platform():
+  from moma_jax.model import kernels
+  import pallas_kernels as pk
+  assert kernels.resolve('xla', 'gpu') is kernels.XLA
+  assert kernels.resolve('auto', 'cpu') is kernels.XLA
+  assert kernels.resolve('auto', 'gpu') is kernels.PALLAS
+  assert kernels.resolve('pallas', 'cpu') is kernels.PALLAS
+  tpu = kernels.resolve('auto', 'tpu')
+  assert tpu is kernels.resolve('pallas', 'tpu') and tpu.pallas
+  # On TPU: megablox for the ragged matmul, the references for what has no Mosaic path.
+  assert tpu.swiglu_ragged.func is pk.swiglu_ragged
+  assert tpu.swiglu_ragged.keywords == {'impl': 'megablox'}
+  for op in ('select', 'gather', 'swiglu_blocks', 'combine'):
+    assert getattr(tpu, op) is getattr(kernels.XLA, op), op
+  with pk.target_backend('tpu'):
+    assert kernels.resolve('pallas') is tpu
+  with pytest.raises(ValueError, match='model.kernels'):
+    kernels.resolve('triton', 'gpu')

@@ -12,9 +12,9 @@ import re
 import pytest
 
 from conftest import tiny_train_config
-from moma_jax import compare_cli
-from moma_jax import metrics_log
-from moma_jax import train
+from moma_jax.cli import compare as compare_cli
+from moma_jax.training import metrics_log
+from moma_jax.training import trainer as train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 # A table cell: a value (* extrapolated; @ the FLOPs of the last measured point), a

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pallas_kernels as pk
 from moma_jax.model import experts
-from moma_jax.model import kernel_ops
+from moma_jax.model import kernels
 from moma_jax.model import routing
+import pallas_kernels as pk
 
-XLA = kernel_ops.XLA          # moma_jax's XLA path: the references the model uses
+XLA = kernels.XLA             # moma_jax's XLA path: the references the model uses
 
 SMALL_TILES = (16, 16, 16)     # matmul (BM, BK, BN): Triton's minimum, forces padding
 ROW_TILES = (8, 16)            # gather/combine (rows, columns) per program
@@ -92,12 +92,14 @@ def _selection_case(name):
 @pytest.mark.parametrize('name', ['mixed', 'k_equals_n', 'broadcast', 'wide'])
 def test_selection_equals_routing_expert_choice(name):
   scores, eligible, cap = _selection_case(name)
-  ref_idx, ref_gate, _ = routing.expert_choice(scores, eligible, cap)
+  ref = routing.expert_choice(scores, eligible, cap)
+  ref_idx, ref_gate = ref.idx, ref.gate
   k = ref_idx.shape[-1]
   (idx, gate), (d_scores, _) = jit_vjp(
       lambda s, el: pk.expert_choice(s, el, k), scores, eligible)
   (ref2_idx, ref2_gate), (ref_d, _) = jit_vjp(
-      lambda s, el: routing.expert_choice(s, el, cap)[:2], scores, eligible)
+      lambda s, el: (lambda r: (r.idx, r.gate))(routing.expert_choice(s, el, cap)),
+      scores, eligible)
   np.testing.assert_array_equal(idx, ref_idx)
   np.testing.assert_array_equal(np.asarray(gate).view(np.int32),
                                 np.asarray(ref_gate).view(np.int32))     # bitwise
@@ -147,7 +149,7 @@ def test_gather_rows(dtype):
   s = _max_rows_per_token(index, t)
   f = lambda x: pk.gather_rows(x, index, tiles=ROW_TILES)
   g = lambda x: pk.gather_rows(x, index, rows_per_token=s, tiles=ROW_TILES)
-  ref = lambda x: XLA.gather(x, index)
+  ref = lambda x: XLA.gather(x, index, s)
   rows, (dx,) = jit_vjp(f, x)
   rows_s, (dx_s,) = jit_vjp(g, x)
   ref_rows, (ref_dx,) = jit_vjp(ref, x)
@@ -175,7 +177,7 @@ def test_combine_rows(dtype):
   s = _max_rows_per_token(index, t)
   y, (d_out, d_w) = jit_vjp(
       lambda o, w: pk.combine_rows(o, w, index, t, s, tiles=ROW_TILES), out, weight)
-  ref_y, (ref_out, ref_w) = jit_vjp(lambda o, w: XLA.combine(o, w, index, t), out, weight)
+  ref_y, (ref_out, ref_w) = jit_vjp(lambda o, w: XLA.combine(o, w, index, t, s), out, weight)
   assert_close(y, ref_y, dtype, 'y')
   assert_close(d_out, ref_out, dtype, 'd_out')
   assert_close(d_w, ref_w, dtype, 'd_weight')
@@ -254,22 +256,24 @@ def test_routed_ffn_pipeline_equals_xla_path():
   scores = jnp.asarray(np.round(rng.random((g, n, e)), 1), jnp.float32)
   eligible = jnp.asarray(rng.random((g, n, 1)) < 0.8)
   w = _weights(rng, e, d, f, jnp.float32)
-  ref_idx, ref_gate, wanted = routing.expert_choice(scores, eligible, cap)
+  ref = routing.expert_choice(scores, eligible, cap)
+  ref_idx, wanted = ref.idx, ref.wanted
   rows_total = g * e * ref_idx.shape[-1]         # ragged rows: every wanted row fits
 
   def pipeline(x, scores, *w, kernels):
     if kernels:
       idx, gate = pk.expert_choice(scores, eligible, ref_idx.shape[-1])
     else:
-      idx, gate, _ = routing.expert_choice(scores, eligible, cap)
-    plan = routing.pack(idx, gate, wanted, num_tokens=n, layout='ragged', rows=rows_total)
+      sel = routing.expert_choice(scores, eligible, cap)
+      idx, gate = sel.idx, sel.gate
+    plan = routing.pack(routing.Selection(idx, gate, wanted), num_tokens=n, layout='ragged',
+                        rows=rows_total, rows_per_token=e)
     if kernels:
       rows = pk.gather_rows(x, plan.token_index, rows_per_token=e, tiles=ROW_TILES)
       out = pk.swiglu_ragged(rows, plan.group_sizes, *w, tiles=SMALL_TILES)
       return pk.combine_rows(out, plan.weight, plan.token_index, g * n, e, tiles=ROW_TILES)
-    rows = XLA.gather(x, plan.token_index)
-    return XLA.combine(experts.apply_experts(rows, plan, *w), plan.weight, plan.token_index,
-                       g * n)
+    rows = plan.dispatch(x, XLA)
+    return plan.combine(experts.apply_experts(rows, plan, *w), XLA)
 
   y, grads = jit_vjp(lambda *a: pipeline(*a, kernels=True), x, scores, *w)
   ref_y, ref_grads = jit_vjp(lambda *a: pipeline(*a, kernels=False), x, scores, *w)

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
+from moma_jax.analysis import flops
 from moma_jax import configs
-from moma_jax import flops
 from moma_jax.data import pipeline
-from moma_jax.model import experts
+from moma_jax.model import routing_spec
 
 _PATH = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'repro_small.py')
 
@@ -28,13 +28,12 @@ def test_variants_are_compute_matched_and_exact(variant):
   assert flops.count(c).train['overall'] == pytest.approx(dense, rel=0.03)
   # The capacity buffer holds the most rows expert choice can ask of one expert in a
   # routing group, whatever its modality mix: ceil(c * N) (all N tokens of one group).
-  m = c.model
+  spec = routing_spec.from_config(c)
   n = c.routing.group_size * c.data.seq_len
-  if m.mod.enabled:       # inside a MoD block, the picked tokens form the group
-    from moma_jax.model import depth
-    n = depth.picked_slots(m, n)
-  worst = max(configs.ceil_frac(cap, n) for cap in configs.group_capacities(m))
-  assert experts.buffer_capacity(c, n) >= worst
+  if c.model.mod.enabled:       # inside a MoD block, the picked tokens form the group
+    n = spec.picked_slots(n)
+  worst = max(routing_spec.ceil_frac(g.capacity, n) for g in spec.groups)
+  assert spec.buffer_capacity(n) >= worst
 
 
 def test_seed_and_bad_arguments():

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config, train_usage_error
-from moma_jax import checkpoint as ckpt_lib
-from moma_jax import metrics_log
-from moma_jax import train
+from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.training import metrics_log
+from moma_jax.training import trainer as train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 TIMING_KEYS = ('tokens_per_sec',)
@@ -35,7 +35,8 @@ DRIVER = r"""
 import json, sys
 sys.path.insert(0, {tests!r})
 from conftest import tiny_train_config
-from moma_jax import checkpoint, configs, metrics_log, train
+from moma_jax import configs
+from moma_jax.training import checkpoint, metrics_log, trainer as train
 
 data_dir, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 

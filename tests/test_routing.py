@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import jit_vjp, tiny_config
-from moma_jax import configs
-from moma_jax.model import kernel_ops
+from moma_jax.model.experts import RoutedExperts
+from moma_jax.model import kernels
 from moma_jax.model import routing
-from moma_jax.model import routing_reference as ref
-from moma_jax.model.experts import RoutedExperts, stacked_slots
+from moma_jax.model import routing_spec
+import routing_reference as ref
 
 D = 32
 N = 20
@@ -40,14 +40,16 @@ def routing_inputs(seed=0, n=N, d=D):
 
 
 def fast(config, params, x, mod, valid):
-  module = RoutedExperts(ml_collections.FrozenConfigDict(config))
+  module = RoutedExperts(ml_collections.FrozenConfigDict(config.model),
+                         routing_spec.from_config(config))
   y, state = module.apply({'params': params}, x, mod, valid,
                           mutable=['intermediates', 'route_stats', 'aux_loss'])
   return y, state['intermediates']['plan'][0], state['route_stats']
 
 
 def init_params(config, x, mod, valid, seed=1):
-  module = RoutedExperts(ml_collections.FrozenConfigDict(config))
+  module = RoutedExperts(ml_collections.FrozenConfigDict(config.model),
+                         routing_spec.from_config(config))
   params = nn.unbox(module.init(jax.random.key(seed), x, mod, valid)['params'])
   # Larger router weights spread the scores, so ties come only from duplicates.
   return {k: (v * 50 if k.startswith('router_') else v) for k, v in params.items()}
@@ -97,7 +99,7 @@ def test_moma_takes_exactly_ceil_c_b_and_cuts_nothing(share):
   valid = jnp.asarray(rng.random((3, n)) < 0.9)
   params = init_params(config, x, mod, valid)
   _, plan, stats = fast(config, params, x, mod, valid)
-  slots = stacked_slots(config.model)
+  slots = routing_spec.from_config(config).slots
   for g in range(3):
     for m in range(2):
       b = int(((mod[g] == m) & valid[g]).sum())
@@ -111,14 +113,14 @@ def test_moma_takes_exactly_ceil_c_b_and_cuts_nothing(share):
 
 def test_stacked_slots_interleave_groups_evenly():
   config = tiny_config(experts=(4, 2))
-  slots = stacked_slots(config.model)
+  slots = routing_spec.from_config(config).slots
   assert sorted(s for row in slots for s in row) == list(range(6))
   # Any expert-axis size dividing both groups (1, 2) gives each device E_i / X of each.
   for x in (1, 2):
     for device in range(x):
       mine = range(device * 6 // x, (device + 1) * 6 // x)
       assert [sum(s in mine for s in row) for row in slots] == [4 // x, 2 // x]
-  assert stacked_slots(tiny_config(experts=(2, 2)).model) == ((0, 2), (1, 3))
+  assert routing_spec.from_config(tiny_config(experts=(2, 2))).slots == ((0, 2), (1, 3))
 
 
 def test_one_modality_never_reaches_another_modalitys_experts():
@@ -133,7 +135,7 @@ def test_one_modality_never_reaches_another_modalitys_experts():
 
   g_image = jax.grad(output_at)(params, is_image)
   g_text = jax.grad(output_at)(params, (mod == 0) & valid)
-  text, image = (list(s) for s in stacked_slots(config.model))
+  text, image = (list(s) for s in routing_spec.from_config(config).slots)
   for name in ('wi_0', 'wi_1', 'wo'):
     assert np.all(np.asarray(g_image[name])[text] == 0.0)
     assert np.all(np.asarray(g_text[name])[image] == 0.0)
@@ -148,23 +150,23 @@ def test_pack_closed_form():
   idx = jnp.array([[[5, 1, 3], [2, 0, 4]]], jnp.int32)
   gate = jnp.array([[[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]]])
   wanted = jnp.array([[2, 1]], jnp.int32)
-  plan = routing.pack(idx, gate, wanted, num_tokens=6, layout='ragged', rows=5)
+  plan = routing.pack(routing.Selection(idx, gate, wanted), num_tokens=6, layout='ragged', rows=5)
   np.testing.assert_array_equal(plan.token_index, [5, 1, 2, 6, 6])
   np.testing.assert_allclose(plan.weight, [0.9, 0.8, 0.6, 0.0, 0.0])
   np.testing.assert_array_equal(plan.group_sizes, [2, 1])
-  cap = routing.pack(idx, gate, wanted, num_tokens=6, layout='capacity', capacity=1)
+  cap = routing.pack(routing.Selection(idx, gate, wanted), num_tokens=6, layout='capacity', capacity=1)
   np.testing.assert_array_equal(cap.token_index, [5, 2])          # expert 0 loses token 1
   np.testing.assert_array_equal(cap.kept, [[1, 1]])
   x = jnp.arange(12.0).reshape(6, 2)
-  rows = kernel_ops.XLA.gather(x, plan.token_index)
+  rows = plan.dispatch(x, kernels.XLA)
   np.testing.assert_array_equal(rows[3:], 0.0)                    # dump rows gather zeros
-  y = kernel_ops.XLA.combine(rows, plan.weight, plan.token_index, 6)
+  y = plan.combine(rows, kernels.XLA)
   np.testing.assert_allclose(y[5], 0.9 * x[5])
   np.testing.assert_allclose(y[0], 0.0)
 
 
 def test_ceil_capacity_is_exact_integer_arithmetic():
-  c = configs.as_fraction(1 / 3)
+  c = routing_spec.as_fraction(1 / 3)
   assert c == fractions.Fraction(1, 3)
   b = jnp.array([0, 1, 3, 4, 30_000, 30_001])
-  np.testing.assert_array_equal(configs.ceil_frac(c, b), [0, 1, 1, 2, 10_000, 10_001])
+  np.testing.assert_array_equal(routing_spec.ceil_frac(c, b), [0, 1, 1, 2, 10_000, 10_001])

@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from moma_jax import loss_curves
-from moma_jax import savings
+from moma_jax.analysis import loss_curves
+from moma_jax.analysis import savings
 
 TEXT = (30.0, 0.12, 1.5)           # a, b, c
 IMAGE = (60.0, 0.15, 2.0)
@@ -305,7 +305,7 @@ def test_run_names_are_short_and_distinct():
 def test_savings_imports_no_jax():
   import subprocess
   import sys
-  code = 'import sys, moma_jax.savings, moma_jax.loss_curves; print("jax" in sys.modules)'
+  code = 'import sys, moma_jax.analysis.savings, moma_jax.analysis.loss_curves; print("jax" in sys.modules)'
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        cwd=os.path.join(os.path.dirname(__file__), '..'), check=True)
   assert out.stdout.strip() == 'False'

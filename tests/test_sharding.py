@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from moma_jax import checkpoint as ckpt_lib
 from moma_jax import configs
-from moma_jax import metrics_log
-from moma_jax import sharding
+from moma_jax.model import sharding
+from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.training import metrics_log
 
 from conftest import tiny_train_config
 from test_resume import kill_seed
@@ -72,7 +72,7 @@ def test_two_processes_log_the_losses_of_one(data_setup, tmp_path):
       ('train.steps', 10), ('train.log_every', 1), ('train.eval_every', 10),
       ('train.ckpt_every', 5), ('train.eval_max_batches', 1), ('train.warmup', 5),
       ('train.lr', 3e-3), ('routing.group_size', 4))]
-  base = [sys.executable, '-m', 'moma_jax.train', '--config',
+  base = [sys.executable, '-m', 'moma_jax.cli.train', '--config',
           'experiments/quickstart.py:moma_4t4i', *overrides]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)

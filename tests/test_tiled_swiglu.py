@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from moma_jax.model import kernel_ops
+from moma_jax.model import kernels
 from moma_jax.model import loss as loss_lib
 from moma_jax.model import tiled_swiglu
 from moma_jax.model import transformer
@@ -135,7 +135,7 @@ def test_default_block_and_tile_rows():
 def test_xla_ops_use_it_on_cpu_and_keep_ragged_dot_elsewhere():
   rows, wi_0, wi_1, wo, _ = operands(seed=1)
   sizes = jnp.asarray(CASES['random'], jnp.int32)
-  f = jax.jit(jax.grad(lambda x, *w: kernel_ops.XLA.swiglu_ragged(x, sizes, *w).sum(),
+  f = jax.jit(jax.grad(lambda x, *w: kernels.XLA.swiglu_ragged(x, sizes, *w).sum(),
                        argnums=(0, 1, 2, 3)))
   lowered = lambda platform: f.trace(rows, wi_0, wi_1, wo).lower(
       lowering_platforms=(platform,)).as_text()

@@ -13,8 +13,8 @@ import pydoc_data.topics
 import pytest
 
 from moma_jax.data import image_tokenizer
-from moma_jax.data import text_tokenizer
 from moma_jax.data.image_tokenizer import VQTokenizer, VQTokenizerError
+from moma_jax.data import text_tokenizer
 from moma_jax.data.text_tokenizer import TokenizerError
 
 STRINGS = ('hello, world', 'déjà vu à Genève, Ærø, Øresund', '東京の天気は晴れです',

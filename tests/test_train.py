@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config, train_usage_error
-from moma_jax import checkpoint as ckpt_lib
-from moma_jax import flops
-from moma_jax import metrics_log
+from moma_jax.analysis import flops
+from moma_jax.cli import train as train_cli
 from moma_jax import run_dir
-from moma_jax import train
-from moma_jax import train_step
+from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.training import metrics_log
+from moma_jax.training import step as train_step
+from moma_jax.training import trainer as train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 QUICKSTART = 'experiments/quickstart.py'
@@ -157,7 +158,7 @@ def test_workdir_that_is_a_file_and_unknown_variant(trained_run, tmp_path, capsy
 
 def test_cli_subprocess_bad_config(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'moma_jax.train', f'--config={QUICKSTART}',
+      [sys.executable, '-m', 'moma_jax.cli.train', f'--config={QUICKSTART}',
        f'--workdir={tmp_path / "run"}', '--config.model.d_model=0'],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
       env={**os.environ, 'MOMA_TRACEBACK': ''})
@@ -170,7 +171,7 @@ def test_cli_subprocess_bad_config(tmp_path):
 def test_sigterm_in_a_subprocess_saves_and_exits_0(trained_run, tmp_path):
   config = trained_run[0]
   workdir = str(tmp_path / 'run')
-  cmd = [sys.executable, '-m', 'moma_jax.train', f'--config={QUICKSTART}',
+  cmd = [sys.executable, '-m', 'moma_jax.cli.train', f'--config={QUICKSTART}',
          f'--workdir={workdir}', *_tiny_flags(config), '--config.train.steps=10000',
          '--config.train.eval_every=10000']
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -215,7 +216,7 @@ def test_persistent_nan_stops_with_exit_1(data_setup, tmp_path, capsys):
           *_tiny_flags(config), '--config.train.steps=8', '--config.train.max_nonfinite=3',
           '--config.train.nan_steps=(2, 3, 4, 5)']
   with pytest.raises(SystemExit) as exit_info:
-    train.run(argv)
+    train_cli.run(argv)
   assert exit_info.value.code == 1
   err = capsys.readouterr().err.splitlines()[-1]
   assert err.startswith('moma-train: error: 3 non-finite') and 'at step 4' in err, err
@@ -253,7 +254,7 @@ def test_load_errors_name_the_problem(trained_run, tmp_path):
 
 def test_moma_eval_reproduces_the_last_evaluation(trained_run, capsys):
   import json
-  from moma_jax import eval_cli
+  from moma_jax.cli import eval as eval_cli
   _, workdir, rows = trained_run
   before = snapshot(workdir)
   eval_cli.run(['moma-eval', f'--workdir={workdir}', '--json'])
@@ -281,9 +282,9 @@ def test_gradient_accumulation_equals_one_big_batch(data_setup):
   """Micro-batches of whole routing groups: the same routing, so 2 accumulated
   micro-batches give the loss, token counts and update of the full batch."""
   import jax
-  from moma_jax import optimizer as optimizer_lib
   from moma_jax.data import pipeline
   from moma_jax.model import transformer
+  from moma_jax.training import optimizer as optimizer_lib
   base, tok = data_setup
   results = []
   for accum in (1, 2):

@@ -1,4 +1,4 @@
-"""Upcycling (moma_jax/upcycle.py): a 1t1i run's step N grown into a 4t4i run.
+"""Upcycling (moma_jax/training/upcycle.py): a 1t1i run's step N grown into a 4t4i run.
 
 The module shares one tiny 1t1i source run (3 steps, checkpoints at 2 and 3) and one
 4t4i run upcycled from its step 2 (4 steps, Gumbel router noise, checkpoints at 2 and
@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, tiny_train_config, train_usage_error
-from moma_jax import checkpoint as ckpt_lib
+from moma_jax.analysis import flops
 from moma_jax import configs
-from moma_jax import flops
-from moma_jax import metrics_log
-from moma_jax import optimizer as optimizer_lib
-from moma_jax import saved_run
-from moma_jax import sharding
-from moma_jax import train
-from moma_jax import train_state
-from moma_jax import upcycle
 from moma_jax.data import pipeline
-from moma_jax.model import experts as experts_lib
+from moma_jax.inference import saved_run
+from moma_jax.model import routing_spec
+from moma_jax.model import sharding
 from moma_jax.model import transformer
+from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.training import metrics_log
+from moma_jax.training import optimizer as optimizer_lib
+from moma_jax.training import state as train_state
+from moma_jax.training import trainer as train
+from moma_jax.training import upcycle
 
 QUICKSTART = 'experiments/quickstart.py'
 AT_STEP = 2
@@ -126,8 +126,8 @@ def test_every_expert_starts_as_its_modalitys_ffn(source_run, upcycled_run):
   fresh, state, progress = start_of(config)
   source = saved_run.load(source_run['workdir'], AT_STEP, with_aux_routers=False)
   src, got, init = flat(source.params), flat(state['params']), flat(fresh['params'])
-  src_slots = experts_lib.stacked_slots(source.config.model)
-  dst_slots = experts_lib.stacked_slots(config.model)
+  src_slots = source.model.spec.slots
+  dst_slots = routing_spec.from_config(config).slots
   assert src_slots == ((0,), (1,)) and sorted(sum(dst_slots, ())) == list(range(8))
   checked = {'experts': 0, 'routers': 0, 'copied': 0}
   for name, value in got.items():
@@ -245,8 +245,8 @@ def test_upcycle_params_maps_every_group_in_mod_and_plain_layers():
   src, fresh = init(source, 1), init(target, 2)
   got = flat(upcycle.upcycle_params(src, source, fresh, target))
   src, fresh = flat(src), flat(fresh)
-  slots = experts_lib.stacked_slots(target.model)
-  src_slots = experts_lib.stacked_slots(source.model)
+  slots = routing_spec.from_config(target).slots
+  src_slots = routing_spec.from_config(source).slots
   for prefix in ('layer_0/block/experts', 'layer_1/experts'):   # layer 0 is MoD
     for w in ('wi_0', 'wi_1', 'wo'):
       for i in range(len(mods)):

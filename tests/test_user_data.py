@@ -65,7 +65,7 @@ def test_own_datasets_train_a_few_steps(data_setup):
 def test_data_cli_reports_bad_input_in_one_line(data_setup, tmp_path):
   config, _ = data_setup
   run = lambda *args: subprocess.run(
-      [sys.executable, '-m', 'moma_jax.data_cli', args[0],
+      [sys.executable, '-m', 'moma_jax.cli.data', args[0],
        '--config', os.path.join(ROOT, 'experiments', 'quickstart.py'), *args[1:]],
       capture_output=True, text=True, timeout=120)
   unknown = run('preview', f'--config.data.data_dir={config.data.data_dir}',

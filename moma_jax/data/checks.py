@@ -29,6 +29,7 @@ import numpy as np
 from moma_jax.data import datasets
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import pipeline
+from moma_jax import usage
 
 FULL_READ_BYTES = 256 << 20
 SAMPLE_RECORDS = 64
@@ -73,12 +74,8 @@ def _check_shards(name: str, split: str, builder) -> None:
       raise
     except Exception as e:  # pylint: disable=broad-except
       # array_record reports truncation and hash mismatches as RuntimeError / OSError.
-      raise datasets.DatasetError(f'{name}: shard {path} is corrupt ({_first_line(e)}); '
-                                  f'{hint}') from e
-
-
-def _first_line(e: Exception) -> str:
-  return (str(e).splitlines() or [type(e).__name__])[0][:200]
+      raise datasets.DatasetError(
+          f'{name}: shard {path} is corrupt ({usage.first_line(e)}); {hint}') from e
 
 
 def check(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,

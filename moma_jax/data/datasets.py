@@ -28,6 +28,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from moma_jax.data import embedded
+from moma_jax import usage
 
 EMBEDDED: dict[str, type] = {
     'moma_digits': embedded.MomaDigits,
@@ -88,7 +89,8 @@ def _is_prepared(builder) -> bool:
     return builder.is_prepared()
 
 
-def _embedded_builder(name: str, data_dir: str, kwargs: dict[str, Any]):
+def _embedded_builder(name: str, data_dir: str, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+  """(builder, whether it is prepared) of embedded dataset `name` in data_dir."""
   cls = EMBEDDED[name]
   config = None
   if kwargs:
@@ -106,8 +108,7 @@ def _embedded_builder(name: str, data_dir: str, kwargs: dict[str, Any]):
   try:
     with _quiet_expected_warnings():
       builder = cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
-      builder.is_prepared()
-      return builder
+      return builder, builder.is_prepared()
   except OSError as e:
     raise DatasetError(f'{name}: cannot use data directory {data_dir}: {e}') from e
   except Exception as e:  # pylint: disable=broad-except
@@ -115,8 +116,8 @@ def _embedded_builder(name: str, data_dir: str, kwargs: dict[str, Any]):
     # protobuf or JSON errors of assorted types.
     folder = os.path.join(data_dir, name)
     raise DatasetError(f'{name}: cannot read its dataset_info.json or features.json under '
-                       f'{folder} ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
-                       f'); {rebuild_hint(name, folder)}') from e
+                       f'{folder} ({usage.first_line(e, with_type=True)}); '
+                       f'{rebuild_hint(name, folder)}') from e
 
 
 def _tfds_builder(name: str, data_dir: str, kwargs: dict[str, Any]):
@@ -156,8 +157,8 @@ def prepare(name: str, data_dir: str | os.PathLike, **builder_kwargs):
     return _tfds_builder(name, data_dir, builder_kwargs)
   if not os.path.isdir(data_dir):
     _check_writable(name, data_dir)
-  builder = _embedded_builder(name, data_dir, builder_kwargs)
-  if _is_prepared(builder):
+  builder, prepared = _embedded_builder(name, data_dir, builder_kwargs)
+  if prepared:
     return builder
   _check_writable(name, data_dir)
   print(f'building {name} into {builder.data_path} ...', file=sys.stderr, flush=True)
@@ -170,8 +171,8 @@ def prepare(name: str, data_dir: str | os.PathLike, **builder_kwargs):
   except Exception as e:  # pylint: disable=broad-except
     # Another process building the same dataset may have renamed its copy into place
     # first; then ours fails to rename, and theirs is the one to use.
-    again = _embedded_builder(name, data_dir, builder_kwargs)
-    if _is_prepared(again):
+    again, prepared = _embedded_builder(name, data_dir, builder_kwargs)
+    if prepared:
       return again
     raise DatasetError(f'building {name} into {data_dir} failed: '
                        f'{type(e).__name__}: {e}') from e

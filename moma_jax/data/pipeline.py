@@ -31,11 +31,12 @@ import numpy as np
 from moma_jax import configs
 from moma_jax.data import datasets
 from moma_jax.data import documents as docs_lib
-from moma_jax.data import vocab as vocab_lib
 from moma_jax.data.image_tokenizer import VQTokenizer
 from moma_jax.data.image_tokenizer import VQTokenizerError
 from moma_jax.data.text_tokenizer import make_text_tokenizer
 from moma_jax.data.text_tokenizer import TokenizerError
+from moma_jax.data import vocab as vocab_lib
+from moma_jax import usage
 
 DEFAULT_DATA_DIR = os.path.join('~', '.cache', 'moma_jax', 'data')
 FEATURES = ('tokens', 'modality')
@@ -179,7 +180,7 @@ class DatasetDocuments(Sequence):
       folder = os.path.join(self.data_dir, self.name)
       raise datasets.DatasetError(
           f'{self.name}/{self.split}: cannot read example {i} '
-          f'({(str(e).splitlines() or [type(e).__name__])[0][:200]}); '
+          f'({usage.first_line(e)}); '
           f'{datasets.rebuild_hint(self.name, folder)}') from e
 
   def __getitem__(self, d: int) -> dict[str, np.ndarray]:

@@ -24,8 +24,6 @@ import optax
 from moma_jax.model.layers import default_kernel_init
 
 COLLECTION = 'aux_router'
-# Modules holding auxiliary routers are named 'aux_router' or 'aux_router_{group}'.
-MODULE_PREFIX = 'aux_router'
 # Counts each router sows (summed over its eligible tokens and outputs).
 COUNTS = ('bce_sum', 'count', 'tp', 'fp', 'fn', 'tn')
 
@@ -66,12 +64,6 @@ class AuxRouter(nn.Module):
     }
     for key, value in sums.items():
       self.sow(COLLECTION, f'{name}/{key}', value)
-
-
-def is_aux_param(path) -> bool:
-  """Whether a parameter path (names, or jax key-path entries) lies in an auxiliary
-  router; the one test that separates them from the model's parameters."""
-  return any(str(getattr(p, 'key', p)).startswith(MODULE_PREFIX) for p in path)
 
 
 def taken_mask(idx: jax.Array, wanted: jax.Array, n: int) -> jax.Array:

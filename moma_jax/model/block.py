@@ -19,16 +19,20 @@ import ml_collections
 from moma_jax import configs
 from moma_jax.model.experts import RoutedExperts
 from moma_jax.model.layers import MLP, Attention, RMSNorm, constrain
+from moma_jax.model import param_names
+from moma_jax.model.routing_spec import RoutingSpec
 
 
 class Block(nn.Module):
   """x [B, T, D] -> [B, T, D]; routed FFNs see routing groups of `rows_per_group` rows.
 
   modality [B, T] int, segment_ids [B, T] (0 = padding), positions [B, T].
+  config: the model's config block; spec: its routing sizes.
   aux_routers, causal: see `RoutedExperts`; decode: attention through a KV cache of
   `model.max_len` slots (`Attention`).
   """
   config: ml_collections.FrozenConfigDict
+  spec: RoutingSpec
   rows_per_group: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -38,7 +42,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
-    m = self.config.model
+    m = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     post = m.norm == 'post'
     attn = Attention(m.num_heads, decode=self.decode, cache_len=m.max_len, name='attention',
@@ -58,8 +62,8 @@ class Block(nn.Module):
       # Causal routing looks at one token at a time: any grouping gives the same result.
       s = 1 if self.causal else self.rows_per_group
       # [B, T, D] -> [G, N, D]: a routing group is S consecutive rows of the batch.
-      f = RoutedExperts(self.config, aux_routers=self.aux_routers, causal=self.causal,
-                        name='experts', **kw)(
+      f = RoutedExperts(self.config, self.spec, aux_routers=self.aux_routers,
+                        causal=self.causal, name=param_names.EXPERTS, **kw)(
           u.reshape(b // s, s * t, d), modality.reshape(b // s, s * t),
           (segment_ids > 0).reshape(b // s, s * t), deterministic).reshape(b, t, d)
     out = h + (ffn_norm(f) if post else f)

@@ -16,43 +16,33 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moma_jax import configs
 from moma_jax.model import aux_router
-from moma_jax.model import routing
 from moma_jax.model.block import Block
+from moma_jax.model import kernels
+from moma_jax.model import param_names
+from moma_jax.model import routing
+from moma_jax.model.routing_spec import RoutingSpec
 
 
-def picked_slots(model: ml_collections.ConfigDict, n: int) -> int:
-  """P: static slots per routing group, enough for every token MoD may pick.
-
-  Over all modalities ceil(c_d * b) <= ceil(c_d * N); per modality
-  sum_m ceil(c_d * b_m) <= ceil(c_d * N) + M - 1.
-  """
-  c = configs.as_fraction(model.mod.capacity)
-  extra = len(model.modalities) - 1 if model.mod.modality_aware else 0
-  return min(n, configs.ceil_frac(c, n) + extra)
-
-
-def depth_plan(scores, modality, valid, model: ml_collections.ConfigDict):
-  """Which tokens run the block: a routing plan with P rows per group, in token order.
+def depth_plan(scores, modality, valid, spec: RoutingSpec, ops: kernels.Ops = kernels.XLA):
+  """Which tokens run the block: a per-group routing plan with P rows per group.
 
   scores [G, N] float32, modality [G, N], valid [G, N] bool -> RoutingPlan whose
   token_index [G*P] lists each group's picked tokens in increasing position (so that
-  causal attention among them is index order), unused slots last.
+  causal attention among them is index order), unused slots last. ops.select picks.
   """
   g, n = scores.shape
-  if model.mod.modality_aware:
-    mods = jnp.arange(len(model.modalities))
+  if spec.mod_per_modality:
+    mods = jnp.arange(spec.num_modalities)
     eligible = valid[..., None] & (modality[..., None] == mods)            # [G, N, M]
   else:
     eligible = valid[..., None]                                             # [G, N, 1]
   e = eligible.shape[-1]
-  idx, gate, wanted = routing.expert_choice(
-      jnp.broadcast_to(scores[..., None], (g, n, e)), eligible,
-      configs.as_fraction(model.mod.capacity))
-  p = picked_slots(model, n)
-  plan = routing.pack(idx, gate, wanted, num_tokens=n, layout='ragged', rows=g * p,
-                      per_group=True)
+  selection = routing.expert_choice(
+      jnp.broadcast_to(scores[..., None], (g, n, e)), eligible, spec.mod_capacity,
+      select=ops.select)
+  p = spec.picked_slots(n)
+  plan = routing.pack(selection, num_tokens=n, layout='ragged', rows=g * p, per_group=True)
   tok = plan.token_index.reshape(g, p)
   order = jnp.argsort(tok, axis=-1)  # dump index g*n sorts last
   return plan.replace(
@@ -63,12 +53,15 @@ def depth_plan(scores, modality, valid, model: ml_collections.ConfigDict):
 class DepthRoutedBlock(nn.Module):
   """A mixture-of-depths block. Same signature as `Block`: x [B, L, D] -> [B, L, D].
 
+  config: the model's config block; spec: its routing sizes. The picking, gathering and
+  scattering follow `model.kernels` (moma_jax/model/kernels.py), as the FFN inside does.
   aux_routers: an auxiliary router learns which tokens the layer picks. causal: a token
   runs the block when its auxiliary router says so (logit > 0), weighted by the main
   router; the block runs on every position, and tokens that skip it are masked out of
   its attention (segment 0), so the result equals running the picked tokens alone.
   """
   config: ml_collections.FrozenConfigDict
+  spec: RoutingSpec
   rows_per_group: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -78,20 +71,19 @@ class DepthRoutedBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
-    m = self.config.model
     b, l, d = x.shape
     s = self.rows_per_group
     g, n = b // s, s * l
-    w = self.param('router', nn.with_logical_partitioning(
+    w = self.param(param_names.MOD_ROUTER, nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
     logits = jnp.einsum('bld,d->bl', x.astype(jnp.float32), w.astype(jnp.float32))
     valid = segment_ids > 0
-    block = Block(self.config, rows_per_group=1, dtype=self.dtype,
+    block = Block(self.config, self.spec, rows_per_group=1, dtype=self.dtype,
                   param_dtype=self.param_dtype, aux_routers=self.aux_routers,
-                  causal=self.causal, decode=self.decode, name='block')
+                  causal=self.causal, decode=self.decode, name=param_names.MOD_BLOCK)
     aux = None
     if self.aux_routers:
-      aux = aux_router.AuxRouter(1, self.param_dtype, name='aux_router')
+      aux = aux_router.AuxRouter(1, self.param_dtype, name=param_names.aux_router())
       aux_logits = aux(x)[..., 0]                                            # [B, L]
     if self.causal:
       if aux is None:
@@ -101,25 +93,21 @@ class DepthRoutedBlock(nn.Module):
       r = jnp.where(picked, jax.nn.sigmoid(logits), 0.0)[..., None]
       self.sow('route_stats', 'mod/picked', picked.sum() / jnp.maximum(valid.sum(), 1))
       return x + (r * (out - x)).astype(x.dtype)
+    ops = kernels.resolve(self.config.kernels)
     plan = depth_plan(jax.nn.sigmoid(logits).reshape(g, n), modality.reshape(g, n),
-                      valid.reshape(g, n), m)
-    p = plan.token_index.shape[0] // g
+                      valid.reshape(g, n), self.spec, ops)
     self.sow('intermediates', 'plan', plan)
 
     # Sequences of one group share a row after picking: give each (sequence, segment)
     # its own id so attention never crosses sequences. Padding keeps 0.
     seq = jnp.arange(b, dtype=jnp.int32)[:, None]
     seg_key = jnp.where(valid, seq * (l + 1) + segment_ids.astype(jnp.int32), 0)
-    # Gather and scatter group by group (indices within the group, N for unused slots),
-    # so that groups split over devices never need another device's tokens.
-    local = jnp.minimum(plan.token_index.reshape(g, p) - (jnp.arange(g) * n)[:, None], n)
-    take_one = lambda a, i: jnp.take(a, i, axis=0, mode='fill', fill_value=0)
-    take = lambda a: jax.vmap(take_one)(a.reshape(g, n, *a.shape[2:]), local)  # [G, P, ...]
-    x_p, mod_p, seg_p, pos_p = take(x), take(modality), take(seg_key), take(positions)
+    x_p = plan.dispatch(x.reshape(g, n, d), ops)                            # [G, P, D]
+    mod_p, seg_p, pos_p = (plan.take(a.reshape(g, n))
+                           for a in (modality, seg_key, positions))          # [G, P]
     out = block(x_p, mod_p, seg_p, pos_p, deterministic)
-    delta = (out - x_p) * plan.weight.reshape(g, p, 1).astype(out.dtype)       # [G, P, D]
-    y = jax.vmap(lambda rows, i, v: rows.at[i].add(v, mode='drop'))(
-        x.reshape(g, n, d), local, delta.astype(x.dtype))
+    # Picked tokens get x + r * (block(x) - x); the plan's weight is r.
+    y = x.reshape(g, n, d) + plan.combine(out - x_p, ops).astype(x.dtype)
     if aux is not None:
       picked = jnp.zeros(g * n + 1, bool).at[plan.token_index].set(True)[:g * n]
       aux.score(aux_logits.reshape(g, n, 1), picked.reshape(g, n, 1),

@@ -31,7 +31,7 @@ from typing import Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
-from moma_jax.model import kernel_ops
+from moma_jax.model import kernels
 from moma_jax.model import routing
 
 BATCH_AXES = ('data', 'fsdp', 'expert')   # mesh axes that split the batch
@@ -53,15 +53,16 @@ def batch_shards(mesh) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
-def routed_ffn(x, idx, gate, wanted, weights, *, local_ffn: Callable,
-               buffer_rows: Callable[[int], int], ops: kernel_ops.Ops = kernel_ops.XLA):
+def routed_ffn(x, selection: routing.Selection, weights, *, local_ffn: Callable,
+               buffer_rows: Callable[[int], int], rows_per_token: int,
+               ops: kernels.Ops = kernels.XLA):
   """The expert FFN of all routing groups, under the current mesh.
 
-  x [G_all, N, D]; idx, gate [G_all, E, K]; wanted [G_all, E] (all groups, split over
+  x [G_all, N, D]; selection [G_all, E, K] in stacked order (all groups, split over
   the batch axes); weights (wi_0, wi_1 [E, D, F], wo [E, F, D]).
-  local_ffn(x, idx, gate, wanted, weights) -> (y, kept, plan): the single-device path.
-  buffer_rows(groups_per_device) -> C.
-  ops: the gather, batched SwiGLU and combine to use (XLA or Pallas).
+  local_ffn(x, selection, weights) -> (y, kept, plan): the single-device path.
+  buffer_rows(groups_per_device) -> C. rows_per_token: the most rows one token occupies.
+  ops: the gather, batched SwiGLU and combine to use (`model.kernels`).
   Returns y [G_all, N, D] and kept [G_all, E].
   """
   mesh = jax.sharding.get_abstract_mesh()
@@ -71,33 +72,36 @@ def routed_ffn(x, idx, gate, wanted, weights, *, local_ffn: Callable,
     raise ValueError(f'{x.shape[0]} routing groups do not split over {shards} batch shards')
   x_size = mesh.shape.get(EXPERT_AXIS, 1)
   if x_size == 1:
-    def body(x, idx, gate, wanted, *w):
-      y, kept, _ = local_ffn(x, idx, gate, wanted, w)
+    def body(x, selection, *w):
+      y, kept, _ = local_ffn(x, selection, w)
       return y, kept
     w_spec = P()
   else:
     capacity = buffer_rows(x.shape[0] // shards)
 
-    def body(x, idx, gate, wanted, *w):
-      return exchange(x, idx, gate, wanted, w, capacity=capacity, x_size=x_size, ops=ops)
+    def body(x, selection, *w):
+      return exchange(x, selection, w, capacity=capacity, x_size=x_size,
+                      rows_per_token=rows_per_token, ops=ops)
     w_spec = P(EXPERT_AXIS)
   # pallas_call outputs carry no varying-axes annotation, which the check needs.
-  return jax.shard_map(body, in_specs=(spec,) * 4 + (w_spec,) * 3, out_specs=(spec, spec),
-                       check_vma=ops is kernel_ops.XLA)(x, idx, gate, wanted, *weights)
+  return jax.shard_map(body, in_specs=(spec, spec) + (w_spec,) * 3, out_specs=(spec, spec),
+                       check_vma=not ops.pallas)(x, selection, *weights)
 
 
-def exchange(x, idx, gate, wanted, weights, *, capacity: int, x_size: int,
-             ops: kernel_ops.Ops = kernel_ops.XLA):
+def exchange(x, selection: routing.Selection, weights, *, capacity: int, x_size: int,
+             rows_per_token: int, ops: kernels.Ops = kernels.XLA):
   """One device's part of the expert-parallel FFN (inside shard_map).
 
-  x [G, N, D]; idx, gate [G, E, K]; wanted [G, E]; weights: this device's experts,
-  wi_* [E_x, D, F], wo [E_x, F, D]. Returns y [G, N, D] and kept [G, E].
+  x [G, N, D]; selection [G, E, K]; weights: this device's experts, wi_* [E_x, D, F],
+  wo [E_x, F, D]; rows_per_token: the most rows one token occupies. Returns
+  y [G, N, D] and kept [G, E].
   """
   g, n, d = x.shape
-  e = idx.shape[1]
+  e = selection.idx.shape[1]
   e_x = e // x_size
-  plan = routing.pack(idx, gate, wanted, num_tokens=n, layout='buffer', capacity=capacity)
-  rows = ops.gather(x.reshape(g * n, d), plan.token_index)              # [E*C, D]
+  plan = routing.pack(selection, num_tokens=n, layout='buffer', capacity=capacity,
+                      rows_per_token=rows_per_token)
+  rows = plan.dispatch(x.reshape(g * n, d), ops)                        # [E*C, D]
   # Expert e lives on device e // E_x of the expert axis: [E*C, D] -> [X, E_x*C, D].
   sent = rows.reshape(x_size, e_x * capacity, d)
   got = jax.lax.all_to_all(sent, EXPERT_AXIS, 0, 0)                      # [X src, E_x*C, D]
@@ -107,5 +111,5 @@ def exchange(x, idx, gate, wanted, weights, *, capacity: int, x_size: int,
   back = out.reshape(e_x, x_size, capacity, d).transpose(1, 0, 2, 3).reshape(
       x_size, e_x * capacity, d)
   returned = jax.lax.all_to_all(back, EXPERT_AXIS, 0, 0)                  # [X dst, E_x*C, D]
-  y = ops.combine(returned.reshape(e * capacity, d), plan.weight, plan.token_index, g * n)
+  y = plan.combine(returned.reshape(e * capacity, d), ops)
   return y.reshape(g, n, d), plan.kept

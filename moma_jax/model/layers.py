@@ -3,7 +3,7 @@
 Axis legend: B batch (or routing groups), T tokens per row, D embed, H heads, K head dim
 (D = H * K), F SwiGLU hidden width.
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and
-activations are constrained by name, so `moma_jax.sharding` maps names onto a mesh
+activations are constrained by name, so `moma_jax.model.sharding` maps names onto a mesh
 without touching the modules.
 """
 from __future__ import annotations

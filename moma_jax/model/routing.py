@@ -1,14 +1,16 @@
-"""Routing as pure functions: router scores -> a static-shaped routing plan.
+"""Routing as pure functions: router scores -> a selection -> a static-shaped plan.
 
 Every sparse path (moma, moe, topk, mixture-of-depths) is two steps:
   1. *select*: per expert, an ordered candidate list of tokens of one routing group,
-     with gates, and how many of them the expert wants (`expert_choice`, `token_choice`);
+     with gates, and how many of them the expert wants (`expert_choice`,
+     `token_choice`; the `Selection`, made by the routers of moma_jax/model/routers.py);
   2. *pack*: place the wanted candidates into a static number of rows (`pack`).
 
-The routing plan is the result of step 2: rows such that `rows = x[token_index]` can go
-through a grouped matmul over experts and `y = segment_sum(weight * out, token_index)`
-puts results back (those operations: moma_jax/model/kernel_ops.py). Unused rows carry weight 0 and the dump index G*N (one past the last
-token), which gathers zeros and scatters nowhere.
+The routing plan is the result of step 2, and carries its two operations:
+`plan.dispatch(x, ops)` gathers the rows `x[token_index]` for a grouped matmul over
+experts, and `plan.combine(out, ops)` puts `weight * out` back onto the tokens, with
+the ops of `model.kernels` (moma_jax/model/kernels.py). Unused rows carry weight 0 and
+the dump index G*N (one past the last token), which gathers zeros and scatters nowhere.
 
 Axis legend: G routing groups, N tokens per group, E experts, K candidate slots per
 expert, R rows, C rows per expert per group (capacity layout).
@@ -22,8 +24,44 @@ import fractions
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from pallas_kernels import references
 
-from moma_jax import configs
+from moma_jax.model.routing_spec import ceil_frac
+
+
+@flax.struct.dataclass
+class Selection:
+  """What each expert chose: candidates idx, gate [G, E, K] (token index within the
+  group, gate; in order of preference) and wanted [G, E] (how many leading candidates
+  it takes). `order`: None for one group's experts; for the experts of all groups, the
+  stack order (`RoutingSpec.order`): position s holds group-concatenated expert
+  order[s], as the stacked weights do."""
+  idx: jax.Array
+  gate: jax.Array
+  wanted: jax.Array
+  order: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def stack(cls, parts: list['Selection'], order: tuple[int, ...]) -> 'Selection':
+    """The selections of the groups, in order, as one over the stacked experts (K: the
+    largest group's, candidates past a group's own K padded with token 0, gate 0)."""
+    k = max(p.idx.shape[-1] for p in parts)
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, k - a.shape[-1])))
+    # Static slices, not a gather `[:, order]`: the TPU compiler's emitter rejects that
+    # small gather for some shapes (a crash, not an error), and slices cost nothing.
+    stacked = lambda a: jnp.concatenate([a[:, s:s + 1] for s in order], axis=1)
+    cat = lambda f: stacked(jnp.concatenate([f(p) for p in parts], axis=1))
+    return cls(idx=cat(lambda p: pad(p.idx)), gate=cat(lambda p: pad(p.gate)),
+               wanted=cat(lambda p: p.wanted), order=tuple(order))
+
+  def in_group_order(self, per_expert: jax.Array) -> jax.Array:
+    """per_expert [G, E, ...] in stack order -> the same in group-concatenated order."""
+    return per_expert[:, np.argsort(np.asarray(self.order))]
+
+  def cap(self, limit: int) -> 'Selection':
+    """The same selection with no expert wanting more than `limit` rows."""
+    return self.replace(wanted=jnp.minimum(self.wanted, limit))
 
 
 @flax.struct.dataclass
@@ -39,6 +77,11 @@ class RoutingPlan:
                else the rows each expert owns, R / E: expert e owns rows
                [e*R/E, (e+1)*R/E) (capacity layout: C rows per group, R/E = G*C;
                buffer layout: one buffer per expert shared by the groups).
+  num_tokens:  static N, tokens per group.
+  rows_per_token: static S, the most rows one token occupies (the Pallas combine's
+               inverse map needs it).
+  per_group:   static; rows ordered by group (group g owns rows [g*R/G, (g+1)*R/G)):
+               `dispatch` and `combine` then work group by group, on [G, N, ...].
   """
   token_index: jax.Array
   weight: jax.Array
@@ -46,6 +89,41 @@ class RoutingPlan:
   wanted: jax.Array
   kept: jax.Array
   capacity: int | None = flax.struct.field(pytree_node=False, default=None)
+  num_tokens: int = flax.struct.field(pytree_node=False, default=0)
+  rows_per_token: int = flax.struct.field(pytree_node=False, default=1)
+  per_group: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def local_index(self) -> jax.Array:
+    """[G, R/G] token index within the group of each row of a per-group plan (N for
+    unused rows)."""
+    g = self.wanted.shape[0]
+    n = self.num_tokens
+    index = self.token_index.reshape(g, -1)
+    return jnp.minimum(index - (jnp.arange(g) * n)[:, None], n)
+
+  def dispatch(self, x: jax.Array, ops) -> jax.Array:
+    """The rows of the plan: x [G*N, D] -> rows [R, D]; for a per-group plan x [G, N, D]
+    -> [G, R/G, D], gathered group by group (groups split over devices never need
+    another device's tokens). Zeros for unused rows."""
+    if self.per_group:
+      gather = lambda a, i: ops.gather(a, i, self.rows_per_token)
+      return jax.vmap(gather)(x, self.local_index())
+    return ops.gather(x, self.token_index, self.rows_per_token)
+
+  def combine(self, out: jax.Array, ops) -> jax.Array:
+    """weight * out added back onto the tokens: out [R, D] -> y [G*N, D]; for a
+    per-group plan out [G, R/G, D] -> [G, N, D]. Tokens no row holds get 0."""
+    g, n = self.wanted.shape[0], self.num_tokens
+    if self.per_group:
+      combine = lambda o, w, i: ops.combine(o, w, i, n, self.rows_per_token)
+      return jax.vmap(combine)(out, self.weight.reshape(g, -1), self.local_index())
+    return ops.combine(out, self.weight, self.token_index, g * n, self.rows_per_token)
+
+  def take(self, a: jax.Array) -> jax.Array:
+    """A per-group plan's rows of token metadata (integers: modality, positions,
+    segments) a [G, N] -> [G, R/G], 0 for unused rows. Bookkeeping, not the data path:
+    always XLA's gather."""
+    return jax.vmap(references.gather_rows_reference)(a, self.local_index())
 
 
 def router_scores(logits: jax.Array, kind: str, noise_rng: jax.Array | None = None) -> jax.Array:
@@ -62,16 +140,8 @@ def router_scores(logits: jax.Array, kind: str, noise_rng: jax.Array | None = No
   return jax.nn.softmax(z, axis=-1)
 
 
-def top_candidates(scores: jax.Array, eligible: jax.Array, k: int):
-  """Per expert, its top-k eligible tokens: idx, gate [G, E, K] from scores [G, N, E]
-  and eligible [G, N, E|1]; ineligible tokens (score -inf) come last with gate 0."""
-  masked = jnp.where(eligible, scores, -jnp.inf)
-  gate, idx = jax.lax.top_k(jnp.swapaxes(masked, 1, 2), k)       # [G, E, K]
-  return idx.astype(jnp.int32), jnp.where(jnp.isfinite(gate), gate, 0.0)
-
-
 def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fraction,
-                  select=top_candidates):
+                  select=references.expert_choice_reference) -> Selection:
   """Each expert takes the top ceil(c * b) eligible tokens of the group by its score.
 
   Args:
@@ -79,17 +149,19 @@ def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fr
     eligible: [G, N, E] or [G, N, 1] bool, the tokens each expert may take (right
       modality, not padding); b = eligible.sum(1).
     capacity: c, the fraction of eligible tokens each expert takes.
-    select: `top_candidates` or a kernel computing the same (moma_jax/model/kernel_ops.py).
+    select: per expert, its top-k eligible tokens (ineligible ones last, gate 0): the
+      reference or a kernel computing the same (`Ops.select`, moma_jax/model/kernels.py).
   Returns:
-    idx [G, E, K] int32 candidate tokens in order of preference, K = min(N, ceil(c * N));
-    gate [G, E, K] float32 their scores; wanted [G, E] int32 = ceil(c * b).
+    Selection: idx [G, E, K] int32 candidate tokens in order of preference,
+    K = min(N, ceil(c * N)); gate [G, E, K] float32 their scores; wanted [G, E] int32
+    = ceil(c * b).
   """
   g, n, e = scores.shape
-  k_max = min(n, configs.ceil_frac(capacity, n))
+  k_max = min(n, ceil_frac(capacity, n))
   idx, gate = select(scores, eligible, k_max)
   b = eligible.sum(1).astype(jnp.int32)                          # [G, E] or [G, 1]
-  wanted = jnp.broadcast_to(configs.ceil_frac(capacity, b), (g, e))
-  return idx, gate, wanted
+  wanted = jnp.broadcast_to(ceil_frac(capacity, b), (g, e))
+  return Selection(idx, gate, wanted)
 
 
 def token_choice(scores: jax.Array, valid: jax.Array, top_k: int, capacity: int):
@@ -102,8 +174,9 @@ def token_choice(scores: jax.Array, valid: jax.Array, top_k: int, capacity: int)
     capacity: C, the static number of tokens an expert keeps per group (lower token
       index first, as in GShard/Switch).
   Returns:
-    idx [G, E, C] candidate tokens; gate [G, E, C]; wanted [G, E] tokens that picked
-    each expert (wanted - min(wanted, C) are dropped); assign [G, N, E] bool choices.
+    Selection (idx [G, E, C] candidate tokens; gate [G, E, C]; wanted [G, E] tokens that
+    picked each expert, wanted - min(wanted, C) are dropped) and assign [G, N, E] bool
+    choices.
   """
   e = scores.shape[-1]
   _, top = jax.lax.top_k(scores, top_k)                           # [G, N, k]
@@ -112,20 +185,20 @@ def token_choice(scores: jax.Array, valid: jax.Array, top_k: int, capacity: int)
   order = jnp.argsort(~jnp.swapaxes(assign, 1, 2), axis=-1, stable=True)[..., :capacity]
   gate = jnp.take_along_axis(jnp.swapaxes(scores, 1, 2), order, axis=-1)
   wanted = assign.sum(1).astype(jnp.int32)
-  return order.astype(jnp.int32), gate, wanted, assign
+  return Selection(order.astype(jnp.int32), gate, wanted), assign
 
 
 # ----------------------------------------------------------------------------------
 # Packing: candidates -> rows. `base[g, e]` is the row of candidate 0 of expert e in
 # group g; each layout is a way to choose it.
 # ----------------------------------------------------------------------------------
-def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
-         capacity: int = 0, per_group: bool = False) -> RoutingPlan:
+def pack(selection: Selection, *, num_tokens: int, layout: str, rows: int = 0,
+         capacity: int = 0, per_group: bool = False, rows_per_token: int = 1) -> RoutingPlan:
   """Places each expert's wanted candidates into static rows.
 
   Args:
-    idx, gate: [G, E, K] candidates (token index within the group, gate).
-    wanted: [G, E] how many leading candidates each expert wants.
+    selection: candidates idx, gate [G, E, K] (token index within the group, gate) and
+      wanted [G, E], how many leading candidates each expert wants.
     num_tokens: N, tokens per group (the dump index is G*N).
     layout: 'ragged': experts back to back, exactly the wanted rows (nothing cut while
       `rows` holds them, which callers guarantee); 'capacity': a buffer of `capacity`
@@ -136,9 +209,11 @@ def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
     capacity: C, rows per expert and group ('capacity') or per expert ('buffer').
     per_group: ragged rows ordered by routing group first (group g owns rows
       [g*R/G, (g+1)*R/G)) instead of by expert; used by mixture-of-depths.
+    rows_per_token: S, the most rows one token occupies.
   Returns:
     RoutingPlan over G*N flat tokens.
   """
+  idx, gate, wanted = selection.idx, selection.gate, selection.wanted
   g, e, k = idx.shape
   if layout == 'capacity':
     if k < capacity:
@@ -174,7 +249,9 @@ def pack(idx, gate, wanted, *, num_tokens: int, layout: str, rows: int = 0,
       jnp.where(use, gate, 0.0).reshape(-1).astype(jnp.float32))[:total]
   return RoutingPlan(token_index=token_index, weight=weight,
                      group_sizes=kept.sum(0).astype(jnp.int32), wanted=wanted, kept=kept,
-                     capacity=None if layout == 'ragged' else total // e)
+                     capacity=None if layout == 'ragged' else total // e,
+                     num_tokens=num_tokens, rows_per_token=rows_per_token,
+                     per_group=per_group)
 
 
 def experts_per_token(idx: jax.Array, kept: jax.Array, num_tokens: int) -> jax.Array:

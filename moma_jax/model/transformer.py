@@ -17,11 +17,13 @@ import ml_collections
 
 from moma_jax import configs
 from moma_jax.model import aux_router
-from moma_jax.model import loss as loss_lib
-from moma_jax.model import route_stats
 from moma_jax.model.block import Block
 from moma_jax.model.depth import DepthRoutedBlock
 from moma_jax.model.layers import Projection, RMSNorm, constrain
+from moma_jax.model import loss as loss_lib
+from moma_jax.model import route_stats
+from moma_jax.model import routing_spec
+from moma_jax.model.routing_spec import RoutingSpec
 
 _REMAT_POLICIES = {
     'full': None,
@@ -37,15 +39,20 @@ class Decoder(nn.Module):
   no logit depends on a later token (teacher-forced routing otherwise looks at the whole
   routing group). decode: attention through a KV cache (the 'cache' collection); each
   call continues the sequences of the calls before it (causal mode only).
+  config: the model's config block (`config.model`); spec: its routing sizes
+  (moma_jax/model/routing_spec.py); z_loss: the objective's z-loss weight, which
+  `loss_fn` reads (`train.z_loss`).
   """
   config: ml_collections.FrozenConfigDict
+  spec: RoutingSpec
+  z_loss: float = 0.0
   aux_routers: bool = False
   causal: bool = False
   decode: bool = False
 
   @nn.compact
   def __call__(self, tokens, modality, segment_ids, positions, deterministic: bool = True):
-    m = self.config.model
+    m = self.config
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     embed = nn.Embed(m.vocab_size, m.d_model, dtype=dtype, param_dtype=param_dtype,
                      embedding_init=nn.with_logical_partitioning(
@@ -58,7 +65,7 @@ class Decoder(nn.Module):
       cls = DepthRoutedBlock if is_mod else Block
       if m.remat != 'none':
         cls = nn.remat(cls, static_argnums=(5,), policy=_REMAT_POLICIES[m.remat])
-      x = cls(self.config, rows_per_group=self.config.routing.group_size, dtype=dtype,
+      x = cls(self.config, self.spec, rows_per_group=self.spec.group_size, dtype=dtype,
               param_dtype=param_dtype, aux_routers=self.aux_routers, causal=self.causal,
               decode=self.decode, name=f'layer_{i}')(
                   x, modality, segment_ids, positions, deterministic)
@@ -75,13 +82,16 @@ def build(config: ml_collections.ConfigDict, aux_routers: bool | None = None) ->
   configs.validate(config)
   if aux_routers is None:
     aux_routers = configs.has_joint_aux_routers(config.model)
-  return Decoder(ml_collections.FrozenConfigDict(config), aux_routers=aux_routers)
+  return Decoder(ml_collections.FrozenConfigDict(config.model), routing_spec.from_config(config),
+                 z_loss=float(config.train.z_loss), aux_routers=aux_routers)
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int | None = None):
-  """An all-text batch of the right shapes (for init and shape inference)."""
-  b = batch_size or config.routing.group_size
-  l = config.data.seq_len
+  """An all-text batch of the run's shapes (for init and shape inference)."""
+  return _all_text(batch_size or config.routing.group_size, config.data.seq_len)
+
+
+def _all_text(b: int, l: int):
   pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   ones = jnp.ones((b, l), jnp.int32)
   return dict(tokens=jnp.zeros((b, l), jnp.int32), modality=jnp.zeros((b, l), jnp.int8),
@@ -90,7 +100,8 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int | None = None
 
 def init_boxed(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None = None):
   """The parameters in flax's boxes, which carry each one's logical axis names."""
-  batch = batch or dummy_batch(ml_collections.ConfigDict(model.config))
+  # Parameter shapes do not depend on the length: one routing group of max_len rows.
+  batch = batch or _all_text(model.spec.group_size, model.config.max_len)
   variables = model.init(rng, batch['tokens'], batch['modality'], batch['segment_ids'],
                          batch['positions'])
   return variables['params']
@@ -112,14 +123,14 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
   'tokens/...', 'z_loss', 'aux_loss', `route/...` statistics and `aux_router/...`
   accuracies. Pass `rng` for training (router noise).
   """
-  m = model.config.model
+  m = model.config
   rngs = {'router': rng} if rng is not None else {}
   logits, state = model.apply(
       {'params': params}, batch['tokens'], batch['modality'], batch['segment_ids'],
       batch['positions'], deterministic=rng is None, rngs=rngs,
       mutable=['route_stats', 'aux_loss', aux_router.COLLECTION])
   objective, metrics = loss_lib.next_token_loss(
-      logits, batch, m.modalities, model.config.train.z_loss)
+      logits, batch, m.modalities, model.z_loss)
   aux = jax.tree.leaves(state.get('aux_loss', {}))
   aux_total = sum(aux) / len(aux) if aux else jnp.float32(0)
   metrics['aux_loss'] = aux_total

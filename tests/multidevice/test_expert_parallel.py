@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from moma_jax.cli import train as train_cli
 from moma_jax import configs
-from moma_jax import optimizer as optimizer_lib
-from moma_jax import sharding
-from moma_jax import train
-from moma_jax import train_step
-from moma_jax import train_state
+from moma_jax.model import sharding
 from moma_jax.model import transformer
+from moma_jax.training import optimizer as optimizer_lib
+from moma_jax.training import state as train_state
+from moma_jax.training import step as train_step
+from moma_jax.training import trainer as train
 
 MESHES = {
     'data=8': dict(data=8, fsdp=1, expert=1, tensor=1),
@@ -187,7 +188,7 @@ def trainer_config(data_dir, mesh):
 
 
 def test_checkpoint_from_one_mesh_resumes_on_another(data_setup, tmp_path):
-  from moma_jax import metrics_log
+  from moma_jax.training import metrics_log
   data_dir = data_setup[0].data.data_dir
   reference = tmp_path / 'reference'
   train.train(trainer_config(data_dir, 'data=8'), str(reference))
@@ -218,7 +219,7 @@ def test_checkpoint_from_one_mesh_resumes_on_another(data_setup, tmp_path):
 def test_bad_mesh_exits_2_with_one_line(overrides, message, tmp_path, capsys):
   workdir = tmp_path / 'run'
   with pytest.raises(SystemExit) as exit_info:
-    train.run(['moma-train', '--config', f'{ROOT}/experiments/quickstart.py:moma_4t4i',
+    train_cli.run(['moma-train', '--config', f'{ROOT}/experiments/quickstart.py:moma_4t4i',
                f'--workdir={workdir}', *overrides])
   err = capsys.readouterr().err.strip().splitlines()
   assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err

@@ -1,0 +1,217 @@
+"""One step compiled for a target, measured: the rows `moma-compile` prints.
+
+`measure(config, target, step)` builds the step from abstract inputs (moma_jax/analysis/aot.py),
+compiles it (TPU) or lowers it (CUDA), and returns a plain dict (JSON-ready), per chip:
+  memory      bytes: state (parameters + optimizer state; decode: parameters + KV
+              cache), arguments, outputs, temporaries, code, aliased, total (see
+              hlo_stats.memory), the chip's HBM, fits, and margin = HBM - total
+              (negative: the shortfall);
+  flops       compiled (cost_analysis), analytic (flops.py for the chip's share of the
+              step's tokens: training 3 x forward, eval and decode forward), ratio =
+              compiled / analytic, bytes_accessed;
+  collectives {kind: {count, bytes}} per step, and their total bytes;
+  kernels     the Pallas / cuDNN custom calls, with `uncounted` naming those whose FLOPs
+              XLA's cost analysis does not see;
+  roofline    the estimate of chips.roofline (when the chip is in chips.CHIPS);
+  seconds     to lower and to compile.
+A CUDA target is lowered only (compiling needs a GPU): it reports the kernels and, if
+lowering fails, the failing op, and no memory or FLOPs.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from typing import Any, Iterator
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import ml_collections
+
+from moma_jax.analysis import aot
+from moma_jax.analysis import chips
+from moma_jax.analysis import flops
+from moma_jax.analysis import hlo_stats
+
+GIB = 2**30
+
+
+def analytic_flops(config: ml_collections.ConfigDict, step: str, tokens: int,
+                   devices: int) -> float:
+  """flops.py's FLOPs for one chip's share of `tokens` (training 3 x forward)."""
+  report = flops.count(config)
+  per_token = report.train['overall'] if step == 'train' else report.forward['overall']
+  return per_token * tokens / devices
+
+
+def _lowering_error(e: Exception) -> str:
+  """The op a lowering failed on, in one line (the first line names it)."""
+  text = ' '.join(str(e).split())
+  m = re.search(r"(?:[Nn]o lowering|not implemented|[Uu]nimplemented|cannot lower)[^.]*", text)
+  return (m.group(0) if m else text)[:300] or type(e).__name__
+
+
+_UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+_OOM = re.compile(r'required for (?P<what>[\w ]+?) \((?P<need>[\d.]+)(?P<nu>[KMGT]?)\) '
+                  r'exceeds available HBM \((?P<have>[\d.]+)(?P<hu>[KMGT]?)\)')
+
+
+def out_of_memory(e: Exception) -> dict[str, Any] | None:
+  """The verdict of a TPU compile that ran out of HBM, from the compiler's message
+  (sizes in its binary units: G = GiB): {'fits': False, 'required', 'hbm', 'margin',
+  'what', 'message'}; None for any other error."""
+  text = ' '.join(str(e).split())
+  if 'RESOURCE_EXHAUSTED' not in text and 'out of memory' not in text.lower():
+    return None
+  m = _OOM.search(text)
+  found = {}
+  if m:
+    found = dict(required=float(m['need']) * _UNITS[m['nu']],
+                 hbm=float(m['have']) * _UNITS[m['hu']], what=m['what'])
+    found['margin'] = found['hbm'] - found['required']
+  return dict(fits=False, message=text[:400], **found)
+
+
+@contextlib.contextmanager
+def _without_persistent_cache() -> Iterator[None]:
+  """An executable for device-less TPUs cannot be loaded back from JAX's persistent
+  compilation cache (there is no client to load it into): keep it out of the cache.
+  The cache decides once per process whether it is used, hence the resets."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
+
+
+def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) -> dict[str, Any]:
+  """The step `step` ('train', 'eval', 'decode') on `target` (module docstring)."""
+  built = aot.build_step(config, target, step)
+  start = time.perf_counter()
+  out: dict[str, Any] = dict(step=step, platform=target.platform, topology=target.topology,
+                             devices=target.num_devices, tokens=built.tokens)
+  try:
+    lowered = aot.lower(built, target)
+  except Exception as e:  # pylint: disable=broad-except
+    if target.platform == 'tpu':
+      raise
+    out.update(lowered=False, lowering_error=_lowering_error(e), kernels=[])
+    return out
+  out['seconds'] = dict(lower=time.perf_counter() - start)
+  if target.platform != 'tpu':
+    kernels = hlo_stats.kernels(lowered.as_text())
+    out.update(lowered=True, compiled=False, kernels=kernels,
+               uncounted=[k['name'] for k in kernels if not k['counted']])
+    return out
+  start = time.perf_counter()
+  try:
+    with _without_persistent_cache():
+      compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    refused = out_of_memory(e)
+    if refused is None:
+      raise
+    out['seconds']['compile'] = time.perf_counter() - start
+    out.update(compiled=False, memory=refused)
+    return out
+  out['seconds']['compile'] = time.perf_counter() - start
+  hlo = compiled.as_text()
+  mem = hlo_stats.memory(compiled)
+  mem['state'] = aot.state_bytes_per_device(built)
+  chip = chips.lookup(target.chip)
+  if chip is not None:
+    mem.update(hbm=chip.hbm_bytes, fits=mem['total'] <= chip.hbm_bytes,
+               margin=chip.hbm_bytes - mem['total'])
+  cost = hlo_stats.cost(compiled)
+  analytic = analytic_flops(config, step, built.tokens, target.num_devices)
+  coll = hlo_stats.collectives(hlo)
+  coll_bytes = sum(c['bytes'] for c in coll.values())
+  kernels = hlo_stats.kernels(hlo)
+  out.update(compiled=True, memory=mem,
+             flops=dict(compiled=cost['flops'], analytic=analytic,
+                        ratio=cost['flops'] / analytic if analytic else None,
+                        bytes_accessed=cost['bytes_accessed']),
+             collectives=coll, collective_bytes=coll_bytes, kernels=kernels,
+             uncounted=[k['name'] for k in kernels if not k['counted']])
+  if chip is not None:
+    out['roofline'] = chips.roofline(chip, flops=cost['flops'],
+                                     bytes_accessed=cost['bytes_accessed'],
+                                     collective_bytes=coll_bytes, model_flops=analytic,
+                                     tokens=built.tokens)
+    out['chip'] = dict(name=chip.name, peak_flops=chip.peak_flops, hbm_bytes=chip.hbm_bytes,
+                       hbm_bandwidth=chip.hbm_bandwidth, ici_bandwidth=chip.ici_bandwidth,
+                       source=chip.source)
+  return out
+
+
+# ----------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------
+def _gib(n: float) -> str:
+  return f'{n / GIB:.2f} GiB'
+
+
+def human_bytes(n: float) -> str:
+  for unit, size in (('GiB', GIB), ('MiB', 2**20), ('KiB', 2**10)):
+    if abs(n) >= size:
+      return f'{n / size:.2f} {unit}'
+  return f'{n:.0f} B'
+
+
+def format_step(r: dict[str, Any]) -> list[str]:
+  """Lines describing one measured step (per chip)."""
+  head = f'{r["step"]} step, {r["tokens"]:,} tokens per call, {r["devices"]} x {r["platform"]}'
+  if r['platform'] != 'tpu':
+    lines = [head + ': lowered only (compiling for a GPU needs one); no memory or FLOPs']
+    if not r.get('lowered', False):
+      return lines + [f'  does not lower: {r["lowering_error"]}']
+    lines.append('  custom calls:' + ('' if r['kernels'] else ' none'))
+    lines += [f'    {k["backend"]:<11} {k["name"]:<28} x{k["count"]}  ({k["target"]})'
+              for k in r['kernels']]
+    return lines
+  m = r['memory']
+  if not r['compiled']:
+    lines = [head + f': DOES NOT FIT, the TPU compiler refused it after '
+             f'{r["seconds"]["compile"]:.1f} s']
+    if 'required' in m:
+      lines.append(f'  {m["what"]} need {_gib(m["required"])} of {_gib(m["hbm"])} HBM per '
+                   f'chip: {_gib(-m["margin"])} short')
+    return lines + [f'  {m["message"]}']
+  f = r['flops']
+  lines = [head + f' (compiled in {r["seconds"]["compile"]:.1f} s)', '  memory per chip:',
+           f'    parameters + optimizer state {_gib(m["state"])}'
+           if r['step'] == 'train' else f'    parameters (+ KV cache) {_gib(m["state"])}',
+           f'    arguments   {_gib(m["arguments"])}',
+           f'    temporaries {_gib(m["temporaries"])}',
+           f'    outputs     {_gib(m["outputs"])}',
+           f'    code        {_gib(m["code"])}  (aliased {_gib(m["aliased"])})',
+           f'    total       {_gib(m["total"])}']
+  if 'hbm' in m:
+    verdict = ('fits' if m['fits'] else 'DOES NOT FIT')
+    how = (f'{_gib(m["margin"])} to spare' if m['fits'] else f'{_gib(-m["margin"])} short')
+    lines.append(f'    HBM         {_gib(m["hbm"])}: {verdict}, {how}')
+  else:
+    lines.append('    HBM         unknown chip: no verdict')
+  ratio = f'{f["ratio"]:.3f}' if f['ratio'] else 'n/a'
+  lines += ['  FLOPs per chip:',
+            f'    compiled {f["compiled"]:.4g}, analytic (flops.py) {f["analytic"]:.4g}, '
+            f'ratio {ratio}; bytes accessed {human_bytes(f["bytes_accessed"])}']
+  if r['uncounted']:
+    lines.append('    not in the compiled FLOPs (no cost estimate): '
+                 + ', '.join(sorted(set(r['uncounted']))))
+  lines.append('  collectives per step:' + ('' if r['collectives'] else ' none'))
+  lines += [f'    {kind:<19} x{c["count"]:<4} {human_bytes(c["bytes"])}'
+            for kind, c in r['collectives'].items()]
+  if r['kernels']:
+    lines.append('  kernels: ' + ', '.join(f'{k["name"]} x{k["count"]} ({k["backend"]})'
+                                          for k in r['kernels']))
+  if 'roofline' in r:
+    e = r['roofline']
+    lines.append(f'  roofline ESTIMATE: step {e["step_s"] * 1e3:.2f} ms ({e["bound"]}-bound; '
+                 f'compute {e["compute_s"] * 1e3:.2f}, HBM {e["memory_s"] * 1e3:.2f}, '
+                 f'collectives {e["collective_s"] * 1e3:.2f} ms), MFU {e["mfu"]:.1%}, '
+                 f'{e["tokens_per_sec"]:,.0f} tokens/s')
+  return lines

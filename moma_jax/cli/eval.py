@@ -1,0 +1,98 @@
+"""moma-eval: evaluate a training run's checkpoint on the validation splits.
+
+Usage:
+  moma-eval --workdir DIR [--step N] [--max_batches N] [--causal] [--json]
+
+Restores the newest checkpoint of DIR (or step N), evaluates it teacher-forced on the
+`data.eval_split` of every dataset of the run's mixture, and prints the loss overall,
+per modality and per dataset (`--json`: one JSON object with the metrics.jsonl keys).
+Reads DIR, writes nothing. `--max_batches` overrides the run's `train.eval_max_batches`
+(0: the whole split). `--causal` evaluates in causal mode instead (routing by the
+auxiliary routers, token by token; keys `eval_causal/...`), for runs that have them
+(`moma-aux`, or joint training).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+
+from moma_jax.cli import command as cli
+from moma_jax import configs
+from moma_jax.data import checks as data_checks
+from moma_jax.data import pipeline
+from moma_jax.inference import aux_store
+from moma_jax.inference import saved_run
+from moma_jax import run_dir
+from moma_jax.training import evaluation
+
+PROG = 'moma-eval'
+WORKDIR = cli.define_once(flags.DEFINE_string, 'workdir', None,
+                          'the run directory (moma-train --workdir)')
+STEP = cli.define_once(flags.DEFINE_integer, 'step', None,
+                       'checkpoint step (default: the newest)')
+MAX_BATCHES = cli.define_once(
+    flags.DEFINE_integer, 'max_batches', None,
+    "batches per dataset (default: the run's train.eval_max_batches; 0: the whole split)")
+JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
+                       'print one JSON object instead of a table')
+CAUSAL = cli.define_once(flags.DEFINE_bool, 'causal', False,
+                         'evaluate in causal mode (needs auxiliary routers)')
+
+
+def table(metrics: dict[str, float], datasets: list[str], modalities: list[str],
+          prefix: str = 'eval') -> str:
+  """Rows: each dataset, then all together; columns: overall and each modality."""
+  cols = ['loss', *(f'loss/{m}' for m in modalities)]
+  lines = [f'{"":<20}' + ''.join(f'{c:>14}' for c in ('overall', *modalities))]
+  for name, start in [*((d, f'{prefix}/{d}/') for d in datasets), ('all', f'{prefix}/')]:
+    cells = [metrics.get(start + c) for c in cols]
+    lines.append(f'{name:<20}' + ''.join(
+        f'{"-":>14}' if v is None else f'{v:>14.4f}' for v in cells))
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  if not WORKDIR.value:
+    raise cli.UsageError('--workdir DIR is required')
+  if MAX_BATCHES.value is not None and MAX_BATCHES.value < 0:
+    raise cli.UsageError(f'--max_batches must be >= 0, got {MAX_BATCHES.value}')
+  run = saved_run.load(WORKDIR.value, STEP.value)
+  config = run.config
+  if MAX_BATCHES.value is not None:
+    config.train.eval_max_batches = MAX_BATCHES.value or None
+  model, prefix = run.model, 'eval'
+  if CAUSAL.value:
+    if configs.looks_ahead(config.model) and not model.aux_routers:
+      done = aux_store.read_result(run.workdir)
+      if done is not None:
+        raise cli.UsageError(f'--causal: the auxiliary routers of {run.workdir} were '
+                             f'trained on step {done["run_step"]}, not {run.step}: '
+                             f'--step {done["run_step"]}, or moma-aux again')
+      raise cli.UsageError(f'--causal: {run.workdir} has no auxiliary routers; train them '
+                           f'first: moma-aux --workdir {run.workdir}')
+    model, prefix = model.clone(causal=True), 'eval_causal'
+  tok = pipeline.load_tokenizers(config)
+  data_checks.check(config, tok, (config.data.eval_split,))
+  step_fn = evaluation.make_eval_step(model, config.model.modalities)
+  metrics = evaluation.evaluate(step_fn, run.params, config, tok, prefix=prefix)
+  if JSON.value:
+    print(json.dumps({'step': run.step, 'train_flops': run.progress.get('train_flops'),
+                      **metrics}))
+    return
+  print(f'{PROG}: {run.workdir} at step {run.step} '
+        f'({run.progress.get("train_flops", 0):.4g} training FLOPs'
+        f'{", causal mode" if CAUSAL.value else ""})')
+  print(table(metrics, [n for n, _ in pipeline.mixture(config)],
+              list(config.model.modalities), prefix))
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Console script entry point (`moma-eval`); argv[0] is the program name."""
+  cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False,
+               user_errors=(*pipeline.DATA_ERRORS, run_dir.RunDirError))
+
+
+if __name__ == '__main__':
+  run(sys.argv)

@@ -1,0 +1,107 @@
+"""The routing operations behind `model.kernels`, resolved in one place per platform.
+
+Every sparse path (expert groups, token choice, expert parallelism, mixture-of-depths)
+runs the same five operations, through the routing plan (moma_jax/model/routing.py):
+  select(scores [G, N, E], eligible [G, N, E|1], K) -> idx, gate [G, E, K]
+  gather(x [T, D], token_index [R], S) -> rows [R, D]         (index T: a zero row)
+  swiglu_blocks(rows [E, C, D], wi_0, wi_1 [E, D, F], wo [E, F, D]) -> [E, C, D]
+  swiglu_ragged(rows [R, D], group_sizes [E], wi_0, wi_1, wo) -> [R, D]
+  combine(out [R, D], weight [R], token_index [R], T, S) -> y [T, D]
+(S: the most rows one token occupies, which the Pallas combine's inverse map needs.)
+
+`resolve(model.kernels)` picks them when the model is traced, for the platform it is
+traced for (`pallas_kernels.target_backend` sets another one for ahead-of-time
+compiles):
+
+  model.kernels   cpu                      gpu                 tpu
+  'xla'           references (ragged:      references          references
+                  blocks and tiles)
+  'pallas'        our kernels, interpret   our kernels         megablox ragged matmul,
+                  mode (slow: for tests)   (Triton)            references for the rest
+  'auto'          = 'xla'                  = 'pallas'          = 'pallas'
+
+The references are `pallas_kernels.references`, the functions each kernel is tested
+to equal (tests/test_pallas_kernels.py), except the ragged SwiGLU on CPU, whose
+`jax.lax.ragged_dot` runs every expert over every row there: a batched block per expert
+plus its overflow tiles computes the same (moma_jax/model/tiled_swiglu.py). On TPU our
+selection, gather and combine kernels have no Mosaic lowering we have tested, so
+'pallas' there means megablox where it fits and XLA elsewhere. The attention backend
+will be resolved here too.
+
+Axis legend: G routing groups, N tokens per group, E experts, K candidate slots, T
+tokens, R rows, C rows per expert, D embed, F hidden, S rows per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import pallas_kernels
+from pallas_kernels import references
+
+from moma_jax.model import tiled_swiglu
+
+CHOICES = ('auto', 'xla', 'pallas')
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+  """The five routing operations (see the module docstring); `pallas`: whether any of
+  them is a Pallas kernel (their outputs carry no shard_map varying-axes annotation)."""
+  name: str
+  select: Callable
+  gather: Callable
+  swiglu_blocks: Callable
+  swiglu_ragged: Callable
+  combine: Callable
+  pallas: bool
+
+
+def _swiglu_ragged_xla(rows, group_sizes, wi_0, wi_1, wo):
+  """The ragged SwiGLU reference, as blocks and tiles on CPU. Chosen when the
+  computation is lowered, so a program compiled here for another platform keeps
+  `ragged_dot`."""
+  return jax.lax.platform_dependent(rows, group_sizes, wi_0, wi_1, wo,
+                                    cpu=tiled_swiglu.swiglu_tiled,
+                                    default=references.swiglu_ragged_reference)
+
+
+XLA = Ops(
+    name='xla',
+    select=references.expert_choice_reference,
+    gather=lambda x, token_index, rows_per_token: references.gather_rows_reference(
+        x, token_index),
+    swiglu_blocks=references.swiglu_capacity_reference,
+    swiglu_ragged=_swiglu_ragged_xla,
+    combine=lambda out, weight, token_index, t, rows_per_token:
+        references.combine_rows_reference(out, weight, token_index, t),
+    pallas=False)
+
+PALLAS = Ops(
+    name='pallas',
+    select=pallas_kernels.expert_choice,
+    gather=lambda x, token_index, rows_per_token: pallas_kernels.gather_rows(
+        x, token_index, rows_per_token=rows_per_token),
+    swiglu_blocks=pallas_kernels.swiglu_capacity,
+    swiglu_ragged=pallas_kernels.swiglu_ragged,
+    combine=pallas_kernels.combine_rows,
+    pallas=True)
+
+PALLAS_TPU = dataclasses.replace(
+    XLA, name='pallas_tpu', pallas=True,
+    swiglu_ragged=functools.partial(pallas_kernels.swiglu_ragged, impl='megablox'))
+
+
+def resolve(kernels: str, platform: str | None = None) -> Ops:
+  """The ops of `model.kernels` on `platform` ('cpu', 'gpu', 'tpu'; None: the one being
+  traced for)."""
+  if kernels not in CHOICES:
+    raise ValueError(f'model.kernels must be one of {CHOICES}, got {kernels!r}')
+  platform = platform or pallas_kernels.backend()
+  if kernels == 'auto':
+    kernels = 'xla' if platform not in ('gpu', 'tpu') else 'pallas'
+  if kernels == 'xla':
+    return XLA
+  return PALLAS_TPU if platform == 'tpu' else PALLAS

@@ -1,0 +1,177 @@
+"""Upcycling: a 1t1i MoMa run's step N becomes the start of an n t m i MoMa run.
+
+The paper's recipe (Lin et al. 2024, section on upcycling; docs/design.md §1): train MoMa
+with one expert per modality (`model.experts=(1, 1)`), then at step N copy each
+modality's FFN into every expert of that modality's group of the larger model, add fresh
+routers, restart the optimizer state and the LR schedule, and keep the data position.
+The FLOPs count continues, so a FLOPs-savings curve of the upcycled run counts both
+phases.
+
+  moma-train --config experiments/quickstart.py:moma_4t4i --workdir runs/big \
+      --config.upcycle.from_workdir=runs/small_1t1i --config.upcycle.at_step=100 \
+      --config.model.router_noise=gumbel
+
+Identical copies of one FFN would stay identical under expert choice if their routers
+scored tokens alike; the paper breaks the tie with Gumbel-sigmoid router noise,
+`sigmoid(z + G' - G'')` (`model.router_noise='gumbel'`). It is not forced here (a run
+may want to measure without it) but the experiments and tests set it.
+
+What the target takes from where:
+  experts' wi_0, wi_1, wo     the source's single expert of the same modality, in every
+                              expert of the group (stack order: `RoutingSpec.slots`);
+  expert-group routers and    a fresh initialization of the target (its `train.seed`):
+  every auxiliary router      the routing they learn is the new model's;
+  everything else             the source, unchanged (embeddings, attention, norms,
+                              output head, mixture-of-depths routers).
+Progress: `train_flops`, `tokens` and the data position of the source at step N; the
+new run counts its own steps from 0 and its own non-finite steps from 0.
+
+Axis legend: E experts of all groups (stacked), D embed, F SwiGLU hidden.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moma_jax import configs
+from moma_jax.inference import saved_run
+from moma_jax.model import param_names
+from moma_jax.model import routing_spec
+
+FIELD = 'upcycle.from_workdir'
+# Model fields that shape the parameters the target copies from the source.
+_SAME_MODEL = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'ffn_dim', 'modalities',
+               'param_dtype')
+# Data fields that may differ: where the data lives, and what evaluation reads.
+_DATA_FREE = ('data_dir', 'eval_split')
+
+
+# ----------------------------------------------------------------------------------
+# Checks: the source must be a 1t1i MoMa run the target can grow from
+# ----------------------------------------------------------------------------------
+def check_compatible(source: ml_collections.ConfigDict, target: ml_collections.ConfigDict,
+                     where: str = 'the source run') -> None:
+  """Raises ConfigError('upcycle.from_workdir', ...) unless `target` can be upcycled from
+  `source`: both MoMa over the same modalities, the source with one expert per modality,
+  the same parameter shapes outside the experts, the same data stream and batch (so
+  that its data position carries over)."""
+  s, t = source.model, target.model
+  if s.ffn != 'moma' or any(int(e) != 1 for e in s.experts):
+    ffn = configs.ffn_label(s)
+    raise configs.ConfigError(FIELD, f'{where} is {ffn}; upcycling starts from a 1t1i '
+                              'MoMa run (model.ffn=moma, one expert per modality)')
+  if t.ffn != 'moma':
+    raise configs.ConfigError(FIELD, f'upcycling makes a MoMa model, got model.ffn={t.ffn}')
+  plain = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  for name in _SAME_MODEL:
+    if plain(s[name]) != plain(t[name]):
+      raise configs.ConfigError(FIELD, f'{where} has model.{name}={s[name]!r}, this run '
+                                f'{t[name]!r}; upcycling keeps every non-expert shape')
+  for label, a, b in [('model.ffn_hidden', configs.ffn_hidden(s), configs.ffn_hidden(t)),
+                      ('mixture-of-depths layers', configs.mod_layers(s),
+                       configs.mod_layers(t)),
+                      ('train.batch_size', source.train.batch_size, target.train.batch_size)]:
+    if a != b:
+      raise configs.ConfigError(FIELD, f'{where} has {label} {a}, this run {b}')
+  data = lambda c: json.dumps({k: v for k, v in c.data.to_dict().items()
+                               if k not in _DATA_FREE}, sort_keys=True)
+  if data(source) != data(target):
+    raise configs.ConfigError(FIELD, f'{where} trained on other data (data.* differs); its '
+                              'data position carries over only to the same data stream')
+
+
+# ----------------------------------------------------------------------------------
+# The parameter map (pure)
+# ----------------------------------------------------------------------------------
+def _is_fresh(path: tuple[str, ...]) -> bool:
+  """Routers the target learns anew: expert-group routers, every auxiliary router."""
+  return param_names.role(path) in ('expert_router', 'aux_router')
+
+
+def expert_sources(source: ml_collections.ConfigDict,
+                   target: ml_collections.ConfigDict) -> np.ndarray:
+  """index[s]: the source stack position each target stack position s copies, [E_target].
+
+  Expert j of group i of the target (stack position `RoutingSpec.slots[i][j]` of the target)
+  copies the one expert of group i of the source (its `slots[i][0]`).
+  """
+  src_slots = routing_spec.from_config(source).slots
+  dst_slots = routing_spec.from_config(target).slots
+  index = np.zeros(sum(map(len, dst_slots)), np.int32)
+  for i, row in enumerate(dst_slots):
+    index[list(row)] = src_slots[i][0]
+  return index
+
+
+def upcycle_params(source_params: Any, source: ml_collections.ConfigDict,
+                   fresh_params: Any, target: ml_collections.ConfigDict) -> Any:
+  """The target's parameters grown from a 1t1i source's (nothing is modified in place).
+
+  source_params: the source model's parameters (experts wi_0, wi_1 [M, D, F], wo
+    [M, F, D], M modalities). fresh_params: a fresh initialization of the target model:
+    the structure of the result and its routers (wi_0, wi_1 [E, D, F], wo [E, F, D]).
+  Raises ConfigError if the configs do not fit (`check_compatible`) or a copied
+  parameter is missing from the source or has another shape there.
+  """
+  check_compatible(source, target)
+  flat_source = {param_names.names(p): v for p, v in jax.tree_util.tree_flatten_with_path(
+      source_params)[0]}
+  index = expert_sources(source, target)
+
+  def one(keys, fresh):
+    path = param_names.names(keys)
+    if _is_fresh(path):
+      return fresh
+    name = '/'.join(path)
+    if path not in flat_source:
+      raise configs.ConfigError(FIELD, f'the source run has no parameter {name}')
+    value = jnp.asarray(flat_source[path], fresh.dtype)
+    if param_names.role(path) == 'expert':
+      value = jnp.take(value, index, axis=0)          # [M, ...] -> [E, ...]
+    if value.shape != fresh.shape:
+      raise configs.ConfigError(FIELD, f'parameter {name} would be {value.shape} from the '
+                                f'source run but is {fresh.shape} here')
+    return value
+
+  return jax.tree_util.tree_map_with_path(one, fresh_params)
+
+
+# ----------------------------------------------------------------------------------
+# The start of an upcycled training run
+# ----------------------------------------------------------------------------------
+def _place(tree: Any, shardings: Any) -> Any:
+  """Host-equal arrays -> global arrays placed by `shardings` (each process fills its
+  own shards, so this also holds under several processes)."""
+  def put(x, sh):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def initial_state(config: ml_collections.ConfigDict, tx, fresh_params: Any,
+                  shardings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(state, progress) that an upcycled run starts from, instead of a fresh init.
+
+  config: the target run's (with `upcycle.from_workdir`, `upcycle.at_step`). tx: its
+  optimizer. fresh_params: its fresh initialization (routers come from there).
+  shardings: the state's ({'params', 'opt'}), where the result is placed.
+  state: {'params': upcycled, 'opt': tx.init of them} (Adam moments 0, count 0, so the
+  LR schedule restarts). progress: step 0, the source's `train_flops`, `tokens` and
+  `data` (the position of every row of the global batch) at `upcycle.at_step`.
+  Raises run_dir.RunDirError (no such run or step) or ConfigError (a source that does not fit).
+  """
+  u = config.upcycle
+  source = saved_run.load(u.from_workdir, u.at_step, with_aux_routers=False)
+  check_compatible(source.config, config, where=f'{source.workdir} (step {source.step})')
+  params = _place(upcycle_params(source.params, source.config, fresh_params, config),
+                  shardings['params'])
+  opt = jax.jit(tx.init, out_shardings=shardings['opt'])(params)
+  progress = dict(step=0, train_flops=float(source.progress['train_flops']),
+                  tokens=int(source.progress['tokens']), nonfinite_skipped=0,
+                  nonfinite_in_a_row=0, data=source.progress['data'])
+  return {'params': params, 'opt': opt}, progress
