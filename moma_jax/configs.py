@@ -13,6 +13,10 @@ Field reference (the names other parts rely on):
   model.capacity   per group, the fraction c of the group's tokens each expert takes;
                    None means 1/E for every group; a 1-tuple applies to all groups.
   model.mod.*      mixture-of-depths: capacity c_d, layer pattern (every, first).
+  model.kernels, model.attention
+                   the backends of routing and attention, 'auto' per platform
+                   (moma_jax/model/kernels.py).
+  model.remat      what each layer keeps for the backward pass (moma_jax/model/remat.py).
   routing.*        routing group size and row layout (see moma_jax/model/routing.py).
   upcycle.*        from_workdir: a 1t1i MoMa run whose step `at_step` (> 0) a new run
                    starts from, its FFNs copied into every expert (moma_jax/training/upcycle.py).
@@ -67,10 +71,11 @@ def default_config() -> ml_collections.ConfigDict:
   # the model on stop-gradient inputs. 'post_hoc' (the paper's): trained after the model
   # by `moma-aux`, whatever `enabled` says; the training run carries none.
   m.aux_router = ml_collections.ConfigDict(dict(enabled=False, mode='post_hoc'))
-  m.kernels = 'xla'                     # 'auto' | 'xla' | 'pallas': moma_jax/model/kernels.py
+  m.kernels = 'auto'                    # 'auto' | 'xla' | 'pallas': moma_jax/model/kernels.py
+  m.attention = 'auto'                  # 'auto' | 'xla' | 'splash' | 'flash' | 'cudnn': the same
   m.dtype = 'float32'
   m.param_dtype = 'float32'
-  m.remat = 'none'
+  m.remat = 'none'                      # what a layer keeps for backward: moma_jax/model/remat.py
 
   c.routing = ml_collections.ConfigDict(dict(
       group_size=8,
@@ -219,9 +224,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of('model.router_noise', m.router_noise, ('none', 'gumbel'))
   _one_of('model.norm', m.norm, ('post', 'pre'))
   _one_of('model.kernels', m.kernels, ('auto', 'xla', 'pallas'))
+  _one_of('model.attention', m.attention, ('auto', 'xla', 'splash', 'flash', 'cudnn'))
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
-  _one_of('model.remat', m.remat, ('none', 'full', 'dots'))
+  _one_of('model.remat', m.remat, ('none', 'block_input', 'matmuls', 'block_outputs',
+                                   'offload'))
   _one_of('model.aux_router.mode', m.aux_router.mode, ('post_hoc', 'joint'))
   if m.aux_router.enabled and m.ffn in ('dense', 'topk') and not m.mod.enabled:
     raise ConfigError('model.aux_router.enabled', f'a {m.ffn} model without mixture-of-'

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma_jax.model import attention_kernels
 from moma_jax.model import layers
 from moma_jax.model.loss import next_token_loss
 
@@ -18,7 +19,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 def test_attention_mask_is_causal_within_segments():
   seg = jnp.array([[1, 1, 2, 2, 0]])
-  mask = np.asarray(layers.attention_mask(seg))[0, 0]
+  mask = np.asarray(attention_kernels.attention_mask(seg))[0, 0]
   expect = np.array([[1, 0, 0, 0, 0],
                      [1, 1, 0, 0, 0],
                      [0, 0, 1, 0, 0],

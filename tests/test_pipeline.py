@@ -10,7 +10,7 @@ from moma_jax.data import documents as docs_lib
 from moma_jax.data import pipeline
 from moma_jax.data.preview import batch_documents, parse_segment, render_batch
 from moma_jax.data import vocab as vocab_lib
-from moma_jax.model.layers import attention_mask
+from moma_jax.model.attention_kernels import attention_mask
 
 
 def take(iterator, n):

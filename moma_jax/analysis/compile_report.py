@@ -5,8 +5,10 @@ compiles it (TPU) or lowers it (CUDA), and returns a plain dict (JSON-ready), pe
   memory      bytes: state (parameters + optimizer state; decode: parameters + KV
               cache), arguments, outputs, temporaries, code, aliased, total (see
               hlo_stats.memory), the chip's HBM, fits, and margin = HBM - total
-              (negative: the shortfall);
-  flops       compiled (cost_analysis), analytic (flops.py for the chip's share of the
+              (negative: the shortfall); host_offload: whether arrays live in host
+              memory during the step (remat 'offload');
+  flops       compiled (cost_analysis, plus the splash-attention kernels' FLOPs counted
+              from their blocks, `kernels_estimated`: XLA sees none), analytic (flops.py for the chip's share of the
               step's tokens: training 3 x forward, eval and decode forward), ratio =
               compiled / analytic, bytes_accessed;
   collectives {kind: {count, bytes}} per step, and their total bytes;
@@ -32,6 +34,10 @@ from moma_jax.analysis import aot
 from moma_jax.analysis import chips
 from moma_jax.analysis import flops
 from moma_jax.analysis import hlo_stats
+from moma_jax import configs
+from moma_jax.model import attention_kernels
+from moma_jax.model import kernels
+from moma_jax.model import routing_spec
 
 GIB = 2**30
 
@@ -42,6 +48,29 @@ def analytic_flops(config: ml_collections.ConfigDict, step: str, tokens: int,
   report = flops.count(config)
   per_token = report.train['overall'] if step == 'train' else report.forward['overall']
   return per_token * tokens / devices
+
+
+def attention_kernel_flops(config: ml_collections.ConfigDict, target: aot.Target, step: str,
+                           tokens: int) -> float:
+  """FLOPs of one chip's share of the step's splash-attention kernels, which XLA's cost
+  analysis does not count (attention_kernels.splash_flops); 0 when the step has none
+  (another backend, or the decode step's cached attention)."""
+  m = config.model
+  if step == 'decode' or kernels.resolve_attention(m.attention, target.platform) != 'splash':
+    return 0.0
+  spec = routing_spec.from_config(config)
+  rows, length = tokens // config.data.seq_len, config.data.seq_len
+  heads, head_dim = m.num_heads, m.d_model // m.num_heads
+  total = 0.0
+  for is_mod in configs.mod_layers(m):
+    if is_mod:   # attention among each routing group's picked tokens
+      groups = rows // spec.group_size
+      total += attention_kernels.splash_flops(
+          groups, spec.picked_slots(spec.group_size * length), heads, head_dim,
+          step == 'train')
+    else:
+      total += attention_kernels.splash_flops(rows, length, heads, head_dim, step == 'train')
+  return total / target.num_devices
 
 
 def _lowering_error(e: Exception) -> str:
@@ -102,9 +131,9 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
     return out
   out['seconds'] = dict(lower=time.perf_counter() - start)
   if target.platform != 'tpu':
-    kernels = hlo_stats.kernels(lowered.as_text())
-    out.update(lowered=True, compiled=False, kernels=kernels,
-               uncounted=[k['name'] for k in kernels if not k['counted']])
+    found = hlo_stats.kernels(lowered.as_text())
+    out.update(lowered=True, compiled=False, kernels=found,
+               uncounted=[k['name'] for k in found if not k['counted']])
     return out
   start = time.perf_counter()
   try:
@@ -121,6 +150,7 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
   hlo = compiled.as_text()
   mem = hlo_stats.memory(compiled)
   mem['state'] = aot.state_bytes_per_device(built)
+  mem['host_offload'] = hlo_stats.offloads_to_host(hlo)
   chip = chips.lookup(target.chip)
   if chip is not None:
     mem.update(hbm=chip.hbm_bytes, fits=mem['total'] <= chip.hbm_bytes,
@@ -129,15 +159,21 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
   analytic = analytic_flops(config, step, built.tokens, target.num_devices)
   coll = hlo_stats.collectives(hlo)
   coll_bytes = sum(c['bytes'] for c in coll.values())
-  kernels = hlo_stats.kernels(hlo)
+  found = hlo_stats.kernels(hlo)
+  # Splash kernels carry no cost estimate: their FLOPs are counted from their blocks.
+  splash = [k for k in found if k['name'].startswith(attention_kernels.SPLASH_KERNEL_PREFIX)]
+  estimated = attention_kernel_flops(config, target, step, built.tokens) if splash else 0.0
+  for k in splash:
+    k['counted'] = k['estimated'] = True
+  compiled_flops = cost['flops'] + estimated
   out.update(compiled=True, memory=mem,
-             flops=dict(compiled=cost['flops'], analytic=analytic,
-                        ratio=cost['flops'] / analytic if analytic else None,
-                        bytes_accessed=cost['bytes_accessed']),
-             collectives=coll, collective_bytes=coll_bytes, kernels=kernels,
-             uncounted=[k['name'] for k in kernels if not k['counted']])
+             flops=dict(compiled=compiled_flops, analytic=analytic,
+                        ratio=compiled_flops / analytic if analytic else None,
+                        bytes_accessed=cost['bytes_accessed'], kernels_estimated=estimated),
+             collectives=coll, collective_bytes=coll_bytes, kernels=found,
+             uncounted=[k['name'] for k in found if not k['counted']])
   if chip is not None:
-    out['roofline'] = chips.roofline(chip, flops=cost['flops'],
+    out['roofline'] = chips.roofline(chip, flops=compiled_flops,
                                      bytes_accessed=cost['bytes_accessed'],
                                      collective_bytes=coll_bytes, model_flops=analytic,
                                      tokens=built.tokens)
@@ -195,10 +231,15 @@ def format_step(r: dict[str, Any]) -> list[str]:
     lines.append(f'    HBM         {_gib(m["hbm"])}: {verdict}, {how}')
   else:
     lines.append('    HBM         unknown chip: no verdict')
+  if m.get('host_offload'):
+    lines.append('    host memory holds offloaded arrays during the step')
   ratio = f'{f["ratio"]:.3f}' if f['ratio'] else 'n/a'
   lines += ['  FLOPs per chip:',
             f'    compiled {f["compiled"]:.4g}, analytic (flops.py) {f["analytic"]:.4g}, '
             f'ratio {ratio}; bytes accessed {human_bytes(f["bytes_accessed"])}']
+  if f.get('kernels_estimated'):
+    lines.append(f'    of which {f["kernels_estimated"]:.4g} in splash attention, counted from '
+                 'its blocks (XLA sees no FLOPs in it)')
   if r['uncounted']:
     lines.append('    not in the compiled FLOPs (no cost estimate): '
                  + ', '.join(sorted(set(r['uncounted']))))

@@ -131,6 +131,9 @@ _HLO_CALL = re.compile(r'custom_call_target="([^"]+)"')
 _MLIR_CALL = re.compile(r'stablehlo\.custom_call @([^\s(]+)\(')
 _MLIR_NAME = re.compile(r'\bname = "([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
+# TPU kernels XLA itself emits that only move or index data: nothing to count.
+FLOP_FREE = ('ragged-dot-metadata',)   # the group offsets of XLA's own ragged_dot
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([A-Za-z_][\w-]*?)(?:\.\d+)?\s+=')
 
 
 def kernels(text: str) -> list[dict[str, Any]]:
@@ -138,7 +141,7 @@ def kernels(text: str) -> list[dict[str, Any]]:
   name): [{'backend', 'target', 'name', 'count', 'counted'}], most frequent first.
 
   counted: whether XLA's cost analysis sees the kernel's FLOPs — a Mosaic TPU call with
-  a cost estimate in its config; Triton, Mosaic GPU and cuDNN calls are not (Triton's
+  a cost estimate in its config, or one that does no arithmetic (FLOP_FREE); Triton, Mosaic GPU and cuDNN calls are not (Triton's
   lowering drops the estimate), nor is anything in a program that was only lowered.
   """
   groups: dict[tuple, int] = collections.Counter()
@@ -151,13 +154,23 @@ def kernels(text: str) -> list[dict[str, Any]]:
     name = _MLIR_NAME.search(line) if m.re is _MLIR_CALL else None
     if name is None:
       # HLO names a Mosaic call by where it was traced: '.../jit(gmm)/pallas_call'.
+      # Without that, the instruction is named after the kernel ('%splash_mha_fwd.1').
       op = _OP_NAME.search(line)
       parts = [p for p in (op.group(1).split('/') if op else []) if p != 'pallas_call']
-      name_text = re.sub(r'^\w+\((.*)\)$', r'\1', parts[-1]) if parts else '?'
+      inst = _INSTRUCTION.match(line)
+      name_text = (re.sub(r'^\w+\((.*)\)$', r'\1', parts[-1]) if parts else
+                   inst.group(1) if inst and inst.group(1) != 'custom-call' else '?')
     else:
       name_text = name.group(1)
     key = (backend, m.group(1), name_text)
     groups[key] += 1
-    counted[key] = backend == 'Mosaic TPU' and m.re is _HLO_CALL and '"cost_estimate"' in line
+    counted[key] = (backend == 'Mosaic TPU' and m.re is _HLO_CALL
+                    and ('"cost_estimate"' in line or name_text in FLOP_FREE))
   return [dict(backend=b, target=t, name=n, count=c, counted=counted[(b, t, n)])
           for (b, t, n), c in groups.most_common()]
+
+
+def offloads_to_host(hlo: str) -> bool:
+  """Whether the compiled program keeps arrays in host memory during the step (the
+  memory space S(5) in TPU HLO shapes: what the 'offload' remat policy asks for)."""
+  return 'S(5)' in hlo

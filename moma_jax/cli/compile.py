@@ -2,7 +2,8 @@
 
 Usage:
   moma-compile --config FILE[:ARG] [--topology v5p:2x2x2] [--platform tpu|cuda]
-      [--build train[,eval,decode]] [--variants dense,moma_4t4i,...] [--json]
+      [--build train[,eval,decode]] [--variants dense,moma_4t4i,...]
+      [--remat none,block_input,...] [--json]
       [--config.a.b=VALUE ...]
   moma-compile --config experiments/quickstart.py:moma_4t4i --topology v5p:2x2x1 \
       --config.mesh.data=2 --config.mesh.expert=2 --config.routing.group_size=4
@@ -28,11 +29,16 @@ training step only, as the paper's Table 2: compiled FLOPs per token, bytes acce
 collective bytes, memory per chip, and the estimated tokens/s ratio to the first
 variant beside the paper's measured ratio to dense (A100).
 
+--remat P1,P2,...: the training step once per rematerialization policy (model.remat;
+moma_jax/model/remat.py): parameters + optimizer state, temporaries, total per chip,
+whether it fits, and compiled / analytic FLOPs (recomputation shows there).
+
 --json prints one JSON object: {'config', 'topology', 'platform', 'steps': [per step,
 moma_jax/analysis/compile_report.py's fields]} or, with --variants, {'variants': [...]}.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -45,6 +51,7 @@ from moma_jax.analysis import aot
 from moma_jax.analysis import compile_report
 from moma_jax.cli import command as cli
 from moma_jax import configs
+from moma_jax.model import remat as remat_lib
 
 PROG = 'moma-compile'
 CONFIG = cli.define_config_flag()
@@ -59,6 +66,10 @@ BUILD = cli.define_once(flags.DEFINE_list, 'build', ['train'],
                         f'the steps to build, of {",".join(aot.STEPS)}')
 VARIANTS = cli.define_once(flags.DEFINE_list, 'variants', [],
                            'variants of the same experiment file to compare (train step)')
+REMAT = cli.define_once(flags.DEFINE_list, 'remat', [],
+                        'rematerialization policies to compare (model.remat values, '
+                        'e.g. none,block_input,block_outputs): the training step once each, '
+                        'memory and FLOPs side by side')
 JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
                        'print one JSON object instead of text')
 # Throughput relative to dense measured in the paper (435M-matched, A100).
@@ -93,6 +104,8 @@ def main(config: ml_collections.ConfigDict) -> None:
       raise cli.UsageError(f'--build: unknown step {s!r}; one of {", ".join(aot.STEPS)}')
   if VARIANTS.value:
     return _variants(config)
+  if REMAT.value:
+    return _remats(config)
   target = target_of(config)
   results = [compile_report.measure(config, target, s) for s in steps]
   if JSON.value:
@@ -171,6 +184,44 @@ def _variants(config: ml_collections.ConfigDict) -> None:
         f'{("yes" if fits else "no") if fits is not None else "?":>5} '
         f'{fmt(r.get("roofline", {}).get("tokens_per_sec"), ",.0f"):>11} '
         f'{fmt(r["ratio_to_first"], ".2f"):>6} {fmt(r["paper_ratio"], ".2f"):>6}')
+  print('\n'.join(lines), flush=True)
+
+
+def _remats(config: ml_collections.ConfigDict) -> None:
+  """The training step under each --remat policy: memory per chip and FLOPs."""
+  policies = [p.strip() for p in REMAT.value if p.strip()]
+  for p in policies:
+    if p not in remat_lib.POLICIES:
+      raise cli.UsageError(f'--remat: unknown policy {p!r}; one of '
+                           f'{", ".join(remat_lib.POLICIES)}')
+  target, rows = target_of(config), []
+  for p in policies:
+    c = copy.deepcopy(config)
+    c.model.remat = p
+    r = compile_report.measure(configs.validate(c), target, 'train')
+    r['remat'] = p
+    rows.append(r)
+  if JSON.value:
+    print(json.dumps(dict(config=cli.config_argument(), topology=target.topology,
+                          remat=rows), indent=1))
+    return
+  size = compile_report.human_bytes
+  lines = [_describe(config, target).replace(f'remat {config.model.remat}', 'remat below'),
+           f'{"remat":<14} {"params+opt":>11} {"temporaries":>12} {"total":>10} '
+           f'{"fits":>5} {"compiled/analytic FLOPs":>24} {"host memory":>12}']
+  for r in rows:
+    mem = r['memory']
+    if not r['compiled']:
+      short = -mem.get('margin', float('nan')) / 2**30
+      lines.append(f'{r["remat"]:<14} does not fit: the compiler refused it '
+                   f'({short:.2f} GiB short)')
+      continue
+    fits = mem.get('fits')
+    lines.append(f'{r["remat"]:<14} {size(mem["arguments"]):>11} {size(mem["temporaries"]):>12} '
+                 f'{size(mem["total"]):>10} '
+                 f'{("yes" if fits else "no") if fits is not None else "?":>5} '
+                 f'{r["flops"]["ratio"] or float("nan"):>24.3f} '
+                 f'{"used" if mem.get("host_offload") else "-":>12}')
   print('\n'.join(lines), flush=True)
 
 

@@ -93,7 +93,6 @@ def _validation_images(config, count: int):
   src = datasets.data_source(names[0], pipeline.data_dir(config), config.data.eval_split,
                              **pipeline.dataset_options(config).get(names[0], {}))
   count = min(count, len(src))
-  data_checks.check(config, pipeline.load_tokenizers(config), (config.data.eval_split,))
   examples = [src[i] for i in range(count)]
   caption = lambda c: c.decode('utf-8') if isinstance(c, bytes) else str(c)
   return ([np.asarray(e['image']) for e in examples], [caption(e['caption'])
@@ -121,8 +120,12 @@ def main() -> None:
     raise cli.UsageError('--task text_to_image needs --image-out FILE.png')
   if task == 'caption' and not (IMAGE.value or VALIDATION_IMAGES.value > 0):
     raise cli.UsageError('--task caption needs --image FILE.png or --validation_images N')
+  config = saved_run.read_config(WORKDIR.value)
+  tok = pipeline.load_tokenizers(config)
+  if task == 'caption' and VALIDATION_IMAGES.value > 0:
+    # The data first: a bad shard is the first thing to fix, before the model loads.
+    data_checks.check(config, tok, (config.data.eval_split,))
   run = saved_run.load(WORKDIR.value)
-  tok = pipeline.load_tokenizers(run.config)
   gen = generate.Generator(run, tok)
   kw = dict(temperature=TEMPERATURE.value, top_p=TOP_P.value, seed=SEED.value)
 

@@ -20,6 +20,7 @@ from moma_jax import configs
 from moma_jax.model.experts import RoutedExperts
 from moma_jax.model.layers import MLP, Attention, RMSNorm, constrain
 from moma_jax.model import param_names
+from moma_jax.model import remat
 from moma_jax.model.routing_spec import RoutingSpec
 
 
@@ -45,14 +46,14 @@ class Block(nn.Module):
     m = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     post = m.norm == 'post'
-    attn = Attention(m.num_heads, decode=self.decode, cache_len=m.max_len, name='attention',
-                     **kw)
+    attn = Attention(m.num_heads, attention=m.attention, decode=self.decode,
+                     cache_len=m.max_len, name='attention', **kw)
     attn_norm = RMSNorm(name='attention_norm', **kw)
     ffn_norm = RMSNorm(name='ffn_norm', **kw)
     if post:
-      h = x + attn_norm(attn(x, positions, segment_ids))
+      h = x + attn_norm(remat.name(attn(x, positions, segment_ids), remat.ATTENTION_OUT))
     else:
-      h = x + attn(attn_norm(x), positions, segment_ids)
+      h = x + remat.name(attn(attn_norm(x), positions, segment_ids), remat.ATTENTION_OUT)
     h = constrain(h, ('batch', 'length', 'embed'))
     u = h if post else ffn_norm(h)
     if m.ffn == 'dense':
@@ -66,5 +67,6 @@ class Block(nn.Module):
                         causal=self.causal, name=param_names.EXPERTS, **kw)(
           u.reshape(b // s, s * t, d), modality.reshape(b // s, s * t),
           (segment_ids > 0).reshape(b // s, s * t), deterministic).reshape(b, t, d)
+    f = remat.name(f, remat.FFN_OUT)
     out = h + (ffn_norm(f) if post else f)
     return constrain(out, ('batch', 'length', 'embed'))

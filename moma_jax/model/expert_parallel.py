@@ -6,18 +6,23 @@ expert weights over 'expert'. Routing decisions are made per group before this m
 runs, so they do not depend on the mesh. Here, inside `jax.shard_map`, every device
   1. packs the rows its groups send to each expert into one buffer of C rows per expert
      (the 'buffer' layout of `routing.pack`; rows past C are cut and counted as dropped),
-  2. exchanges the buffers over 'expert' with `jax.lax.all_to_all`, so that each device
-     holds, for each of its own experts, the rows every device of its expert row sent,
-  3. runs its experts on them (one batched SwiGLU), sends the results back the same way
-     and adds them, weighted by their gates, to the tokens they came from.
+  2. exchanges the row counts per expert, then the rows, over 'expert', so that each
+     device holds, for each of its own experts, the rows every device of its expert row
+     sent: on TPU and GPU only the used rows (`jax.lax.ragged_all_to_all`,
+     moma_jax/model/ragged_exchange.py), on CPU, which lacks that collective, the whole
+     buffers (`jax.lax.all_to_all`),
+  3. lines up the rows actually received, expert after expert (R_recv static rows,
+     `RoutingSpec.ep_received_rows`: for expert choice about half the buffers' rows at
+     4t4i), runs its experts on them with the ragged grouped matmul of `model.kernels`
+     (no work for empty buffer rows), sends the results back the same way and adds
+     them, weighted by their gates, to the tokens they came from.
 With an `expert` axis of size 1 no rows cross devices: each device runs the
 single-device path (`routing.layout`) on its own groups.
 
 C, `buffer_rows`: with `routing.ep_capacity_factor = None` (exact) every row a shard's
 groups can ask for, so results equal the single-device ones; with a factor f,
 ceil(f * rows an expert expects from the shard), which costs less memory and traffic
-and may cut rows. (`jax.lax.ragged_all_to_all` would send only the rows in use; XLA's
-CPU backend does not implement it, so the dense exchange is the one path.)
+and may cut rows.
 
 Axis legend: G routing groups on this device, N tokens per group, D embed, E experts
 (all groups, stacked order), X size of the 'expert' axis, E_x = E / X experts per
@@ -29,13 +34,19 @@ import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moma_jax.model import kernels
+from moma_jax.model import ragged_exchange
 from moma_jax.model import routing
 
 BATCH_AXES = ('data', 'fsdp', 'expert')   # mesh axes that split the batch
-EXPERT_AXIS = 'expert'
+EXPERT_AXIS = ragged_exchange.EXPERT_AXIS
+# The ragged exchange on every platform, through this collective: the tests set them to
+# run it on CPU with `ragged_exchange.emulated_ragged_all_to_all`.
+RAGGED_EVERYWHERE = [False]
+RAGGED_COLLECTIVE = [jax.lax.ragged_all_to_all]
 
 
 def is_sharded() -> bool:
@@ -54,14 +65,15 @@ def batch_shards(mesh) -> int:
 
 
 def routed_ffn(x, selection: routing.Selection, weights, *, local_ffn: Callable,
-               buffer_rows: Callable[[int], int], rows_per_token: int,
-               ops: kernels.Ops = kernels.XLA):
+               buffer_rows: Callable[[int], int], received_rows: Callable[[int, int], int],
+               rows_per_token: int, ops: kernels.Ops = kernels.XLA):
   """The expert FFN of all routing groups, under the current mesh.
 
   x [G_all, N, D]; selection [G_all, E, K] in stacked order (all groups, split over
   the batch axes); weights (wi_0, wi_1 [E, D, F], wo [E, F, D]).
   local_ffn(x, selection, weights) -> (y, kept, plan): the single-device path.
-  buffer_rows(groups_per_device) -> C. rows_per_token: the most rows one token occupies.
+  buffer_rows(groups_per_device) -> C; received_rows(groups_per_device, X*E_x*C) ->
+  R_recv. rows_per_token: the most rows one token occupies.
   ops: the gather, batched SwiGLU and combine to use (`model.kernels`).
   Returns y [G_all, N, D] and kept [G_all, E].
   """
@@ -77,11 +89,13 @@ def routed_ffn(x, selection: routing.Selection, weights, *, local_ffn: Callable,
       return y, kept
     w_spec = P()
   else:
-    capacity = buffer_rows(x.shape[0] // shards)
+    local_groups = x.shape[0] // shards
+    capacity = buffer_rows(local_groups)
+    received = received_rows(local_groups, selection.idx.shape[1] * capacity)
 
     def body(x, selection, *w):
       return exchange(x, selection, w, capacity=capacity, x_size=x_size,
-                      rows_per_token=rows_per_token, ops=ops)
+                      rows_per_token=rows_per_token, received_rows=received, ops=ops)
     w_spec = P(EXPERT_AXIS)
   # pallas_call outputs carry no varying-axes annotation, which the check needs.
   return jax.shard_map(body, in_specs=(spec, spec) + (w_spec,) * 3, out_specs=(spec, spec),
@@ -89,12 +103,13 @@ def routed_ffn(x, selection: routing.Selection, weights, *, local_ffn: Callable,
 
 
 def exchange(x, selection: routing.Selection, weights, *, capacity: int, x_size: int,
-             rows_per_token: int, ops: kernels.Ops = kernels.XLA):
+             rows_per_token: int, received_rows: int, ops: kernels.Ops = kernels.XLA):
   """One device's part of the expert-parallel FFN (inside shard_map).
 
   x [G, N, D]; selection [G, E, K]; weights: this device's experts, wi_* [E_x, D, F],
-  wo [E_x, F, D]; rows_per_token: the most rows one token occupies. Returns
-  y [G, N, D] and kept [G, E].
+  wo [E_x, F, D]; rows_per_token: the most rows one token occupies; received_rows:
+  R_recv, a static bound on the rows this device's experts receive (at most X*E_x*C).
+  Returns y [G, N, D] and kept [G, E].
   """
   g, n, d = x.shape
   e = selection.idx.shape[1]
@@ -102,14 +117,36 @@ def exchange(x, selection: routing.Selection, weights, *, capacity: int, x_size:
   plan = routing.pack(selection, num_tokens=n, layout='buffer', capacity=capacity,
                       rows_per_token=rows_per_token)
   rows = plan.dispatch(x.reshape(g * n, d), ops)                        # [E*C, D]
-  # Expert e lives on device e // E_x of the expert axis: [E*C, D] -> [X, E_x*C, D].
-  sent = rows.reshape(x_size, e_x * capacity, d)
-  got = jax.lax.all_to_all(sent, EXPERT_AXIS, 0, 0)                      # [X src, E_x*C, D]
-  per_expert = got.reshape(x_size, e_x, capacity, d).transpose(1, 0, 2, 3).reshape(
-      e_x, x_size * capacity, d)                                          # [E_x, X*C, D]
-  out = ops.swiglu_blocks(per_expert, *weights)                          # [E_x, X*C, D]
-  back = out.reshape(e_x, x_size, capacity, d).transpose(1, 0, 2, 3).reshape(
-      x_size, e_x * capacity, d)
-  returned = jax.lax.all_to_all(back, EXPERT_AXIS, 0, 0)                  # [X dst, E_x*C, D]
-  y = plan.combine(returned.reshape(e * capacity, d), ops)
+
+  def compute(rows_in, sizes):
+    return ops.swiglu_ragged(rows_in, sizes, *weights)
+
+  def dense(rows, group_sizes):
+    """Whole buffers both ways (`jax.lax.all_to_all`); CPUs have nothing else."""
+    # Expert e lives on device e // E_x of the expert axis: [E*C, D] -> [X, E_x*C, D].
+    got = jax.lax.all_to_all(rows.reshape(x_size, e_x * capacity, d), EXPERT_AXIS, 0, 0)
+    # Each source's row counts per expert travel first: [E] -> [X src, E_x].
+    counts = jax.lax.all_to_all(group_sizes.reshape(x_size, e_x), EXPERT_AXIS, 0, 0)
+    dest, sizes = ragged_exchange.received_order(counts, capacity, received_rows)
+    # The rows actually received, expert after expert: a grouped matmul over their
+    # counts computes nothing for the buffers' empty rows.
+    flat = got.reshape(x_size * e_x * capacity, d)
+    rows_in = jnp.zeros((received_rows + 1, d), flat.dtype).at[dest.reshape(-1)].set(
+        flat)[:received_rows]
+    out = compute(rows_in, sizes)                                       # [R_recv, D]
+    back = jnp.take(out, dest.reshape(-1), axis=0, mode='fill', fill_value=0)
+    back = back.reshape(x_size, e_x * capacity, d)                      # [X, E_x*C, D]
+    return jax.lax.all_to_all(back, EXPERT_AXIS, 0, 0).reshape(e * capacity, d)
+
+  def ragged(rows, group_sizes):
+    """Only the used rows, both ways (`jax.lax.ragged_all_to_all`)."""
+    return ragged_exchange.exchange(rows, group_sizes, x_size=x_size,
+                                    received_rows=received_rows, compute=compute,
+                                    collective=RAGGED_COLLECTIVE[0])
+
+  if RAGGED_EVERYWHERE[0]:
+    returned = ragged(rows, plan.group_sizes)
+  else:   # chosen when lowered: a program compiled here for TPU keeps the ragged path
+    returned = jax.lax.platform_dependent(rows, plan.group_sizes, cpu=dense, default=ragged)
+  y = plan.combine(returned, ops)
   return y.reshape(g, n, d), plan.kept

@@ -131,6 +131,7 @@ class RoutedExperts(nn.Module):
       return expert_parallel.routed_ffn(
           x, selection, weights, local_ffn=functools.partial(local_ffn, spec=spec, ops=ops),
           buffer_rows=functools.partial(spec.ep_buffer_rows, n, k),
+          received_rows=functools.partial(spec.ep_received_rows, n),
           rows_per_token=spec.rows_per_token, ops=ops)
     y, kept, plan = local_ffn(x, selection, weights, spec=spec, ops=ops)
     self.sow('intermediates', 'plan', plan)

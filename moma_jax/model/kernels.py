@@ -18,15 +18,30 @@ compiles):
                   blocks and tiles)
   'pallas'        our kernels, interpret   our kernels         megablox ragged matmul,
                   mode (slow: for tests)   (Triton)            references for the rest
-  'auto'          = 'xla'                  = 'pallas'          = 'pallas'
+  'auto'          = 'xla'                  = 'xla'             = 'pallas'
+
+'auto' (the default) takes what has been measured to pay: on TPU megablox, whose cost
+estimate puts a moma_4t4i training step at 1.01x the dense step's compiled FLOPs (XLA's
+own ragged_dot: 1.14x, README "Will it fit?"); on GPU XLA for now, since our Triton
+kernels have been lowered but not yet timed on a GPU (`kernels='pallas'` opts in).
 
 The references are `pallas_kernels.references`, the functions each kernel is tested
 to equal (tests/test_pallas_kernels.py), except the ragged SwiGLU on CPU, whose
 `jax.lax.ragged_dot` runs every expert over every row there: a batched block per expert
 plus its overflow tiles computes the same (moma_jax/model/tiled_swiglu.py). On TPU our
 selection, gather and combine kernels have no Mosaic lowering we have tested, so
-'pallas' there means megablox where it fits and XLA elsewhere. The attention backend
-will be resolved here too.
+'pallas' there means megablox where it fits and XLA elsewhere.
+
+`resolve_attention(model.attention)` does the same for attention
+(moma_jax/model/attention_kernels.py):
+
+  model.attention  cpu      gpu                     tpu
+  'auto'           xla      flash (Pallas, Triton)  splash (Pallas, Mosaic)
+  any other        that backend, wherever it is asked for (Pallas ones interpret on CPU)
+
+On GPU 'auto' takes our Pallas flash kernel rather than cuDNN: it takes segment ids, so
+packed documents cost no [T, T] mask, and its lowering is checked on machines without a
+GPU; `attention='cudnn'` is there for comparison.
 
 Axis legend: G routing groups, N tokens per group, E experts, K candidate slots, T
 tokens, R rows, C rows per expert, D embed, F hidden, S rows per token.
@@ -44,6 +59,7 @@ from pallas_kernels import references
 from moma_jax.model import tiled_swiglu
 
 CHOICES = ('auto', 'xla', 'pallas')
+ATTENTION_CHOICES = ('auto', 'xla', 'splash', 'flash', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +117,17 @@ def resolve(kernels: str, platform: str | None = None) -> Ops:
     raise ValueError(f'model.kernels must be one of {CHOICES}, got {kernels!r}')
   platform = platform or pallas_kernels.backend()
   if kernels == 'auto':
-    kernels = 'xla' if platform not in ('gpu', 'tpu') else 'pallas'
+    kernels = 'pallas' if platform == 'tpu' else 'xla'
   if kernels == 'xla':
     return XLA
   return PALLAS_TPU if platform == 'tpu' else PALLAS
+
+
+def resolve_attention(attention: str, platform: str | None = None) -> str:
+  """The attention backend of `model.attention` on `platform` (None: the one being
+  traced for): 'xla', 'splash', 'flash' or 'cudnn'."""
+  if attention not in ATTENTION_CHOICES:
+    raise ValueError(f'model.attention must be one of {ATTENTION_CHOICES}, got {attention!r}')
+  if attention != 'auto':
+    return attention
+  return {'tpu': 'splash', 'gpu': 'flash'}.get(platform or pallas_kernels.backend(), 'xla')

@@ -12,6 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moma_jax.model import attention_kernels
+from moma_jax.model import kernels
+
 Dtype = jnp.dtype
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -52,18 +55,6 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Arra
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """[B, 1, T, T] bool: query i sees key j iff j <= i, same segment, segment > 0.
-
-  Causality follows row order: a document's tokens appear in order in every row
-  (also after mixture-of-depths picks a subset), so index order is time order.
-  """
-  t = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same & (segment_ids[:, :, None] > 0))[:, None]
-
-
 class Projection(nn.Module):
   """x [..., *I] -> [..., *O] with a kernel [*I, *O] (I the last `in_dims` axes of x).
 
@@ -93,15 +84,19 @@ class Attention(nn.Module):
 
   x [B, T, D], positions [B, T], segment_ids [B, T] (0 = padding) -> [B, T, D].
 
+  attention: `model.attention` ('auto' | 'xla' | 'splash' | 'flash' | 'cudnn'), resolved
+  for the platform being traced for (moma_jax/model/kernels.py); the backends compute
+  the same function (moma_jax/model/attention_kernels.py).
   decode: keys and values live in a cache of `cache_len` slots (the 'cache' collection,
   made by the first call): each call appends its T tokens after those of the calls
   before it and attends to every cached key of the same segment up to its own slot. A
   key whose segment is 0 is never attended to (mixture-of-depths caches the tokens that
-  skip its layer that way).
+  skip its layer that way). Decoding always runs the XLA attention.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = 'xla'
   decode: bool = False
   cache_len: int = 0
 
@@ -123,13 +118,10 @@ class Attention(nn.Module):
     k = constrain(k, ('batch', 'length', 'heads', 'kv'))
     if self.decode:
       k, v, mask = self._cached(k, v, segment_ids)
+      out = attention_kernels.softmax_attention(q, k, v, mask, self.dtype)
     else:
-      mask = attention_mask(segment_ids)
-    logits = jnp.einsum('bqhk,bshk->bhqs', q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(k_dim))
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqs,bshk->bqhk', probs, v)
+      out = attention_kernels.attend(q, k, v, segment_ids,
+                                     kernels.resolve_attention(self.attention))
     out = Projection((d,), ('heads', 'kv', 'embed'), in_dims=2, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='out')(out)
     return constrain(out, ('batch', 'length', 'embed'))

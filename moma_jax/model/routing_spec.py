@@ -133,6 +133,20 @@ class RoutingSpec:
     return max(1, min(exact, math.ceil(self.ep_capacity_factor * groups
                                        * self.buffer_capacity(n, 1.0))))
 
+  def ep_received_rows(self, n: int, groups: int, buffers: int) -> int:
+    """R_recv: rows one device's experts can receive under expert parallelism from the
+    `groups` routing groups of N tokens that each of the X devices of its expert row
+    holds, at most `buffers` (X * E_x * C, the buffers it is sent).
+
+    Expert choice: the device holds E_i / X experts of each group i (the stack
+    interleaves groups), each taking ceil(c_i * b_i) <= c_i * b_i + 1 rows of a group,
+    so from X * groups groups it receives at most groups * `ragged_rows(N)`. Token
+    choice has no such bound (tokens may all pick one device's experts): the buffers.
+    """
+    if self.token_choice:
+      return buffers
+    return min(buffers, groups * self.ragged_rows(n))
+
   def picked_slots(self, n: int) -> int:
     """P: mixture-of-depths' static slots per routing group, enough for every token it
     may pick. Over all modalities ceil(c_d * b) <= ceil(c_d * N); per modality

@@ -21,15 +21,10 @@ from moma_jax.model.block import Block
 from moma_jax.model.depth import DepthRoutedBlock
 from moma_jax.model.layers import Projection, RMSNorm, constrain
 from moma_jax.model import loss as loss_lib
+from moma_jax.model import remat
 from moma_jax.model import route_stats
 from moma_jax.model import routing_spec
 from moma_jax.model.routing_spec import RoutingSpec
-
-_REMAT_POLICIES = {
-    'full': None,
-    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
 
 class Decoder(nn.Module):
   """tokens, modality, segment_ids, positions [B, L] -> logits [B, L, V] float32.
@@ -64,7 +59,7 @@ class Decoder(nn.Module):
     for i, is_mod in enumerate(configs.mod_layers(m)):
       cls = DepthRoutedBlock if is_mod else Block
       if m.remat != 'none':
-        cls = nn.remat(cls, static_argnums=(5,), policy=_REMAT_POLICIES[m.remat])
+        cls = nn.remat(cls, static_argnums=(5,), policy=remat.policy(m.remat))
       x = cls(self.config, self.spec, rows_per_group=self.spec.group_size, dtype=dtype,
               param_dtype=param_dtype, aux_routers=self.aux_routers, causal=self.causal,
               decode=self.decode, name=f'layer_{i}')(

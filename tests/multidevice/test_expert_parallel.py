@@ -246,3 +246,29 @@ def test_pallas_kernels_inside_the_expert_parallel_step(results):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got['grads'], ref['grads'])
   np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['mod_moma_4t4i', 'mod_topk_8x'])
+def test_ragged_exchange_equals_single_device(name, results, monkeypatch):
+  """The TPU/GPU exchange (only used rows travel, `jax.lax.ragged_all_to_all`), run here
+  through an emulation of that collective: loss, gradients, selections and statistics
+  equal one device's, on the data=2 x expert=4 mesh."""
+  from moma_jax.model import expert_parallel
+  from moma_jax.model import ragged_exchange
+  monkeypatch.setattr(expert_parallel, 'RAGGED_EVERYWHERE', [True])
+  monkeypatch.setattr(expert_parallel, 'RAGGED_COLLECTIVE',
+                      [ragged_exchange.emulated_ragged_all_to_all])
+  ref, got = results(name), run(name, MESHES['data=2 x expert=4'])
+  ref_sel, got_sel = selections(ref['selection']), selections(got['selection'])
+  for key in ref_sel:
+    if key.endswith("['gate']") or key.endswith('.weight'):
+      np.testing.assert_allclose(got_sel[key], ref_sel[key], rtol=1e-5, err_msg=key)
+    else:
+      np.testing.assert_array_equal(got_sel[key], ref_sel[key], err_msg=key)
+  np.testing.assert_allclose(got['loss'], ref['loss'], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+               got['grads'], ref['grads'])
+  for key in ('route/tokens_per_expert', 'route/left_behind/text', 'route/dropped/text'):
+    if key in ref['metrics']:
+      np.testing.assert_allclose(got['metrics'][key], ref['metrics'][key], rtol=1e-5)
+  np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-4)
