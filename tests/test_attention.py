@@ -60,8 +60,8 @@ def test_mixture_of_depths_model_with_splash_equals_xla():
   document of each sequence): same loss and gradients."""
   results = {}
   for attention in ('xla', 'splash'):
-    config = tiny_config(ffn='moma', experts=(2, 2), num_layers=2, attention=attention,
-                         **{'mod.enabled': True})
+    config = tiny_config(ffn='moma', experts=(2, 2), attention=attention,
+                         **{'mod.enabled': True})      # one layer: a MoD one
     model = transformer.build(config)
     params, _ = transformer.init(model, jax.random.key(0))
     batch = transformer.dummy_batch(config)

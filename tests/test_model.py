@@ -152,9 +152,10 @@ def test_group_level_routing_is_not_causal(overrides):
 
 @functools.lru_cache(maxsize=None)
 def _remat_case(remat: str):
-  """(loss, gradients, residuals saved for the backward pass) of a tiny MoMa model of
-  one mixture-of-depths layer (routed experts inside) under `model.remat`."""
-  config = tiny_config(**{'mod.enabled': True, 'remat': remat, 'experts': (2, 2)})
+  """(loss, gradients, residuals saved for the backward pass) of a tiny one-layer
+  model under `model.remat` (remat inside mixture-of-depths layers: the variant
+  'mod_dense_remat' above)."""
+  config = tiny_config(ffn='dense', remat=remat)
   model = transformer.build(config)
   params, _ = transformer.init(model, jax.random.key(0))
   batch = random_batch(config)

@@ -248,7 +248,7 @@ def test_pallas_kernels_inside_the_expert_parallel_step(results):
   np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['mod_moma_4t4i', 'mod_topk_8x'])
+@pytest.mark.parametrize('name', ['mod_moma_4t4i'])
 def test_ragged_exchange_equals_single_device(name, results, monkeypatch):
   """The TPU/GPU exchange (only used rows travel, `jax.lax.ragged_all_to_all`), run here
   through an emulation of that collective: loss, gradients, selections and statistics
