@@ -15,8 +15,8 @@ Convention, in FLOPs per token of a given modality:
 
 Experts a token touches, on average (expected values; ceil() rounding and cut rows are
 ignored): moma, a token of modality m goes through E_m * c_m experts of its group
-(c from the `RoutingSpec`'s groups, moma_jax/model/routing_spec.py; default 1/E_m: exactly one expert's worth); moe,
-E * c; topk, top_k (drops ignored).
+(c from the `RoutingSpec`'s groups, moma_jax/model/routing_spec.py; default 1/E_m:
+exactly one expert's worth); moe, E * c; topk, top_k (drops ignored).
 
 Mixture-of-depths layers (`configs.mod_layers`): a token runs the block with probability
 c_d, so the layer costs c_d * (projections + FFN or experts + routers inside the block +
