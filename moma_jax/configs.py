@@ -30,6 +30,10 @@ from ml_collections import config_dict
 
 FFN_KINDS = ('dense', 'moma', 'moe', 'topk')
 LAYOUTS = ('ragged', 'capacity')
+# Resolved per platform by moma_jax/model/kernels.py; remat: moma_jax/model/remat.py.
+KERNELS = ('auto', 'xla', 'pallas')
+ATTENTION = ('auto', 'xla', 'splash', 'flash', 'cudnn')
+REMAT = ('none', 'block_input', 'matmuls', 'block_outputs', 'offload')
 
 
 class ConfigError(ValueError):
@@ -223,12 +227,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of('model.router', m.router, ('sigmoid', 'softmax'))
   _one_of('model.router_noise', m.router_noise, ('none', 'gumbel'))
   _one_of('model.norm', m.norm, ('post', 'pre'))
-  _one_of('model.kernels', m.kernels, ('auto', 'xla', 'pallas'))
-  _one_of('model.attention', m.attention, ('auto', 'xla', 'splash', 'flash', 'cudnn'))
+  _one_of('model.kernels', m.kernels, KERNELS)
+  _one_of('model.attention', m.attention, ATTENTION)
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
-  _one_of('model.remat', m.remat, ('none', 'block_input', 'matmuls', 'block_outputs',
-                                   'offload'))
+  _one_of('model.remat', m.remat, REMAT)
   _one_of('model.aux_router.mode', m.aux_router.mode, ('post_hoc', 'joint'))
   if m.aux_router.enabled and m.ffn in ('dense', 'topk') and not m.mod.enabled:
     raise ConfigError('model.aux_router.enabled', f'a {m.ffn} model without mixture-of-'

@@ -51,7 +51,6 @@ from moma_jax.analysis import aot
 from moma_jax.analysis import compile_report
 from moma_jax.cli import command as cli
 from moma_jax import configs
-from moma_jax.model import remat as remat_lib
 
 PROG = 'moma-compile'
 CONFIG = cli.define_config_flag()
@@ -191,9 +190,9 @@ def _remats(config: ml_collections.ConfigDict) -> None:
   """The training step under each --remat policy: memory per chip and FLOPs."""
   policies = [p.strip() for p in REMAT.value if p.strip()]
   for p in policies:
-    if p not in remat_lib.POLICIES:
+    if p not in configs.REMAT:
       raise cli.UsageError(f'--remat: unknown policy {p!r}; one of '
-                           f'{", ".join(remat_lib.POLICIES)}')
+                           f'{", ".join(configs.REMAT)}')
   target, rows = target_of(config), []
   for p in policies:
     c = copy.deepcopy(config)

@@ -37,7 +37,6 @@ from jax.sharding import PartitionSpec as P
 
 from moma_jax.model import expert_parallel
 
-BACKENDS = ('xla', 'splash', 'flash', 'cudnn')
 TENSOR_AXIS = 'tensor'
 
 
@@ -152,7 +151,7 @@ _KERNELS = {'xla': _xla, 'splash': _splash, 'flash': _flash, 'cudnn': _cudnn}
 
 def attend(q, k, v, segment_ids, backend: str) -> jax.Array:
   """Attention of q, k, v [B, T, H, K] under segment_ids [B, T] with `backend` (one of
-  BACKENDS, as resolved for the platform) -> [B, T, H, K]."""
+  'xla', 'splash', 'flash', 'cudnn', as resolved for the platform) -> [B, T, H, K]."""
   fn = _KERNELS[backend]
   if backend == 'xla' or not expert_parallel.is_sharded():
     return fn(q, k, v, segment_ids)

@@ -36,6 +36,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+from pallas_kernels import references
 
 from moma_jax.model import kernels
 from moma_jax.model import ragged_exchange
@@ -134,7 +135,7 @@ def exchange(x, selection: routing.Selection, weights, *, capacity: int, x_size:
     rows_in = jnp.zeros((received_rows + 1, d), flat.dtype).at[dest.reshape(-1)].set(
         flat)[:received_rows]
     out = compute(rows_in, sizes)                                       # [R_recv, D]
-    back = jnp.take(out, dest.reshape(-1), axis=0, mode='fill', fill_value=0)
+    back = references.gather_rows_reference(out, dest.reshape(-1))
     back = back.reshape(x_size, e_x * capacity, d)                      # [X, E_x*C, D]
     return jax.lax.all_to_all(back, EXPERT_AXIS, 0, 0).reshape(e * capacity, d)
 

@@ -56,10 +56,9 @@ import jax
 import pallas_kernels
 from pallas_kernels import references
 
+from moma_jax import configs
 from moma_jax.model import tiled_swiglu
 
-CHOICES = ('auto', 'xla', 'pallas')
-ATTENTION_CHOICES = ('auto', 'xla', 'splash', 'flash', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +112,8 @@ PALLAS_TPU = dataclasses.replace(
 def resolve(kernels: str, platform: str | None = None) -> Ops:
   """The ops of `model.kernels` on `platform` ('cpu', 'gpu', 'tpu'; None: the one being
   traced for)."""
-  if kernels not in CHOICES:
-    raise ValueError(f'model.kernels must be one of {CHOICES}, got {kernels!r}')
+  if kernels not in configs.KERNELS:
+    raise ValueError(f'model.kernels must be one of {configs.KERNELS}, got {kernels!r}')
   platform = platform or pallas_kernels.backend()
   if kernels == 'auto':
     kernels = 'pallas' if platform == 'tpu' else 'xla'
@@ -126,8 +125,8 @@ def resolve(kernels: str, platform: str | None = None) -> Ops:
 def resolve_attention(attention: str, platform: str | None = None) -> str:
   """The attention backend of `model.attention` on `platform` (None: the one being
   traced for): 'xla', 'splash', 'flash' or 'cudnn'."""
-  if attention not in ATTENTION_CHOICES:
-    raise ValueError(f'model.attention must be one of {ATTENTION_CHOICES}, got {attention!r}')
+  if attention not in configs.ATTENTION:
+    raise ValueError(f'model.attention must be one of {configs.ATTENTION}, got {attention!r}')
   if attention != 'auto':
     return attention
   return {'tpu': 'splash', 'gpu': 'flash'}.get(platform or pallas_kernels.backend(), 'xla')

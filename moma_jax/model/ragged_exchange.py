@@ -23,6 +23,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from pallas_kernels import references
 
 EXPERT_AXIS = 'expert'
 
@@ -88,7 +89,7 @@ def exchange(rows, group_sizes, *, x_size: int, received_rows: int,
       dest.reshape(-1)].set(src.reshape(-1))[:received_rows]
   to_source = jnp.full((received_rows + 1,), received_rows, jnp.int32).at[
       src.reshape(-1)].set(dest.reshape(-1))[:received_rows]
-  take = lambda a, i: jnp.take(a, i, axis=0, mode='fill', fill_value=0)
+  take = references.gather_rows_reference      # index R (or S): a zero row
   out = compute(take(got, to_expert), sizes)                              # [R, D]
 
   # Back: each source's results to where its rows came from in its packed send rows.

@@ -22,7 +22,8 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import pallas_kernels
 
-POLICIES = ('none', 'block_input', 'matmuls', 'block_outputs', 'offload')
+from moma_jax import configs
+
 # The names block.py gives the two outputs of a layer.
 ATTENTION_OUT, FFN_OUT = 'attention_out', 'ffn_out'
 
@@ -35,8 +36,8 @@ def name(x: jax.Array, label: str) -> jax.Array:
 def policy(remat: str, platform: str | None = None):
   """The `jax.checkpoint` policy of `model.remat` on `platform` (None: the one being
   traced for); None for 'block_input' (save nothing but the input)."""
-  if remat not in POLICIES or remat == 'none':
-    raise ValueError(f'model.remat: no policy for {remat!r}; one of {POLICIES[1:]}')
+  if remat not in configs.REMAT or remat == 'none':
+    raise ValueError(f'model.remat: no policy for {remat!r}; one of {configs.REMAT[1:]}')
   outputs = (ATTENTION_OUT, FFN_OUT)
   platform = platform or pallas_kernels.backend()
   if remat == 'block_input':

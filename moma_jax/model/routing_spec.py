@@ -154,10 +154,6 @@ class RoutingSpec:
     extra = self.num_modalities - 1 if self.mod_per_modality else 0
     return min(n, ceil_frac(self.mod_capacity, n) + extra)
 
-  def in_group_order(self) -> np.ndarray:
-    """inverse[j]: the stack position of group-concatenated expert j."""
-    return np.argsort(np.asarray(self.order))
-
 
 def _expected_fractions(m: ml_collections.ConfigDict, routing: ml_collections.ConfigDict):
   """Each modality's expected share of a routing group's tokens: given, or for moma in
