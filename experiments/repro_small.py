@@ -7,6 +7,13 @@ Variants (`--config experiments/repro_small.py:VARIANT[,seed=S]`):
   moe_8x      expert choice over 8 experts, ignoring modality
   mod_1t1i    1t1i in a mixture-of-depths model (every 2nd layer, c_d 0.25)
   mod_4t4i    4t4i in a mixture-of-depths model
+  mod_4t4i_aware   mod_4t4i with modality-aware MoD (c_d of each modality's tokens)
+  up_4t4i     4t4i upcycled from the 1t1i run at step UPCYCLE_STEP, trained for the
+              remaining STEPS - UPCYCLE_STEP steps (same total FLOPs), Gumbel-sigmoid
+              router noise as the paper; the source run is named on the command line:
+              --config.upcycle.from_workdir=RUNS/1t1i
+  moe_8x_lr5e-4    moe_8x at half the learning rate: the controlled test of the moe_8x
+              diagnosis (docs/REPRODUCTION.md)
 Every sparse variant costs its dense model's forward FLOPs per token (routers aside);
 the MoD models are deeper, at the depth whose FLOPs per token match the dense model's
 (`moma_jax.analysis.flops.mod_layers_matching`). `seed=S` changes the initialization and the
@@ -25,7 +32,11 @@ from moma_jax.analysis import flops
 from moma_jax import configs
 from moma_jax import variants
 
-VARIANTS = ('dense', '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i')
+VARIANTS = ('dense', '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware',
+            'up_4t4i', 'moe_8x_lr5e-4')
+# The model variant each study variant builds on (variants.parse), when not its own name.
+BASE = {'mod_4t4i_aware': 'mod_4t4i', 'up_4t4i': '4t4i', 'moe_8x_lr5e-4': 'moe_8x'}
+UPCYCLE_STEP = 300
 
 D_MODEL, HEADS, LAYERS, FFN = 128, 4, 4, 512
 SEQ_LEN, BATCH, STEPS = 256, 16, 600
@@ -57,8 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'unknown repro_small variant {variant!r}; one of {", ".join(VARIANTS)}')
   c = _dense_depth_config()
   m = c.model
-  parsed = variants.parse(variant)
+  parsed = variants.parse(BASE.get(variant, variant))
   variants.apply(parsed, m)
+  m.mod.modality_aware = variant == 'mod_4t4i_aware'
   if parsed.mod:
     m.num_layers = flops.mod_layers_matching(c)
   c.routing.group_size = 8
@@ -76,4 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.seed = seed
   t.batch_size, t.steps, t.lr, t.warmup, t.schedule = BATCH, STEPS, 1e-3, 60, 'linear'
   t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 10, 100, 100, 12
+  t.keep = STEPS // t.ckpt_every   # every checkpoint: upcycling starts from a mid-run step
+  if variant == 'up_4t4i':
+    c.upcycle.at_step = UPCYCLE_STEP
+    t.steps = STEPS - UPCYCLE_STEP
+    m.router_noise = 'gumbel'
+  if variant == 'moe_8x_lr5e-4':
+    t.lr = 5e-4
   return c

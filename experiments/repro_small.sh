@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The small-scale reproduction study of docs/REPRODUCTION.md, end to end:
 #   bash experiments/repro_small.sh [RUNS_DIR]        (default runs/repro_small)
-# Trains every variant of experiments/repro_small.py and a second seed of dense and
-# 4t4i, trains post-hoc auxiliary routers and evaluates each sparse run causally, then
-# compares them with moma-compare and writes RUNS_DIR/report.md and the figures in
-# docs/, and measures the variants' throughput at the study's size
+# Trains every variant of experiments/repro_small.py (up_4t4i from the 1t1i run's step
+# 300) and a second seed of dense, 4t4i and moe_8x, trains post-hoc auxiliary routers,
+# calibrates their compute-matched thresholds and evaluates each sparse run causally,
+# then compares the runs with moma-compare and writes RUNS_DIR/report.md and the figures
+# in docs/, and measures the variants' throughput at the study's size
 # (RUNS_DIR/throughput.md). Rerunning it reuses what is finished: moma-train resumes or
 # finds a run done, moma-aux finds its stage done.
 set -euo pipefail
@@ -12,18 +13,29 @@ RUNS=${1:-runs/repro_small}
 HERE=$(cd "$(dirname "$0")" && pwd)
 AUX_STEPS=200
 SECONDS=0
-for spec in dense 1t1i 4t4i moe_8x mod_1t1i mod_4t4i dense,seed=1 4t4i,seed=1; do
-  name=${spec/,seed=/_seed}
+train() {   # train SPEC [moma-train flags...]
+  local spec=$1 name=${1/,seed=/_seed}
+  shift
   echo "== $name ($SECONDS s)"
-  moma-train --config "$HERE/repro_small.py:$spec" --workdir "$RUNS/$name"
-  if [[ $name != dense* ]]; then
-    moma-aux --workdir "$RUNS/$name" --steps "$AUX_STEPS"
-  fi
+  moma-train --config "$HERE/repro_small.py:$spec" --workdir "$RUNS/$name" "$@"
+}
+for spec in moe_8x 1t1i 4t4i dense mod_4t4i mod_1t1i dense,seed=1 4t4i,seed=1; do
+  train "$spec"
+done
+train up_4t4i "--config.upcycle.from_workdir=$RUNS/1t1i"
+for spec in mod_4t4i_aware moe_8x,seed=1 moe_8x_lr5e-4; do
+  train "$spec"
+done
+for name in 1t1i 4t4i moe_8x mod_1t1i mod_4t4i 4t4i_seed1 up_4t4i mod_4t4i_aware \
+    moe_8x_seed1 moe_8x_lr5e-4; do
+  echo "== aux $name ($SECONDS s)"
+  moma-aux --workdir "$RUNS/$name" --steps "$AUX_STEPS"
 done
 echo "== compare ($SECONDS s)"
 moma-compare --baseline "$RUNS/dense" --out "$RUNS/savings" \
     --run "$RUNS/1t1i" --run "$RUNS/4t4i" --run "$RUNS/moe_8x" \
-    --run "$RUNS/mod_1t1i" --run "$RUNS/mod_4t4i"
+    --run "$RUNS/mod_1t1i" --run "$RUNS/mod_4t4i" --run "$RUNS/mod_4t4i_aware" \
+    --run "$RUNS/up_4t4i" --run "$RUNS/moe_8x_lr5e-4"
 python "$HERE/repro_small_report.py" --runs "$RUNS" --figures "$HERE/../docs"
 echo "== throughput ($SECONDS s)"
 # Re-measured on every run of this script (a benchmark: the numbers vary a little).

@@ -7,12 +7,17 @@ writes RUNS/report.md:
   1. eta per modality (text, image, overall), from the training loss and from the
      evaluation loss, at mid-training and at the end, for every sparse variant against
      the seed-0 dense run, next to the paper's (1.4B, 1T tokens);
-  2. the seed-to-seed spread: final losses of the two dense seeds and of the two 4t4i
-     seeds, and 4t4i's eta against each dense seed;
-  3. teacher-forced vs causal evaluation loss per variant (post-hoc auxiliary routers)
-     and the routers' balanced accuracy;
+  2. the seed-to-seed spread: final losses of the two seeds of dense, 4t4i and moe_8x,
+     and the eta of 4t4i and moe_8x against each dense seed;
+  3. teacher-forced vs causal evaluation loss per variant (post-hoc auxiliary routers) at
+     threshold 0.5 and at the compute-matched thresholds, with the forward FLOPs per
+     token of each mode, the held-out shares the calibrated experts took, and the
+     routers' balanced accuracy;
   4. route/dropped and route/left_behind at the end (what the routing did);
-and the figures repro_small_loss.png, repro_small_eta.png into --figures.
+  5. the moe_8x diagnosis: what its experts took, per modality, over training, and the
+     validation loss per dataset of the runs it is compared with;
+and the figures repro_small_loss.png, repro_small_eta.png and repro_small_moe.png into
+--figures.
 """
 from __future__ import annotations
 
@@ -22,16 +27,24 @@ import os
 import shutil
 import sys
 
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
 import numpy as np
 
 from moma_jax.analysis import savings
 from moma_jax.analysis import savings_report
 
-SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i')
+SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'up_4t4i',
+          'moe_8x_lr5e-4')
+SEEDS = {'dense': 'dense_seed1', '4t4i': '4t4i_seed1', 'moe_8x': 'moe_8x_seed1'}
 MODS = ('text', 'image', 'overall')
 # The paper's eta at 1.4B parameters and 1T tokens (text, image, overall); None: not given.
-PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5.3, 4.2),
-         '1t1i': (None, None, None), 'mod_1t1i': (None, None, None)}
+# Upcycling: the paper reports a further 1.2x over 4t4i overall (not per modality).
+PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5.3, 4.2)}
+# The moe_8x diagnosis compares these runs (those that exist).
+MOE_RUNS = ('dense', '4t4i', 'moe_8x', 'moe_8x_seed1', 'moe_8x_lr5e-4')
+LAYERS = 4
 
 
 def _eta_cell(row: savings.Row | None) -> str:
@@ -60,7 +73,8 @@ def eta_table(rows, names, source, mid_step, end_step) -> list[str]:
     meas = last_measured.get((name, source), {})
     measured = ' / '.join(
         f'{_eta_cell(meas.get(m))} (s{meas[m].step})' if m in meas else '-' for m in MODS)
-    paper = ' / '.join('-' if v is None else f'{v}' for v in PAPER[name.split('_seed')[0]])
+    paper = ' / '.join('-' if v is None else f'{v}'
+                       for v in PAPER.get(name.split('_seed')[0], (None,) * 3))
     out.append(f'| {name} | {mid} | {end} | {measured} | {paper} |')
   return out
 
@@ -74,10 +88,194 @@ def _fmt(v, p=3) -> str:
   return '-' if v is None else f'{v:.{p}f}'
 
 
+def _series(rows: list[dict], key: str):
+  """(steps, values) of `key` over the rows that have it."""
+  pts = [(r['step'], r[key]) for r in rows if r.get(key) is not None]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _text_slots(row: dict, layer: int) -> float | None:
+  """The share of a layer's expert slots that went to text tokens in one logged row."""
+  text = [row.get(f'route/layer{layer}/tokens_per_expert/text/{e}') for e in range(8)]
+  total = [row.get(f'route/layer{layer}/tokens_per_expert/{e}') for e in range(8)]
+  if None in text or None in total:
+    return None
+  return sum(text) / sum(total)
+
+
+def _train_rows(rows):
+  return [r for r in rows if 'loss' in r and 'route/layer0/tokens_per_expert/0' in r]
+
+
+def seed_section(metrics, read, have) -> list[str]:
+  lines = ['### Seed spread', '', '| run | train loss (last 5 logged, mean) | eval loss '
+           'overall / text / image |', '|---|---|---|']
+  for base, other in SEEDS.items():
+    for name in (base, other):
+      if name not in metrics:
+        continue
+      train = [r['loss'] for r in metrics[name] if 'loss' in r][-5:]
+      ev = ' / '.join(_fmt(_last(metrics[name], k)) for k in
+                      ('eval/loss', 'eval/loss/text', 'eval/loss/image'))
+      lines.append(f'| {name} | {np.mean(train):.4f} | {ev} |')
+  for base in ('4t4i', 'moe_8x'):
+    pair = (base, SEEDS[base])
+    if not (have('dense_seed1') and all(have(n) for n in pair)):
+      continue
+    lines += ['', f'{base} eta (last measured point; training loss / validation loss) '
+              'against each dense seed:', '', f'| {base} seed | dense seed | train text / '
+              'image / overall | eval text / image / overall |', '|---|---|---|---|']
+    for sparse in pair:
+      for sd in ('dense', 'dense_seed1'):
+        r = savings.compare(read(sd), [read(sparse)], MODS, ('train', 'eval'))
+        fin = savings.final_rows(r, measured_only=True)
+        cells = [' / '.join(_eta_cell(fin.get((sparse, src), {}).get(m)) for m in MODS)
+                 for src in ('train', 'eval')]
+        lines.append(f'| {sparse} | {sd} | {cells[0]} | {cells[1]} |')
+  return lines + ['']
+
+
+def _shares(res: dict, mode: str) -> list[float]:
+  """Every expert's (and MoD layer's) held-out share under `mode`, over all routers."""
+  prefix = f'usage/{mode}/share/'
+  out = []
+  for key, value in res.items():
+    if key.startswith(prefix) and not key.endswith(('/text', '/image')):
+      out += list(value)
+  return out
+
+
+def causal_section(runs_dir, names) -> list[str]:
+  lines = ['### Teacher-forced vs causal validation loss (post-hoc auxiliary routers)', '',
+           'Causal at the paper\'s threshold 0.5 and at the compute-matched thresholds '
+           '(calibrated on 2^18 training tokens). Forward MFLOPs per token: teacher-forced '
+           'analytic; causal as routed on 2^18 mixed validation tokens, auxiliary routers '
+           'included.', '',
+           '| variant | teacher-forced overall / text / image | causal 0.5 | causal '
+           'matched | gap 0.5 | gap matched | MFLOPs/token TF / 0.5 / matched | held-out '
+           'shares at 0.5 / matched (min-max) | balanced accuracy (experts / MoD) |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for name in names:
+    path = os.path.join(runs_dir, name, 'aux_router', 'result.json')
+    if not os.path.isfile(path):
+      lines.append(f'| {name} | (no aux_router/result.json) | | | | | | | |')
+      continue
+    with open(path) as f:
+      res = json.load(f)
+    three = lambda prefix, p=3: ' / '.join(_fmt(res.get(f'{prefix}{k}'), p)
+                                           for k in ('', '/text', '/image'))
+    fl = ' / '.join(_fmt(res.get(f'flops/{m}', 0) / 1e6, 3) for m in
+                    ('eval', 'eval_causal', 'eval_causal_calibrated'))
+    sh = ' / '.join(f'{min(v):.2f}-{max(v):.2f}' if v else '-' for v in
+                    (_shares(res, 'eval_causal'), _shares(res, 'eval_causal_calibrated')))
+    experts = [res.get(f'aux_router/balanced_accuracy/{k}') for k in ('text', 'image', 'all')]
+    experts = [v for v in experts if v is not None]
+    acc = (f'{np.mean(experts):.3f}' if experts else '-') + ' / ' + _fmt(
+        res.get('aux_router/balanced_accuracy/depth'))
+    lines.append(f'| {name} | {three("eval/loss")} | {three("eval_causal/loss")} | '
+                 f'{three("eval_causal_calibrated/loss")} | {three("gap", 4)} | '
+                 f'{three("gap_calibrated", 4)} | {fl} | {sh} | {acc} |')
+  return lines + ['']
+
+
+def moe_section(metrics) -> list[str]:
+  """End-of-training numbers of the moe_8x diagnosis (the figure shows them over time)."""
+  lines = ['### The moe_8x diagnosis', '', '| run | text share of tokens | text share of '
+           'expert slots, layers 0-3 | experts taking >90% one modality | left behind text '
+           '/ image | router logit std | validation loss pydoc / captions / image |',
+           '|---|---|---|---|---|---|---|']
+  for name in MOE_RUNS:
+    if name not in metrics:
+      continue
+    rows = _train_rows(metrics[name])
+    last = rows[-5:] if rows else []
+    tok = [r['batch_tokens/text'] / (r['batch_tokens/text'] + r['batch_tokens/image'])
+           for r in metrics[name] if 'batch_tokens/text' in r][-50:]
+    slots = [np.mean([_text_slots(r, l) for r in last]) if last and
+             _text_slots(last[-1], l) is not None else None for l in range(LAYERS)]
+    pure = None
+    if last and _text_slots(last[-1], 0) is not None:
+      pure = 0
+      for l in range(LAYERS):
+        for e in range(8):
+          t = np.mean([r[f'route/layer{l}/tokens_per_expert/text/{e}'] for r in last])
+          a = np.mean([r[f'route/layer{l}/tokens_per_expert/{e}'] for r in last])
+          pure += int(t > 0.9 * a or t < 0.1 * a)
+    m = metrics[name]
+    std = _last(m, 'route/router_logit_std/all')
+    if std is None:
+      std = np.mean([v for v in (_last(m, 'route/router_logit_std/text'),
+                                 _last(m, 'route/router_logit_std/image')) if v is not None]
+                    or [np.nan])
+    ev = ' / '.join(_fmt(_last(m, k)) for k in ('eval/moma_pydoc/loss/text',
+                                                 'eval/moma_shapes/loss/text',
+                                                 'eval/loss/image'))
+    lines.append(
+        f'| {name} | {np.mean(tok):.3f} | '
+        f'{" / ".join(_fmt(v, 2) for v in slots)} | '
+        f'{"-" if pure is None else f"{pure} of 32"} | '
+        f'{_fmt(_last(m, "route/left_behind/text"))} / '
+        f'{_fmt(_last(m, "route/left_behind/image"))} | {_fmt(std, 2)} | {ev} |')
+  return lines + ['']
+
+
+def moe_figure(metrics, path: str) -> None:
+  """Six panels: moe_8x's experts by modality at the end (per layer), the text share of
+  expert slots over training, left-behind text and image, router logit spread, and the
+  validation loss on pydoc text and on captions, for the runs of MOE_RUNS."""
+  fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
+  rows = _train_rows(metrics['moe_8x'])[-5:]
+  grid = np.asarray([[np.mean([r[f'route/layer{l}/tokens_per_expert/text/{e}'] /
+                               r[f'route/layer{l}/tokens_per_expert/{e}'] for r in rows])
+                      for e in range(8)] for l in range(LAYERS)])
+  im = ax[0, 0].imshow(grid, vmin=0, vmax=1, cmap='coolwarm', aspect='auto')
+  ax[0, 0].set(title='moe_8x at the end: text share of each expert\'s tokens',
+               xlabel='expert', ylabel='layer', xticks=range(8), yticks=range(LAYERS))
+  for (l, e), v in np.ndenumerate(grid):
+    ax[0, 0].text(e, l, f'{v:.2f}', ha='center', va='center', fontsize=8)
+  fig.colorbar(im, ax=ax[0, 0])
+  colors = dict(zip(MOE_RUNS, ('black', 'tab:green', 'tab:red', 'tab:orange', 'tab:purple')))
+  for name in MOE_RUNS:
+    if name not in metrics:
+      continue
+    m, c = metrics[name], colors[name]
+    tr = _train_rows(m)
+    if tr and _text_slots(tr[0], 0) is not None:
+      steps = [r['step'] for r in tr]
+      share = [np.mean([_text_slots(r, l) for l in range(LAYERS)]) for r in tr]
+      ax[0, 1].plot(steps, share, color=c, label=name)
+    if name.startswith('moe') or name == '4t4i':
+      for mod, style in (('text', '-'), ('image', '--')):
+        ax[0, 2].plot(*_series(m, f'route/left_behind/{mod}'), style, color=c,
+                      label=f'{name} {mod}')
+      key = 'route/router_logit_std/all' if name.startswith('moe') else \
+          'route/router_logit_std/text'
+      ax[1, 0].plot(*_series(m, key), color=c, label=name)
+    ax[1, 1].plot(*_series(m, 'eval/moma_pydoc/loss/text'), 'o-', color=c, label=name)
+    ax[1, 2].plot(*_series(m, 'eval/moma_shapes/loss/text'), 'o-', color=c, label=name)
+  tok = [(r['step'], r['batch_tokens/text'] / (r['batch_tokens/text'] +
+                                               r['batch_tokens/image']))
+         for r in metrics['moe_8x'] if 'batch_tokens/text' in r]
+  ax[0, 1].axhline(np.mean([t for _, t in tok]), color='gray', ls=':',
+                   label='text share of tokens')
+  ax[0, 1].set(title='text share of expert slots (mean over layers)', xlabel='step',
+               ylim=(0, 1))
+  ax[0, 2].set(title='left behind (no expert), text - / image --', xlabel='step')
+  ax[1, 0].set(title='router logit std (4t4i: text group)', xlabel='step')
+  ax[1, 1].set(title='validation loss, pydoc text', xlabel='step')
+  ax[1, 2].set(title='validation loss, captions (moma_shapes text)', xlabel='step')
+  for a in (ax[0, 1], ax[0, 2], ax[1, 0], ax[1, 1], ax[1, 2]):
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', default='runs/repro_small')
-  parser.add_argument('--figures', default=None, help='folder for the two PNGs')
+  parser.add_argument('--figures', default=None, help='folder for the three PNGs')
   args = parser.parse_args(argv)
   runs_dir = os.path.abspath(args.runs)
   have = lambda name: os.path.isfile(os.path.join(runs_dir, name, 'metrics.jsonl'))
@@ -91,7 +289,7 @@ def main(argv=None) -> int:
   sparse = [read(n) for n in SPARSE]
   rows = savings.compare(dense, sparse, MODS, ('train', 'eval'))
   metrics = {n: [json.loads(l) for l in open(os.path.join(runs_dir, n, 'metrics.jsonl'))]
-             for n in ('dense', *SPARSE, 'dense_seed1', '4t4i_seed1') if have(n)}
+             for n in ('dense', *SPARSE, *SEEDS.values()) if have(n)}
   end_step = max(r['step'] for r in metrics['dense'])
   mid_step = end_step // 2
 
@@ -102,52 +300,9 @@ def main(argv=None) -> int:
   for source, title in (('train', 'training loss'), ('eval', 'validation loss')):
     lines += [f'### eta from the {title}', '']
     lines += eta_table(rows, SPARSE, source, mid_step, end_step) + ['']
-
-  # Seed spread.
-  lines += ['### Seed spread', '', '| run | train loss (last 5 logged, mean) | eval loss '
-            'overall / text / image |', '|---|---|---|']
-  for name in ('dense', 'dense_seed1', '4t4i', '4t4i_seed1'):
-    if name not in metrics:
-      continue
-    train = [r['loss'] for r in metrics[name] if 'loss' in r][-5:]
-    ev = ' / '.join(_fmt(_last(metrics[name], k)) for k in
-                    ('eval/loss', 'eval/loss/text', 'eval/loss/image'))
-    lines.append(f'| {name} | {np.mean(train):.4f} | {ev} |')
-  if have('dense_seed1') and have('4t4i_seed1'):
-    lines += ['', '4t4i eta (last measured point; training loss / validation loss) against '
-              'each dense seed:', '', '| 4t4i seed | dense seed | train text / image / '
-              'overall | eval text / image / overall |', '|---|---|---|---|']
-    for s4 in ('4t4i', '4t4i_seed1'):
-      for sd in ('dense', 'dense_seed1'):
-        r = savings.compare(read(sd), [read(s4)], MODS, ('train', 'eval'))
-        fin = savings.final_rows(r, measured_only=True)
-        cells = [' / '.join(_eta_cell(fin.get((s4, src), {}).get(m)) for m in MODS)
-                 for src in ('train', 'eval')]
-        lines.append(f'| {s4} | {sd} | {cells[0]} | {cells[1]} |')
-  lines.append('')
-
-  # Causal evaluation.
-  lines += ['### Teacher-forced vs causal validation loss (post-hoc auxiliary routers)', '',
-            '| variant | teacher-forced overall / text / image | causal overall / text / '
-            'image | gap overall / text / image | router balanced accuracy (experts / MoD) |',
-            '|---|---|---|---|---|']
-  for name in SPARSE:
-    path = os.path.join(runs_dir, name, 'aux_router', 'result.json')
-    if not os.path.isfile(path):
-      lines.append(f'| {name} | (no aux_router/result.json) | | | |')
-      continue
-    with open(path) as f:
-      res = json.load(f)
-    tf = ' / '.join(_fmt(res.get(k)) for k in ('eval/loss', 'eval/loss/text', 'eval/loss/image'))
-    ca = ' / '.join(_fmt(res.get(k)) for k in ('eval_causal/loss', 'eval_causal/loss/text',
-                                               'eval_causal/loss/image'))
-    gap = ' / '.join(_fmt(res.get(k), 4) for k in ('gap', 'gap/text', 'gap/image'))
-    experts = [res.get(f'aux_router/balanced_accuracy/{k}') for k in ('text', 'image', 'all')]
-    experts = [v for v in experts if v is not None]
-    acc = (f'{np.mean(experts):.3f}' if experts else '-') + ' / ' + _fmt(
-        res.get('aux_router/balanced_accuracy/depth'))
-    lines.append(f'| {name} | {tf} | {ca} | {gap} | {acc} |')
-  lines.append('')
+  lines += seed_section(metrics, read, have)
+  causal = [n for n in (*SPARSE, '4t4i_seed1', 'moe_8x_seed1') if have(n)]
+  lines += causal_section(runs_dir, causal)
 
   # Routing at the end.
   lines += ['### Routing at the end of training', '', '| variant | dropped text / image / all '
@@ -158,6 +313,7 @@ def main(argv=None) -> int:
     left = ' / '.join(_fmt(_last(m, f'route/left_behind/{k}')) for k in ('text', 'image'))
     lines.append(f'| {name} | {dropped} | {left} | {_fmt(_last(m, "route/mod/picked"))} |')
   lines.append('')
+  lines += moe_section(metrics)
 
   report = os.path.join(runs_dir, 'report.md')
   with open(report, 'w') as f:
@@ -168,8 +324,11 @@ def main(argv=None) -> int:
     out = os.path.join(runs_dir, 'savings_all')
     os.makedirs(out, exist_ok=True)
     paths = savings_report.write_plots(dense, sparse, rows, out)
+    moe = os.path.join(out, 'moe_diagnosis.png')
+    moe_figure(metrics, moe)
     os.makedirs(args.figures, exist_ok=True)
-    for path, name in zip(paths, ('repro_small_loss.png', 'repro_small_eta.png')):
+    for path, name in zip((*paths, moe), ('repro_small_loss.png', 'repro_small_eta.png',
+                                          'repro_small_moe.png')):
       shutil.copyfile(path, os.path.join(args.figures, name))
       print(f'figure -> {os.path.join(args.figures, name)}')
   return 0

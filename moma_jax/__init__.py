@@ -7,7 +7,10 @@ decoder and its loss), `moma_jax.analysis.flops` (FLOPs and parameter accounting
 __version__ = '0.1.0'
 
 
-def load(workdir: str, step: int | None = None):
-  """A training run read back: `.config`, `.model`, `.params`, `.step` (moma_jax.inference.saved_run)."""
+def load(workdir: str, step: int | None = None, causal_thresholds: str = 'half'):
+  """A training run read back: `.config`, `.model`, `.params`, `.step`
+  (moma_jax.inference.saved_run). causal_thresholds: the auxiliary routers' decision
+  rule in causal mode, 'half' (p > 0.5, the paper's) or 'calibrated' (compute-matched,
+  as `moma-aux` calibrated them)."""
   from moma_jax.inference import saved_run   # pylint: disable=import-outside-toplevel
-  return saved_run.load(workdir, step)
+  return saved_run.load(workdir, step, causal_thresholds=causal_thresholds)

@@ -13,6 +13,7 @@ from moma_jax.inference import aux_store
 from moma_jax.inference import saved_run
 from moma_jax.model import aux_router
 from moma_jax.model import routing
+from moma_jax import run_dir as run_dir_lib
 from moma_jax.training import metrics_log
 from moma_jax.training import trainer as train
 
@@ -108,11 +109,12 @@ def test_a_finished_stage_is_reused(post_hoc, capsys):
     ([], '--workdir DIR is required'),
     (['--workdir', '/nonexistent/run'], 'not a training run'),
     (['--steps', '0'], '--steps must be >= 1'),
+    (['--calibration_tokens', '0'], '--calibration_tokens must be >= 1'),
     (['--dense'], 'routes causally already'),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, data_setup, tmp_path, capsys,
                                          trained_run):
-  if args == ['--steps', '0']:
+  if args[0] in ('--steps', '--calibration_tokens'):
     args = ['--workdir', trained_run[1], *args]
   if args == ['--dense']:
     config = tiny_train_config(data_setup[0].data.data_dir, 'dense', steps=1)
@@ -143,13 +145,56 @@ def test_joint_routers_train_with_the_model_and_leave_it_unchanged(data_setup, t
   assert 'eval_causal/loss/image' in b[-1] and 'eval_causal/loss' not in a[-1]
 
 
-def test_moma_eval_causal_gives_the_stage_s_causal_loss(post_hoc, capsys):
+def test_moma_eval_causal_gives_the_stage_s_causal_losses(post_hoc, capsys):
   from moma_jax.cli import eval as eval_cli
   run_dir, result = post_hoc
   eval_cli.run(['moma-eval', f'--workdir={run_dir}', '--causal', '--json'])
   got = json.loads(capsys.readouterr().out)
-  for key in ('eval_causal/loss', 'eval_causal/loss/text', 'eval_causal/loss/image'):
-    assert got[key] == pytest.approx(result[key], rel=1e-5), key
+  for mode in ('eval_causal', 'eval_causal_calibrated'):
+    for key in (f'{mode}/loss', f'{mode}/loss/text', f'{mode}/loss/image',
+                f'flops/{mode}', f'flops/{mode}/image'):
+      assert got[key] == pytest.approx(result[key], rel=1e-5), key
+  eval_cli.run(['moma-eval', f'--workdir={run_dir}', '--causal'])
+  out = capsys.readouterr().out
+  assert 'threshold 0.5' in out and 'compute-matched' in out
+
+
+def test_calibrated_thresholds_spend_the_training_capacity_on_held_out_data(post_hoc):
+  _, result = post_hoc
+  # Measured on mixed validation batches; calibrated on training batches.
+  shares = {k: v for k, v in result.items()
+            if k.startswith('usage/eval_causal_calibrated/share/') and k.count('/') == 5}
+  assert len(shares) == 2 * 2, shares          # 2 layers x (text, image) routers
+  for key, share in shares.items():
+    assert len(share) == 4, key                # 4t4i: 4 experts per group, capacity 1/4
+    np.testing.assert_allclose(share, 0.25, atol=0.03, err_msg=key)
+  # Each expert then takes one expert's worth per token, as in training: the causal
+  # forward FLOPs are the teacher-forced ones plus the auxiliary routers, within 2%.
+  for suffix in ('', '/text', '/image'):
+    matched = result[f'flops/eval_causal_calibrated{suffix}']
+    aux = result[f'flops/eval_causal_calibrated/aux_routers{suffix}']
+    assert matched - aux == pytest.approx(result[f'flops/eval{suffix}'], rel=0.02)
+
+
+def test_load_keeps_half_thresholds_unless_asked(post_hoc):
+  import moma_jax
+  from moma_jax.inference import thresholds
+  run_dir, result = post_hoc
+  half, calibrated = moma_jax.load(run_dir), moma_jax.load(run_dir,
+                                                           causal_thresholds='calibrated')
+  assert all(np.all(t == 0) for t in thresholds.read(half.params).values())
+  got = thresholds.summary(calibrated.params)
+  assert got.keys() == {k for k in result if k.startswith('threshold/')}
+  for key, value in got.items():
+    np.testing.assert_allclose(value, result[key], rtol=1e-6)
+  main_half, _ = aux_store.split(half.params)
+  jax.tree.map(np.testing.assert_array_equal, main_half, aux_store.split(calibrated.params)[0])
+
+
+def test_calibrated_thresholds_without_a_stage_are_refused(trained_run):
+  import moma_jax
+  with pytest.raises(run_dir_lib.RunDirError, match='moma-aux --workdir'):
+    moma_jax.load(trained_run[1], causal_thresholds='calibrated')
 
 
 def test_moma_eval_causal_without_routers_exits_2(trained_run, capsys):

@@ -234,3 +234,27 @@ def test_compute_matched_dense_and_mod_layers():
   assert flops.mod_layers_matching(exact_config(layers=2)) == 4
   # One dense layer, 75776: MoD depth 1 costs 30976, depth 2 costs 90368.
   assert flops.mod_layers_matching(exact_config(layers=1)) == 2
+
+
+def test_measured_routing_counts_the_experts_and_picks_it_was_given():
+  # moma 4t4i, 2 layers: at the spec's own usage (one expert's worth per token) the count
+  # is `count`'s plus the auxiliary routers: D^2 + D * 4 = 4352 per layer.
+  moma = exact_config('moma')
+  spec_usage = flops.Usage(experts={'text': (1.0, 1.0), 'image': (1.0, 1.0)},
+                           picked={'all': (1.0, 1.0), 'text': (1.0, 1.0),
+                                   'image': (1.0, 1.0)})
+  got = flops.measured_forward(moma, spec_usage)
+  assert got['aux_routers/text'] == 2 * 4352
+  assert got['text'] == flops.count(moma).forward['text'] + 2 * 4352
+  # Two experts per image token in layer 0: one more SwiGLU, 6*64*64.
+  more = flops.Usage(experts={'text': (1.0, 1.0), 'image': (2.0, 1.0)},
+                     picked=spec_usage.picked)
+  assert flops.measured_forward(moma, more)['image'] == got['image'] + 24576
+  # MoD layer 0 (dense FFN, no expert routers): picked 1/2 of the text tokens, 1/4 of
+  # all: 1/2 of projections and SwiGLU, context over 1/4 of the keys, + the MoD aux
+  # router D^2 + D on every token; None experts fall back to the dense FFN's one.
+  mod = exact_config(capacity=0.25)
+  usage = flops.Usage(experts={'text': (None, None), 'image': (None, None)},
+                      picked={'all': (0.25, 1.0), 'text': (0.5, 1.0), 'image': (0.0, 1.0)})
+  layer0 = (32768 + 24576) / 2 + 2 * 2 * (0.25 * 8) * 64 / 2 + 128 + (4096 + 64)
+  assert flops.measured_forward(mod, usage)['text'] == layer0 + 59392 + 16384

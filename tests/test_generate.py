@@ -40,11 +40,19 @@ def generator(aux_run):
   return generate.Generator(run, pipeline.load_tokenizers(run.config))
 
 
-def test_kv_cache_samples_are_the_full_causal_pass_argmax(generator):
+@pytest.fixture(scope='module')
+def calibrated_generator(aux_run, generator):
+  run = moma_jax.load(aux_run[1], causal_thresholds='calibrated')
+  return generate.Generator(run, generator.tok)
+
+
+@pytest.mark.parametrize('thresholds', ['half', 'calibrated'])
+def test_kv_cache_samples_are_the_full_causal_pass_argmax(thresholds, request):
   """Greedy captions of two images and a text continuation, in one left-padded batch:
   every new token is the argmax (among the tokens the grammar allows) of the full causal
-  forward pass over the sampled sequence."""
-  gen = generator
+  forward pass over the sampled sequence, at either routers' thresholds."""
+  gen = request.getfixturevalue('generator' if thresholds == 'half'
+                                else 'calibrated_generator')
   rng = np.random.default_rng(0)
   image = rng.integers(0, 255, gen.tok.image_shape, dtype=np.uint8)
   prompts = [gen.image_prompt(image), gen.text_prompt('a small red'), gen.text_prompt('a')]
@@ -82,7 +90,8 @@ def test_moma_generate_writes_the_image_grid(aux_run, tmp_path, capsys):
   out = tmp_path / 'grid.png'
   generate_cli.run(['moma-generate', '--workdir', aux_run[1], '--task', 'text_to_image',
                     '--prompt', 'a red circle', '--prompt', 'two green bars',
-                    '--num_samples', '2', f'--image-out={out}'])
+                    '--num_samples', '2', f'--image-out={out}',
+                    '--causal_thresholds=calibrated'])
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert '2 x 2 images' in capsys.readouterr().out
 

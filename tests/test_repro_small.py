@@ -20,11 +20,18 @@ def _module():
   return module
 
 
-@pytest.mark.parametrize('variant', ['1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i'])
+@pytest.mark.parametrize('variant', ['1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i',
+                                     'mod_4t4i_aware', 'up_4t4i', 'moe_8x_lr5e-4'])
 def test_variants_are_compute_matched_and_exact(variant):
   repro = _module()
   dense = flops.count(repro.get_config('dense')).train['overall']
-  c = configs.validate(repro.get_config(variant))
+  c = repro.get_config(variant)
+  if variant == 'up_4t4i':      # the source run is named on the command line
+    with pytest.raises(configs.ConfigError, match='upcycle'):
+      configs.validate(c)
+    c.upcycle.from_workdir = 'runs/repro_small/1t1i'
+    assert c.upcycle.at_step + c.train.steps == repro.STEPS
+  c = configs.validate(c)
   assert flops.count(c).train['overall'] == pytest.approx(dense, rel=0.03)
   # The capacity buffer holds the most rows expert choice can ask of one expert in a
   # routing group, whatever its modality mix: ceil(c * N) (all N tokens of one group).

@@ -23,6 +23,11 @@ c_d, so the layer costs c_d * (projections + FFN or experts + routers inside the
 attention over the picked context, c_d * L / 2 keys on average) + 2 * D for the MoD
 router, which scores every token.
 
+Measured routing (`measured_forward`, causal inference): the same count with each
+layer's experts per token and MoD picked shares as measured (`Usage`), plus the
+auxiliary routers that decide: D^2 + D * E_g per group serving the token (in a MoD
+layer, if picked) and D^2 + D per MoD layer (every token).
+
 "overall" is the mean over modalities weighted by the spec's `expected_fractions`
 (the expected modality mix of a routing group).
 
@@ -95,20 +100,56 @@ def _router_width(spec: routing_spec.RoutingSpec, modality: int) -> int:
   return sum(g.experts for g in spec.groups if modality in g.modalities)
 
 
-def _forward_breakdown(config: ml_collections.ConfigDict, modality: int) -> dict[str, float]:
-  """Forward FLOPs per token of one modality, by component (see module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Usage:
+  """What a model's routing did, measured layer by layer (causal inference), for token
+  modality name m and layer i:
+    experts[m][i]  experts' worth of SwiGLU a token goes through (in a MoD layer, a token
+                   that runs the block); None: as `count` has it (a dense FFN, token
+                   choice);
+    picked[m][i]   the share of the modality's tokens that run MoD layer i (1.0 in other
+                   layers); picked['all'][i] that share over all tokens, which sets the
+                   attention context among picked tokens.
+  Counted as if only the chosen experts ran (causal mode computes every expert and
+  weights them; that is an implementation, not the model's cost), plus the auxiliary
+  routers that make the decisions (`AUX_COMPONENT`)."""
+  experts: dict[str, tuple[float | None, ...]]
+  picked: dict[str, tuple[float, ...]]
+
+
+AUX_COMPONENT = 'aux_routers'
+
+
+def _forward_breakdown(config: ml_collections.ConfigDict, modality: int,
+                       usage: Usage | None = None) -> dict[str, float]:
+  """Forward FLOPs per token of one modality, by component (see module docstring);
+  with `usage`, of the measured routing instead, plus the auxiliary routers."""
   m, spec = config.model, routing_spec.from_config(config)
   d, f, v = m.d_model, configs.ffn_hidden(m), m.vocab_size
   seq = config.data.seq_len
+  name = m.modalities[modality]
   out = dict.fromkeys(COMPONENTS, 0.0)
-  ffn = 6.0 * d * f * _experts_touched(spec, modality)
+  if usage is not None:
+    out[AUX_COMPONENT] = 0.0
   router = 2.0 * d * _router_width(spec, modality)
-  for is_mod in configs.mod_layers(m):
-    frac = float(spec.mod_capacity) if is_mod else 1.0
+  # An auxiliary router per expert group: SiLU(x W1) W2, W1 D x D/2, W2 D/2 x E_g.
+  aux = sum(d * d + d * g.experts for g in spec.groups if modality in g.modalities
+            and not spec.token_choice)
+  for i, is_mod in enumerate(configs.mod_layers(m)):
+    if usage is None:
+      touched = _experts_touched(spec, modality)
+      frac = context = float(spec.mod_capacity) if is_mod else 1.0
+    else:
+      touched = usage.experts[name][i]
+      if touched is None:                 # no router decided here (dense, token choice)
+        touched = _experts_touched(spec, modality)
+      frac = usage.picked[name][i] if is_mod else 1.0
+      context = usage.picked['all'][i] if is_mod else 1.0
+      out[AUX_COMPONENT] += frac * aux + ((d * d + d) if is_mod else 0.0)
     out['attention_proj'] += frac * 8.0 * d * d
-    # Half the square: frac * L / 2 keys on average for QK^T and again for AV.
-    out['attention_context'] += frac * 2.0 * 2.0 * (frac * seq / 2.0) * d
-    out['ffn'] += frac * ffn
+    # Half the square: context * L / 2 keys on average for QK^T and again for AV.
+    out['attention_context'] += frac * 2.0 * 2.0 * (context * seq / 2.0) * d
+    out['ffn'] += frac * 6.0 * d * f * touched
     out['routers'] += frac * router + (2.0 * d if is_mod else 0.0)
   out['output'] = 2.0 * d * v
   return out
@@ -163,6 +204,20 @@ def count(config: ml_collections.ConfigDict) -> FlopsReport:
       params_total=sum(params.values()), params_active=active, params_breakdown=params,
       forward=forward, train={k: 3.0 * v for k, v in forward.items()},
       forward_breakdown=breakdown, num_layers=len(layers), num_mod_layers=sum(layers))
+
+
+def measured_forward(config: ml_collections.ConfigDict, usage: Usage) -> dict[str, float]:
+  """Forward FLOPs per token of the routing `usage` describes, {modality name or
+  'overall': FLOPs}, auxiliary routers included, and 'aux_routers[/modality]' their
+  share of it. 'overall' weights the modalities as `count` does."""
+  names = tuple(config.model.modalities)
+  parts = {n: _forward_breakdown(config, i, usage) for i, n in enumerate(names)}
+  out = {n: sum(b.values()) for n, b in parts.items()}
+  out['overall'] = _overall(config, out)
+  aux = {n: b[AUX_COMPONENT] for n, b in parts.items()}
+  out[AUX_COMPONENT] = _overall(config, aux)
+  out.update({f'{AUX_COMPONENT}/{n}': a for n, a in aux.items()})
+  return out
 
 
 def forward_flops(config: ml_collections.ConfigDict) -> float:

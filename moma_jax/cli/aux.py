@@ -1,13 +1,17 @@
 """moma-aux: post-hoc auxiliary routers for a finished run, then causal evaluation.
 
 Usage:
-  moma-aux --workdir RUN [--steps 300] [--lr 3e-3] [--seed 0] [--force] [--json]
+  moma-aux --workdir RUN [--steps 300] [--lr 3e-3] [--seed 0] [--calibration_tokens 262144]
+           [--force] [--json]
 
 Freezes RUN's newest checkpoint, trains an auxiliary router per expert group and MoD
-layer to predict the group-level top-k decisions (moma_jax/inference/aux_stage.py), then
-evaluates on the validation splits, teacher-forced and causal, and prints per modality:
-  loss (teacher-forced), loss (causal), their gap, and the routers' accuracy, balanced
-  accuracy, precision and recall.
+layer to predict the group-level top-k decisions (moma_jax/inference/aux_stage.py),
+calibrates their compute-matched thresholds on training batches (each expert then takes
+its training capacity of tokens; moma_jax/inference/thresholds.py), then evaluates on
+the validation splits and prints per modality:
+  the teacher-forced loss, the causal loss at threshold 0.5 (the paper's) and at the
+  compute-matched thresholds, the gaps; forward FLOPs per token of the three modes; and
+  the routers' accuracy, balanced accuracy, precision and recall.
 Results go to RUN/aux_router/ (params, metrics.jsonl, result.json); the run's own
 checkpoints and metrics are not touched. A stage already finished on the same
 checkpoint is reused (its result printed) unless --force. A run trained with
@@ -28,6 +32,7 @@ from moma_jax.data import pipeline
 from moma_jax.inference import aux_stage
 from moma_jax.inference import aux_store
 from moma_jax.inference import saved_run
+from moma_jax.inference import thresholds
 from moma_jax.model import transformer
 from moma_jax import run_dir
 from moma_jax.training import metrics_log
@@ -41,32 +46,48 @@ LR = cli.define_once(flags.DEFINE_float, 'lr', 3e-3, 'peak learning rate (AdamW)
 SEED = cli.define_once(flags.DEFINE_integer, 'seed', 0, 'initialization of the routers')
 FORCE = cli.define_once(flags.DEFINE_bool, 'force', False,
                         'train again even if a finished stage exists for this checkpoint')
+CALIBRATION_TOKENS = cli.define_once(
+    flags.DEFINE_integer, 'calibration_tokens', aux_stage.CALIBRATION_TOKENS,
+    'training token positions the compute-matched causal thresholds are calibrated on')
 JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
                        'print the result as one JSON object instead of a table')
 
 
+def _fmt(v, w, p):
+  return f'{"-":>{w}}' if v is None else f'{v:>{w}.{p}f}'
+
+
 def table(result: dict, modalities) -> str:
-  """Rows: overall and each modality; columns: the losses, the gap and router rates."""
-  cols = ('eval/loss', 'eval_causal/loss', 'gap')
-  head = (f'{"":<10}{"teacher-forced":>16}{"causal":>10}{"gap":>9}'
-          f'{"accuracy":>10}{"balanced":>10}{"precision":>11}{"recall":>8}')
-  lines = [head]
-  for label, suffix in (('overall', ''), *((m, f'/{m}') for m in modalities)):
-    loss = [result.get(f'{c}{suffix}') for c in cols]
-    # Router rates per modality exist for moma's groups (moe and MoD: rows below).
-    rates = [result.get(f'aux_router/{r}{suffix}')
-             for r in ('accuracy', 'balanced_accuracy', 'precision', 'recall')]
-    fmt = lambda v, w, p: f'{"-":>{w}}' if v is None else f'{v:>{w}.{p}f}'
-    lines.append(f'{label:<10}{fmt(loss[0], 16, 4)}{fmt(loss[1], 10, 4)}'
-                 f'{fmt(loss[2], 9, 4)}{fmt(rates[0], 10, 3)}{fmt(rates[1], 10, 3)}'
-                 f'{fmt(rates[2], 11, 3)}{fmt(rates[3], 8, 3)}')
-  for kind in ('all', 'depth'):
-    if f'aux_router/accuracy/{kind}' in result:
-      name = {'all': 'experts', 'depth': 'MoD'}[kind]
-      vals = [result[f'aux_router/{r}/{kind}'] for r in
-              ('accuracy', 'balanced_accuracy', 'precision', 'recall')]
-      lines.append(f'{name + " routers":<35}' + ''.join(
-          f'{v:>{w}.3f}' for v, w in zip(vals, (10, 10, 11, 8))))
+  """Three blocks: the losses (teacher-forced, causal at 0.5 and at the compute-matched
+  thresholds) and their gaps; forward FLOPs per token of each mode; router rates. Rows:
+  overall and each modality."""
+  rows = (('overall', ''), *((m, f'/{m}') for m in modalities))
+  cols = ('eval/loss', 'eval_causal/loss', 'eval_causal_calibrated/loss', 'gap',
+          'gap_calibrated')
+  lines = [f'{"loss":<10}{"teacher-forced":>16}{"causal 0.5":>12}{"causal matched":>16}'
+           f'{"gap 0.5":>10}{"gap matched":>13}']
+  for label, suffix in rows:
+    v = [result.get(f'{c}{suffix}') for c in cols]
+    lines.append(f'{label:<10}{_fmt(v[0], 16, 4)}{_fmt(v[1], 12, 4)}{_fmt(v[2], 16, 4)}'
+                 f'{_fmt(v[3], 10, 4)}{_fmt(v[4], 13, 4)}')
+  lines.append(f'{"MFLOPs/tok":<10}{"teacher-forced":>16}{"causal 0.5":>12}'
+               f'{"causal matched":>16}   (forward; causal: as routed, aux routers in)')
+  for label, suffix in rows:
+    v = [result.get(f'flops/{mode}{suffix}') for mode in
+         ('eval', 'eval_causal', 'eval_causal_calibrated')]
+    v = [None if x is None else x / 1e6 for x in v]
+    lines.append(f'{label:<10}{_fmt(v[0], 16, 3)}{_fmt(v[1], 12, 3)}{_fmt(v[2], 16, 3)}')
+  lines.append(f'{"routers":<10}{"accuracy":>16}{"balanced":>12}{"precision":>16}'
+               f'{"recall":>10}   (threshold 0.5, vs teacher-forced)')
+  kinds = [(m, f'/{m}') for m in modalities] + [
+      (name, f'/{kind}') for kind, name in (('all', 'experts'), ('depth', 'MoD'))]
+  for label, suffix in kinds:
+    v = [result.get(f'aux_router/{r}{suffix}')
+         for r in ('accuracy', 'balanced_accuracy', 'precision', 'recall')]
+    if all(x is None for x in v):
+      continue        # moma's groups have per-modality rates; moe and MoD their own kind
+    lines.append(f'{label:<10}{_fmt(v[0], 16, 3)}{_fmt(v[1], 12, 3)}{_fmt(v[2], 16, 3)}'
+                 f'{_fmt(v[3], 10, 3)}')
   return '\n'.join(lines)
 
 
@@ -77,6 +98,9 @@ def main() -> None:
     raise cli.UsageError(f'--steps must be >= 1, got {STEPS.value}')
   if not LR.value > 0:
     raise cli.UsageError(f'--lr must be > 0, got {LR.value}')
+  if CALIBRATION_TOKENS.value < 1:
+    raise cli.UsageError(f'--calibration_tokens must be >= 1, got '
+                         f'{CALIBRATION_TOKENS.value}')
   config = saved_run.read_config(os.path.abspath(os.path.expanduser(WORKDIR.value)))
   if not configs.looks_ahead(config.model):
     raise cli.UsageError(f'{WORKDIR.value}: a {config.model.ffn} model without mixture-of-'
@@ -119,11 +143,19 @@ def main() -> None:
       aux = aux_stage.train_routers(model, aux_store.merge(run.params, fresh), config, tok,
                                     steps=STEPS.value, lr=LR.value, on_row=on_row)
       params = aux_store.merge(run.params, aux)
-    print(f'{PROG}: evaluating teacher-forced and causal', file=sys.stderr, flush=True)
+    print(f'{PROG}: calibrating compute-matched thresholds on '
+          f'{CALIBRATION_TOKENS.value} training tokens', file=sys.stderr, flush=True)
+    params = aux_stage.calibrate(
+        model, params, config, tok, CALIBRATION_TOKENS.value,
+        on_pass=lambda s, n: print(f'  pass {s}/{n}', file=sys.stderr, flush=True))
+    print(f'{PROG}: evaluating teacher-forced and causal (thresholds 0.5 and matched)',
+          file=sys.stderr, flush=True)
     result = aux_stage.evaluate_modes(model, params, config, tok)
+    result.update(thresholds.summary(params))
     result.update(run_step=run.step, train_flops=run.progress.get('train_flops'),
                   steps=0 if joint else STEPS.value, lr=LR.value, mode=(
-                      'joint' if joint else 'post_hoc'))
+                      'joint' if joint else 'post_hoc'),
+                  calibration_tokens=CALIBRATION_TOKENS.value)
     log.write(STEPS.value if not joint else 0, {k: v for k, v in result.items()
                                                  if isinstance(v, (int, float))})
   finally:

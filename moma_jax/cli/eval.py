@@ -8,8 +8,11 @@ Restores the newest checkpoint of DIR (or step N), evaluates it teacher-forced o
 per modality and per dataset (`--json`: one JSON object with the metrics.jsonl keys).
 Reads DIR, writes nothing. `--max_batches` overrides the run's `train.eval_max_batches`
 (0: the whole split). `--causal` evaluates in causal mode instead (routing by the
-auxiliary routers, token by token; keys `eval_causal/...`), for runs that have them
-(`moma-aux`, or joint training).
+auxiliary routers, token by token), for runs that have them (`moma-aux`, or joint
+training): at threshold 0.5 (keys `eval_causal/...`) and, where `moma-aux` calibrated
+them for this step, at the compute-matched thresholds (`eval_causal_calibrated/...`),
+each with its forward FLOPs per token as routed on mixed validation batches
+(`flops/...`; moma_jax/inference/aux_stage.py).
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from moma_jax.cli import command as cli
 from moma_jax import configs
 from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
+from moma_jax.inference import aux_stage
 from moma_jax.inference import aux_store
 from moma_jax.inference import saved_run
+from moma_jax.inference import thresholds
 from moma_jax import run_dir
 from moma_jax.training import evaluation
 
@@ -39,6 +44,10 @@ JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
                        'print one JSON object instead of a table')
 CAUSAL = cli.define_once(flags.DEFINE_bool, 'causal', False,
                          'evaluate in causal mode (needs auxiliary routers)')
+
+
+CAUSAL_LABELS = {'eval_causal': 'causal, threshold 0.5',
+                 'eval_causal_calibrated': 'causal, compute-matched thresholds'}
 
 
 def table(metrics: dict[str, float], datasets: list[str], modalities: list[str],
@@ -62,7 +71,8 @@ def main() -> None:
   config = run.config
   if MAX_BATCHES.value is not None:
     config.train.eval_max_batches = MAX_BATCHES.value or None
-  model, prefix = run.model, 'eval'
+  model = run.model
+  calibrated = False
   if CAUSAL.value:
     if configs.looks_ahead(config.model) and not model.aux_routers:
       done = aux_store.read_result(run.workdir)
@@ -72,11 +82,21 @@ def main() -> None:
                              f'--step {done["run_step"]}, or moma-aux again')
       raise cli.UsageError(f'--causal: {run.workdir} has no auxiliary routers; train them '
                            f'first: moma-aux --workdir {run.workdir}')
-    model, prefix = model.clone(causal=True), 'eval_causal'
+    done = aux_store.read_result(run.workdir)
+    calibrated = (configs.looks_ahead(config.model) and done is not None
+                  and done['run_step'] == run.step)
+    if calibrated:
+      run = saved_run.load(WORKDIR.value, run.step,
+                           causal_thresholds=thresholds.CALIBRATED)
   tok = pipeline.load_tokenizers(config)
   data_checks.check(config, tok, (config.data.eval_split,))
-  step_fn = evaluation.make_eval_step(model, config.model.modalities)
-  metrics = evaluation.evaluate(step_fn, run.params, config, tok, prefix=prefix)
+  if CAUSAL.value:
+    metrics = aux_stage.causal_modes(model, run.params, config, tok, calibrated=calibrated)
+    prefixes = ['eval_causal', *(['eval_causal_calibrated'] if calibrated else [])]
+  else:
+    step_fn = evaluation.make_eval_step(model, config.model.modalities)
+    metrics = evaluation.evaluate(step_fn, run.params, config, tok)
+    prefixes = ['eval']
   if JSON.value:
     print(json.dumps({'step': run.step, 'train_flops': run.progress.get('train_flops'),
                       **metrics}))
@@ -84,8 +104,17 @@ def main() -> None:
   print(f'{PROG}: {run.workdir} at step {run.step} '
         f'({run.progress.get("train_flops", 0):.4g} training FLOPs'
         f'{", causal mode" if CAUSAL.value else ""})')
-  print(table(metrics, [n for n, _ in pipeline.mixture(config)],
-              list(config.model.modalities), prefix))
+  for prefix in prefixes:
+    if CAUSAL.value:
+      flops = ', '.join(f'{name} {metrics[key] / 1e6:.3f}' for name, key in (
+          ('overall', f'flops/{prefix}'),
+          *((m, f'flops/{prefix}/{m}') for m in config.model.modalities)))
+      print(f'{CAUSAL_LABELS[prefix]} (forward MFLOPs per token as routed: {flops})')
+    print(table(metrics, [n for n, _ in pipeline.mixture(config)],
+                list(config.model.modalities), prefix))
+  if CAUSAL.value and not calibrated and configs.looks_ahead(config.model):
+    print(f'(no compute-matched thresholds for step {run.step}: moma-aux --workdir '
+          f'{run.workdir} calibrates them)')
 
 
 def run(argv: list[str] | None = None) -> None:

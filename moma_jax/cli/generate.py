@@ -14,9 +14,11 @@ Tasks:
   caption        a caption for each image (--image files at the tokenizer's size, or
                  the first --validation_images images of the run's image datasets,
                  printed beside their true captions); --image-out shows them together.
-Sampling: --temperature (0: greedy), --top_p, --seed, --max_new_tokens.
+Sampling: --temperature (0: greedy), --top_p, --seed, --max_new_tokens,
+--causal_thresholds.
 A model with expert choice or mixture-of-depths decodes through its auxiliary routers
-(`moma-aux --workdir RUN` first). Reads RUN, writes only --image-out.
+(`moma-aux --workdir RUN` first), at threshold 0.5 unless --causal_thresholds=calibrated
+(the compute-matched thresholds moma-aux calibrated). Reads RUN, writes only --image-out.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from moma_jax.data import pipeline
 from moma_jax.inference import figures as generate_figures
 from moma_jax.inference import generate
 from moma_jax.inference import saved_run
+from moma_jax.inference import thresholds
 from moma_jax import run_dir
 
 PROG = 'moma-generate'
@@ -54,6 +57,10 @@ NUM_SAMPLES = cli.define_once(flags.DEFINE_integer, 'num_samples', 4,
 TEMPERATURE = cli.define_once(flags.DEFINE_float, 'temperature', 1.0, '0: greedy')
 TOP_P = cli.define_once(flags.DEFINE_float, 'top_p', 0.9, 'nucleus sampling mass')
 SEED = cli.define_once(flags.DEFINE_integer, 'seed', 0, 'sampling seed')
+THRESHOLDS = cli.define_once(lambda name, default, help_text: flags.DEFINE_enum(
+    name, default, thresholds.CHOICES, help_text), 'causal_thresholds', thresholds.HALF,
+    "the auxiliary routers' thresholds: half (p > 0.5, the paper's) or calibrated (the "
+    'compute-matched ones moma-aux calibrated)')
 MAX_NEW = cli.define_once(flags.DEFINE_integer, 'max_new_tokens', 96,
                           'tokens to generate at most per prompt')
 
@@ -125,7 +132,7 @@ def main() -> None:
   if task == 'caption' and VALIDATION_IMAGES.value > 0:
     # The data first: a bad shard is the first thing to fix, before the model loads.
     data_checks.check(config, tok, (config.data.eval_split,))
-  run = saved_run.load(WORKDIR.value)
+  run = saved_run.load(WORKDIR.value, causal_thresholds=THRESHOLDS.value)
   gen = generate.Generator(run, tok)
   kw = dict(temperature=TEMPERATURE.value, top_p=TOP_P.value, seed=SEED.value)
 

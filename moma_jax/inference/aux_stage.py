@@ -3,11 +3,16 @@
 As in the paper, the model is trained first; then every expert group and MoD layer gets
 an auxiliary router (moma_jax/model/aux_router.py), trained alone by binary cross-
 entropy against the group-level top-k decisions the frozen model makes on its training
-data. The stage ends with an evaluation on the validation splits:
+data; then their compute-matched thresholds are calibrated on training batches
+(moma_jax/inference/thresholds.py). The stage ends with an evaluation on the validation
+splits:
   eval/...          teacher-forced loss (the routing groups decide), as moma-eval;
-  eval_causal/...   causal loss (the auxiliary routers decide, token by token);
+  eval_causal/...   causal loss (the auxiliary routers decide, token by token, p > 0.5);
+  eval_causal_calibrated/...  the same at the compute-matched thresholds;
   aux_router/...    accuracy, balanced accuracy, precision and recall of the routers
-                    against the teacher-forced decisions, overall and per router kind.
+                    against the teacher-forced decisions, overall and per router kind;
+  flops/..., usage/...  forward FLOPs per token of each mode and the causal routing
+                    they come from (`evaluate_modes`).
 `moma-aux` (moma_jax/cli/aux.py) runs it; the results go to RUN/aux_router/
 (moma_jax/inference/aux_store.py), where `moma_jax.load` finds them.
 
@@ -15,23 +20,32 @@ Axis legend: B batch, L length.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 
+from moma_jax.analysis import flops
+from moma_jax import configs
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import pipeline
 from moma_jax.inference import aux_store
+from moma_jax.inference import thresholds
 from moma_jax.model import aux_router
+from moma_jax.model import param_names
+from moma_jax.model import routing_spec
 from moma_jax.model import transformer
 from moma_jax.training import evaluation
 
 
 # Mixed validation batches per dataset when `train.eval_max_batches` is None.
 VALIDATION_BATCHES_PER_DATASET = 16
+# Token positions of the training stream the compute-matched thresholds are calibrated
+# on, and of the mixed validation stream causal routing is measured on (2^18: 64 batches
+# of 16 x 256; the routers' shares vary from batch to batch, images most).
+CALIBRATION_TOKENS = USAGE_TOKENS = 1 << 18
 
 
 def init_aux_params(model: transformer.Decoder, seed: int):
@@ -109,17 +123,96 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
   ).items()}
 
 
+def batches_of(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers, tokens: int,
+               split: str = 'train') -> list[dict[str, jax.Array]]:
+  """The first batches of the run's mixed stream of `split`, enough to hold `tokens`
+  token positions (at least one batch)."""
+  per = config.train.batch_size * config.data.seq_len
+  data = pipeline.train_iterator(config, tok, split=split)
+  return [evaluation.to_device(next(data)) for _ in range(max(1, -(-tokens // per)))]
+
+
+def calibrate(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
+              tok: docs_lib.Tokenizers, tokens: int = CALIBRATION_TOKENS,
+              on_pass: Callable[[int, int], None] | None = None):
+  """`params` with compute-matched thresholds (moma_jax/inference/thresholds.py),
+  calibrated on the first `tokens` token positions of the training stream."""
+  return thresholds.calibrate(model, params, routing_spec.from_config(config),
+                              batches_of(config, tok, tokens), on_pass=on_pass)
+
+
+def usage_of(config: ml_collections.ConfigDict, measured: dict[str, Any]) -> flops.Usage:
+  """The `flops.Usage` of `thresholds.measure`'s pooled counts: per layer and modality,
+  the experts a token goes to (summed over the layer's expert groups; None where no
+  auxiliary router decides, as for a dense FFN) and the MoD picked shares."""
+  m = config.model
+  layers = configs.mod_layers(m)
+  experts = {name: [] for name in m.modalities}
+  picked = {name: [] for name in ('all', *m.modalities)}
+  for i, is_mod in enumerate(layers):
+    inside = (f'layer_{i}', param_names.MOD_BLOCK) if is_mod else (f'layer_{i}',)
+    routers = ['/'.join((*inside, param_names.EXPERTS, param_names.aux_router(g.name)))
+               for g in routing_spec.from_config(config).groups]
+    routers = [r for r in routers if f'share/{r}' in measured]
+    depth = f'layer_{i}/{param_names.aux_router()}'
+    picked['all'].append(measured[f'share/{depth}'][0] if is_mod else 1.0)
+    for name in m.modalities:
+      picked[name].append(measured[f'share/{depth}/{name}'][0] if is_mod else 1.0)
+      if not routers:
+        experts[name].append(None)
+        continue
+      runs = max(measured[f'eligible/{r}/{name}'] for r in routers)   # tokens in the block
+      took = sum(sum(measured[f'taken/{r}/{name}']) for r in routers)
+      experts[name].append(took / max(runs, 1))
+  return flops.Usage(experts={k: tuple(v) for k, v in experts.items()},
+                     picked={k: tuple(v) for k, v in picked.items()})
+
+
+def causal_modes(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
+                 tok: docs_lib.Tokenizers, calibrated: bool = True) -> dict[str, Any]:
+  """Causal evaluation at threshold 0.5 ('eval_causal/...') and, if `calibrated`, at the
+  compute-matched thresholds `params` carry ('eval_causal_calibrated/...'), with the
+  'flops/...' and 'usage/...' of each (`evaluate_modes`)."""
+  out: dict[str, Any] = {}
+  step = evaluation.make_eval_step(model.clone(causal=True), config.model.modalities)
+  modes = [('eval_causal', thresholds.at_half(params))]
+  if calibrated:
+    modes.append(('eval_causal_calibrated', params))
+  held_out = batches_of(config, tok, USAGE_TOKENS, split=config.data.eval_split)
+  for mode, p in modes:
+    out.update(evaluation.evaluate(step, p, config, tok, prefix=mode))
+    measured = (thresholds.measure(model, p, held_out, config.model.modalities)
+                if model.aux_routers else {})
+    out.update({f'usage/{mode}/{k}': v for k, v in measured.items()})
+    for k, v in flops.measured_forward(config, usage_of(config, measured)).items():
+      out[f'flops/{mode}' + ('' if k == 'overall' else f'/{k}')] = v
+  return out
+
+
 def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
-                   tok: docs_lib.Tokenizers) -> dict[str, float]:
-  """Teacher-forced and causal evaluation, and the routers' accuracy (module docstring);
-  also 'gap/{modality}' and 'gap' = causal minus teacher-forced loss."""
+                   tok: docs_lib.Tokenizers) -> dict[str, Any]:
+  """Teacher-forced and causal evaluation, and the routers' accuracy (module docstring).
+
+  `params` carry the routers' calibrated thresholds. Causal mode is evaluated at both
+  thresholds: 'eval_causal/...' at 0.5 and 'eval_causal_calibrated/...' compute-matched;
+  'gap[/{modality}]' and 'gap_calibrated[/{modality}]' are causal minus teacher-forced
+  loss. 'flops/{mode}[/{modality}]' are forward FLOPs per token: analytic for 'eval',
+  measured on mixed validation batches for the causal modes (auxiliary routers
+  included; 'flops/{mode}/aux_routers[/{modality}]' their part), and
+  'usage/{mode}/route/layer{i}/...' those measurements ('causal_share/{group}': each
+  expert's share of its group's eligible tokens; 'mod/picked[/{modality}]').
+  """
   mods = config.model.modalities
-  out = evaluation.evaluate(evaluation.make_eval_step(model, mods), params, config, tok)
-  out.update(evaluation.evaluate(evaluation.make_eval_step(model.clone(causal=True), mods),
-                                 params, config, tok, prefix='eval_causal'))
+  out: dict[str, Any] = evaluation.evaluate(evaluation.make_eval_step(model, mods), params,
+                                            config, tok)
   out.update(router_accuracy(model, params, config, tok))
+  report = flops.count(config)
+  out.update({f'flops/eval{"" if k == "overall" else "/" + k}': v
+              for k, v in report.forward.items()})
+  out.update(causal_modes(model, params, config, tok))
   for suffix in ('', *(f'/{m}' for m in mods)):
-    if f'eval/loss{suffix}' in out and f'eval_causal/loss{suffix}' in out:
-      out[f'gap{suffix}'] = out[f'eval_causal/loss{suffix}'] - out[f'eval/loss{suffix}']
+    for mode, gap in (('eval_causal', 'gap'), ('eval_causal_calibrated', 'gap_calibrated')):
+      if f'eval/loss{suffix}' in out and f'{mode}/loss{suffix}' in out:
+        out[f'{gap}{suffix}'] = out[f'{mode}/loss{suffix}'] - out[f'eval/loss{suffix}']
   return out
 

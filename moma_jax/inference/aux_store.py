@@ -1,6 +1,7 @@
 """Where a run's post-hoc auxiliary routers live: `RUN/aux_router/`.
 
   params/        Orbax checkpoint of the auxiliary routers' parameters, and only them
+                 (their compute-matched thresholds included)
   metrics.jsonl  the stage's training rows and its evaluation row
   result.json    the evaluation, written last: its presence means the stage finished,
                  and `run_step` names the checkpoint of the run it was trained on
@@ -24,6 +25,8 @@ from moma_jax import run_dir
 AUX_DIR = 'aux_router'
 PARAMS_DIR = 'params'
 RESULT_FILE = 'result.json'
+# A result without it comes from a stage before calibrated thresholds: not reusable.
+CALIBRATED_KEY = 'eval_causal_calibrated/loss'
 
 
 def directory(workdir: str) -> str:
@@ -47,7 +50,8 @@ def merge(main, aux) -> dict[str, Any]:
 
 def read_result(workdir: str) -> dict[str, Any] | None:
   """The finished stage's result.json, or None if the stage has not finished (or its
-  file cannot be read, which a warning says: the stage then counts as not done)."""
+  file cannot be read, or it predates calibrated thresholds, which a warning says: the
+  stage then counts as not done)."""
   path = os.path.join(directory(workdir), RESULT_FILE)
   if not os.path.exists(path):
     return None
@@ -57,6 +61,10 @@ def read_result(workdir: str) -> dict[str, Any] | None:
     int(result['run_step'])
   except (OSError, ValueError, KeyError, TypeError) as e:
     print(f'warning: ignoring unreadable {path} ({e!r})', file=sys.stderr)
+    return None
+  if CALIBRATED_KEY not in result:
+    print(f'warning: ignoring {path}: its stage has no calibrated thresholds (moma-aux '
+          'again)', file=sys.stderr)
     return None
   return result
 

@@ -7,7 +7,9 @@
 The directory holds `config.json` and `checkpoints/` as `moma-train` writes them, and
 `aux_router/` once `moma-aux` has trained post-hoc auxiliary routers on that checkpoint:
 the loaded model then carries them (`run.model.aux_routers`), so that
-`run.model.clone(causal=True)` decodes causally. Reading never changes the directory.
+`run.model.clone(causal=True)` decodes causally, at threshold 0.5 unless
+`causal_thresholds='calibrated'` asks for the stage's compute-matched thresholds
+(moma_jax/inference/thresholds.py). Reading never changes the directory.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import ml_collections
 
 from moma_jax import configs
 from moma_jax.inference import aux_store
+from moma_jax.inference import thresholds
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax import run_dir
@@ -71,9 +74,15 @@ class SavedRun:
   progress: dict[str, Any]      # train_flops, tokens, data position, ... at that step
 
 
-def load(workdir: str, step: int | None = None, with_aux_routers: bool = True) -> SavedRun:
-  """The run in `workdir` at checkpoint `step` (None: the newest), with the post-hoc
-  auxiliary routers trained on that step if there are any (and `with_aux_routers`)."""
+def load(workdir: str, step: int | None = None, with_aux_routers: bool = True,
+         causal_thresholds: str = thresholds.HALF) -> SavedRun:
+  """The run in `workdir` at checkpoint `step` (None: the newest), with the auxiliary
+  routers of the post-hoc stage trained on that step if there is one (and
+  `with_aux_routers`). causal_thresholds: 'half' (the paper's p > 0.5, the default) or
+  'calibrated' (the stage's compute-matched thresholds; RunDirError without a stage)."""
+  if causal_thresholds not in thresholds.CHOICES:
+    raise ValueError(f'causal_thresholds must be one of {thresholds.CHOICES}, got '
+                     f'{causal_thresholds!r}')
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(workdir):
     raise run_dir.RunDirError(f'no such run directory: {workdir}')
@@ -93,8 +102,15 @@ def load(workdir: str, step: int | None = None, with_aux_routers: bool = True) -
     ckpts.close()
   params = state['params']
   result = aux_store.read_result(workdir)
-  if with_aux_routers and not model.aux_routers and result and result['run_step'] == step:
+  staged = with_aux_routers and result is not None and result['run_step'] == step
+  if staged:
+    # Post-hoc routers join the model; a joint run's come back with their thresholds.
     model = transformer.build(config, aux_routers=True)
     shapes = jax.eval_shape(lambda: transformer.init(model, jax.random.key(0))[0])
     params = aux_store.merge(params, aux_store.restore(workdir, aux_store.split(shapes)[1]))
+  if causal_thresholds == thresholds.CALIBRATED and not staged:
+    raise run_dir.RunDirError(f'{workdir} has no calibrated causal thresholds for step '
+                              f'{step}: moma-aux --workdir {workdir}')
+  if model.aux_routers and causal_thresholds == thresholds.HALF:
+    params = thresholds.at_half(params)
   return SavedRun(workdir, config, model, params, step, progress)

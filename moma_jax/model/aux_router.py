@@ -7,10 +7,16 @@ cross-entropy, whether the group-level decision took it:
     p = sigmoid(SiLU(x W1) W2),   W1: D x D/2,   W2: D/2 x E
 (E = the experts of one expert group, or 1 for a mixture-of-depths layer). Its input is
 the main router's input under stop-gradient, so training it never changes the model.
-In causal mode a token goes to an expert (through a MoD layer) when p > 0.5, i.e. when
-its logit is > 0; the main router still gives the weight.
+In causal mode a token goes to an expert (through a MoD layer) when its logit exceeds
+the router's threshold t, a logit: the main router still gives the weight. t = 0 is the
+paper's rule, p > 0.5; a compute-matched t (moma_jax/inference/thresholds.py) makes each
+expert take, on average, the share of tokens it takes in training. The thresholds are
+the parameter `threshold` [R, E] of the router (R = 1, or one row per modality for a
+modality-aware MoD layer): stored with its weights, never trained (no gradient reaches
+them), 0 until calibrated.
 
-Axis legend: G routing groups, N tokens per group, D embed, E outputs, K candidate slots.
+Axis legend: G routing groups, N tokens per group, D embed, E outputs, K candidate slots,
+R threshold rows.
 """
 from __future__ import annotations
 
@@ -24,24 +30,44 @@ import optax
 from moma_jax.model.layers import default_kernel_init
 
 COLLECTION = 'aux_router'
+# What causal mode records of each router's decisions, to calibrate and measure them.
+DECISIONS = 'aux_decisions'
+THRESHOLD = 'threshold'
 # Counts each router sows (summed over its eligible tokens and outputs).
 COUNTS = ('bce_sum', 'count', 'tp', 'fp', 'fn', 'tn')
 
 
 class AuxRouter(nn.Module):
-  """x [..., D] -> logits [..., E] float32 (decision: logit > 0)."""
+  """x [..., D], row [...] int (the threshold row of each token; None: row 0) ->
+  (logits [..., E] float32, margins [..., E] = logits - threshold; decision: margin > 0)."""
   outputs: int
   param_dtype: jnp.dtype = jnp.float32
+  threshold_rows: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, row: jax.Array | None = None):
     d = x.shape[-1]
     w1 = self.param('w1', nn.with_logical_partitioning(default_kernel_init, ('embed', None)),
                     (d, d // 2), self.param_dtype)
     w2 = self.param('w2', nn.with_logical_partitioning(default_kernel_init, (None, None)),
                     (d // 2, self.outputs), self.param_dtype)
+    threshold = self.param(THRESHOLD, nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, None)), (self.threshold_rows, self.outputs),
+        jnp.float32)
     h = nn.silu(jax.lax.stop_gradient(x).astype(jnp.float32) @ w1.astype(jnp.float32))
-    return h @ w2.astype(jnp.float32)
+    logits = h @ w2.astype(jnp.float32)
+    t = jax.lax.stop_gradient(threshold)
+    t = t[0] if row is None else t[row]
+    return logits, logits - t
+
+  def record(self, logits: jax.Array, margins: jax.Array, eligible: jax.Array,
+             modality: jax.Array) -> None:
+    """Sows what causal mode decided, to calibrate and measure it (`DECISIONS`/...):
+    logits and margins [..., E], eligible [..., R] bool (the tokens each threshold row
+    decides over) and the tokens' modality [...]."""
+    for key, value in (('logits', logits), ('margins', margins), ('eligible', eligible),
+                       ('modality', modality)):
+      self.sow(DECISIONS, key, value)
 
   def score(self, logits: jax.Array, target: jax.Array, eligible: jax.Array,
             name: str) -> None:

@@ -83,12 +83,21 @@ class DepthRoutedBlock(nn.Module):
                   causal=self.causal, decode=self.decode, name=param_names.MOD_BLOCK)
     aux = None
     if self.aux_routers:
-      aux = aux_router.AuxRouter(1, self.param_dtype, name=param_names.aux_router())
-      aux_logits = aux(x)[..., 0]                                            # [B, L]
+      # A modality-aware layer picks c_d of each modality: a threshold per modality.
+      per_mod = self.spec.mod_per_modality
+      aux = aux_router.AuxRouter(1, self.param_dtype,
+                                 threshold_rows=self.spec.num_modalities if per_mod else 1,
+                                 name=param_names.aux_router())
+      aux_logits, aux_margins = aux(x, modality if per_mod else None)       # [B, L, 1]
+      aux_logits, aux_margins = aux_logits[..., 0], aux_margins[..., 0]     # [B, L]
     if self.causal:
       if aux is None:
         raise ValueError('causal mode of mixture-of-depths needs the auxiliary routers')
-      picked = valid & (aux_logits > 0)
+      picked = valid & (aux_margins > 0)
+      rows = (modality[..., None] == jnp.arange(self.spec.num_modalities) if per_mod
+              else jnp.ones((b, l, 1), bool))
+      aux.record(aux_logits[..., None], aux_margins[..., None], valid[..., None] & rows,
+                 modality)
       out = block(x, modality, jnp.where(picked, segment_ids, 0), positions, deterministic)
       r = jnp.where(picked, jax.nn.sigmoid(logits), 0.0)[..., None]
       self.sow('route_stats', 'mod/picked', picked.sum() / jnp.maximum(valid.sum(), 1))

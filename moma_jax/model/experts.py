@@ -79,15 +79,17 @@ class RoutedExperts(nn.Module):
                if m.router_noise == 'gumbel' and not deterministic else None)
       logits, scores = routers.scores(x, w_router, m.router, noise)
       eligible = valid & jnp.isin(modality, jnp.asarray(group.modalities))
-      aux = aux_logits = None
+      aux = aux_logits = aux_margins = None
       if self.aux_routers and not spec.token_choice:
         aux = aux_router.AuxRouter(group.experts, self.param_dtype,
                                    name=param_names.aux_router(group.name))
-        aux_logits = aux(x)                                                 # [G, N, E_i]
+        aux_logits, aux_margins = aux(x)                                    # [G, N, E_i]
       per_group.append((group.name, logits, eligible))
       if self.causal:
         decide = routers.CausalChoice(spec.top_k if spec.token_choice else None)
-        causal_w.append(decide(scores, eligible, aux_logits))
+        causal_w.append(decide(scores, eligible, aux_margins))
+        if aux is not None:
+          aux.record(aux_logits, aux_margins, eligible[..., None], modality)
         continue
       if spec.token_choice:
         selection, balance = routers.TokenChoice(spec.top_k, spec.topk_capacity(n))(

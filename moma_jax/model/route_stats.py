@@ -1,7 +1,8 @@
 """Routing statistics: computed from a layer's selection, sown, summarized as metrics.
 
 `expert_stats` (teacher-forced) and `causal_stats` (causal mode) are pure functions of
-what a layer of routed experts decided: tokens per expert, the experts-per-token
+what a layer of routed experts decided: tokens per expert (all, and of each modality),
+the experts-per-token
 histogram, left-behind fractions per modality, dropped fractions, router logit
 mean/std (or each expert's causal share). The layer sows them into the 'route_stats'
 collection, as mixture-of-depths layers sow their picked fraction. `summarize` averages
@@ -97,8 +98,16 @@ def expert_stats(selection: routing.Selection, kept: jax.Array, per_group, spec:
   g, n = modality.shape
   taken = routing.experts_per_token(selection.idx, kept, n)             # [G, N]
   n_valid = jnp.maximum(valid.sum(), 1)
+  # Each expert's taken tokens by modality (mean per group): which modality an expert
+  # serves, where the groups do not fix it (moe).
+  took = jnp.arange(selection.idx.shape[-1]) < kept[..., None]             # [G, E, K]
+  mod_of = jnp.take_along_axis(jnp.broadcast_to(modality[:, None], (g, took.shape[1], n)),
+                               jnp.clip(selection.idx, 0, n - 1), axis=-1)  # [G, E, K]
+  by_modality = {mod: selection.in_group_order((took & (mod_of == i)).sum(-1)).sum(0) / g
+                 for i, mod in enumerate(modalities)}
   wanted, kept = selection.in_group_order(selection.wanted), selection.in_group_order(kept)
   out = {'tokens_per_expert': kept.sum(0) / g}
+  out.update({f'tokens_per_expert/{mod}': v for mod, v in by_modality.items()})
   max_e = spec.top_k if spec.token_choice else max(grp.experts for grp in spec.groups)
   out['experts_per_token'] = jnp.stack(
       [((taken == i) & valid).sum() for i in range(max_e + 1)]) / n_valid

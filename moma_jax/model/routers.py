@@ -76,20 +76,22 @@ class TokenChoice:
 class CausalChoice:
   """Causal decisions, token by token: no token looks at another.
 
-  Expert choice is replaced by the auxiliary router's decisions (logit > 0, i.e. the
-  predicted probability of being taken > 0.5); token choice keeps its top-k without
-  capacity. The main router's score weights the expert either way.
+  Expert choice is replaced by the auxiliary router's decisions (its logit above the
+  router's threshold: margin > 0; threshold 0 is a predicted probability of being taken
+  > 0.5); token choice keeps its top-k without capacity. The main router's score weights
+  the expert either way.
   """
   top_k: int | None = None          # token choice; None: expert choice
 
   def __call__(self, scores: jax.Array, eligible: jax.Array,
-               aux_logits: jax.Array | None) -> jax.Array:
-    """scores [G, N, E], eligible [G, N] bool, aux_logits [G, N, E] (expert choice) ->
-    weights [G, N, E]: the score where a token goes to an expert, else 0."""
+               aux_margins: jax.Array | None) -> jax.Array:
+    """scores [G, N, E], eligible [G, N] bool, aux_margins [G, N, E] (expert choice:
+    auxiliary logit minus threshold) -> weights [G, N, E]: the score where a token goes
+    to an expert, else 0."""
     e = scores.shape[-1]
     if self.top_k is not None:
       top = jax.lax.top_k(scores, self.top_k)[1]                          # [G, N, k]
       take = jax.nn.one_hot(top, e, dtype=jnp.int32).sum(-2) > 0
     else:
-      take = aux_logits > 0
+      take = aux_margins > 0
     return jnp.where(take & eligible[..., None], scores, 0.0)
