@@ -197,10 +197,10 @@ def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.Co
   thresholds: 'eval_causal/...' at 0.5 and 'eval_causal_calibrated/...' compute-matched;
   'gap[/{modality}]' and 'gap_calibrated[/{modality}]' are causal minus teacher-forced
   loss. 'flops/{mode}[/{modality}]' are forward FLOPs per token: analytic for 'eval',
-  measured on mixed validation batches for the causal modes (auxiliary routers
-  included; 'flops/{mode}/aux_routers[/{modality}]' their part), and
-  'usage/{mode}/route/layer{i}/...' those measurements ('causal_share/{group}': each
-  expert's share of its group's eligible tokens; 'mod/picked[/{modality}]').
+  measured on `USAGE_TOKENS` of mixed validation batches for the causal modes
+  (auxiliary routers included; 'flops/{mode}/aux_routers[/{modality}]' their part), and
+  'usage/{mode}/...' those measurements (`thresholds.measure`: each router's shares,
+  pooled over the tokens).
   """
   mods = config.model.modalities
   out: dict[str, Any] = evaluation.evaluate(evaluation.make_eval_step(model, mods), params,
