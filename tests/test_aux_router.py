@@ -114,7 +114,7 @@ def test_a_finished_stage_is_reused(post_hoc, capsys):
 ])
 def test_bad_input_exits_2_with_one_line(args, message, data_setup, tmp_path, capsys,
                                          trained_run):
-  if args[0] in ('--steps', '--calibration_tokens'):
+  if args[:1] in (['--steps'], ['--calibration_tokens']):
     args = ['--workdir', trained_run[1], *args]
   if args == ['--dense']:
     config = tiny_train_config(data_setup[0].data.data_dir, 'dense', steps=1)
