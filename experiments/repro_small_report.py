@@ -55,24 +55,33 @@ def _eta_cell(row: savings.Row | None) -> str:
   return f'{row.eta:.2f}{"*" if row.extrapolated else ""}'
 
 
-def _at_step(rows, run, source, modality, step):
-  """The row of `run` nearest to `step` (at or before it)."""
+def step_offset(runs_dir: str, name: str) -> int:
+  """The steps a run's own step count leaves out: an upcycled run counts from 0 at its
+  source's step `upcycle.at_step`, so its step s is the study's step s + at_step."""
+  with open(os.path.join(runs_dir, name, 'config.json')) as f:
+    return int(json.load(f).get('upcycle', {}).get('at_step') or 0)
+
+
+def _at_step(rows, run, source, modality, step, offset=0):
+  """The row of `run` nearest to the study's `step` (at or before it)."""
   pick = [r for r in rows if r.run == run and r.source == source and r.modality == modality
-          and r.step <= step]
+          and r.step + offset <= step]
   return max(pick, key=lambda r: r.step) if pick else None
 
 
-def eta_table(rows, names, source, mid_step, end_step) -> list[str]:
+def eta_table(rows, names, source, mid_step, end_step, offsets) -> list[str]:
+  """Steps are the study's: `offsets[name]` (step_offset) added to a run's own."""
   out = [f'| variant | mid (step {mid_step}) text / image / overall | end (step {end_step}) '
          'text / image / overall | last measured text / image / overall | paper |',
          '|---|---|---|---|---|']
   last_measured = savings.final_rows(rows, measured_only=True)
   for name in names:
-    mid = ' / '.join(_eta_cell(_at_step(rows, name, source, m, mid_step)) for m in MODS)
-    end = ' / '.join(_eta_cell(_at_step(rows, name, source, m, end_step)) for m in MODS)
+    at = lambda m, step: _at_step(rows, name, source, m, step, offsets[name])
+    mid = ' / '.join(_eta_cell(at(m, mid_step)) for m in MODS)
+    end = ' / '.join(_eta_cell(at(m, end_step)) for m in MODS)
     meas = last_measured.get((name, source), {})
-    measured = ' / '.join(
-        f'{_eta_cell(meas.get(m))} (s{meas[m].step})' if m in meas else '-' for m in MODS)
+    measured = ' / '.join(f'{_eta_cell(meas.get(m))} (s{meas[m].step + offsets[name]})'
+                          if m in meas else '-' for m in MODS)
     paper = ' / '.join('-' if v is None else f'{v}'
                        for v in PAPER.get(name.split('_seed')[0], (None,) * 3))
     out.append(f'| {name} | {mid} | {end} | {measured} | {paper} |')
@@ -292,6 +301,7 @@ def main(argv=None) -> int:
              for n in ('dense', *SPARSE, *SEEDS.values()) if have(n)}
   end_step = max(r['step'] for r in metrics['dense'])
   mid_step = end_step // 2
+  offsets = {n: step_offset(runs_dir, n) for n in SPARSE}
 
   lines = [f'Runs: `{runs_dir}`; command: `bash experiments/repro_small.sh {args.runs}` '
            '(this report: `python experiments/repro_small_report.py --runs '
@@ -299,7 +309,7 @@ def main(argv=None) -> int:
            '(savings.py); `(sN)` = the step of the last point inside it.', '']
   for source, title in (('train', 'training loss'), ('eval', 'validation loss')):
     lines += [f'### eta from the {title}', '']
-    lines += eta_table(rows, SPARSE, source, mid_step, end_step) + ['']
+    lines += eta_table(rows, SPARSE, source, mid_step, end_step, offsets) + ['']
   lines += seed_section(metrics, read, have)
   causal = [n for n in (*SPARSE, '4t4i_seed1', 'moe_8x_seed1') if have(n)]
   lines += causal_section(runs_dir, causal)

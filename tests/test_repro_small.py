@@ -6,6 +6,7 @@ import os
 import pytest
 
 from moma_jax.analysis import flops
+from moma_jax.analysis import savings
 from moma_jax import configs
 from moma_jax.data import pipeline
 from moma_jax.model import routing_spec
@@ -73,3 +74,27 @@ def test_dataset_options_reach_the_pipeline(data_setup):
   c.data.options = 'moma_shapes:num_train=50:num_validation=10'
   assert len(pipeline.DatasetDocuments(c, 'moma_shapes', 'train', tok).source) == 50
   assert len(pipeline.DatasetDocuments(c, 'moma_shapes', 'validation', tok).source) == 10
+
+
+def test_report_counts_an_upcycled_run_s_steps_from_its_source_s(tmp_path):
+  """The upcycled variant's own step s is the study's step s + upcycle.at_step, so its
+  mid-training cell (the study's step 300) is empty and its end cell is its last row."""
+  spec = importlib.util.spec_from_file_location(
+      'repro_small_report', os.path.join(os.path.dirname(_PATH), 'repro_small_report.py'))
+  report = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(report)
+  repro = _module()
+  for name in ('up_4t4i', '4t4i'):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / 'config.json').write_text(repro.get_config(name).to_json())
+  offsets = {n: report.step_offset(str(tmp_path), n) for n in ('up_4t4i', '4t4i')}
+  assert offsets == {'up_4t4i': repro.UPCYCLE_STEP, '4t4i': 0}
+  rows = [savings.Row(name, m, 'eval', step, 1e9 * step, 1.0, eta, False)
+          for name, base in (('up_4t4i', 1.0), ('4t4i', 2.0)) for m in report.MODS
+          for step, eta in ((100, base + 0.1), (300, base + 0.3), (600, base + 0.6))
+          if name == '4t4i' or step <= 300]
+  table = report.eta_table(rows, ('up_4t4i', '4t4i'), 'eval', 300, 600, offsets)
+  assert table[2] == ('| up_4t4i | - / - / - | 1.30 / 1.30 / 1.30 | 1.30 (s600) / 1.30 '
+                      '(s600) / 1.30 (s600) | - / - / - |')
+  assert table[3] == ('| 4t4i | 2.30 / 2.30 / 2.30 | 2.60 / 2.60 / 2.60 | 2.60 (s600) / '
+                      '2.60 (s600) / 2.60 (s600) | 2.6 / 5.2 / 3.7 |')
