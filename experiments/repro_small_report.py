@@ -12,7 +12,7 @@ writes RUNS/report.md:
   3. teacher-forced vs causal evaluation loss per variant (post-hoc auxiliary routers) at
      threshold 0.5 and at the compute-matched thresholds, with the forward FLOPs per
      token of each mode, the held-out shares the calibrated experts took, and the
-     routers' balanced accuracy;
+     routers' balanced accuracy; then the same losses on mixed validation batches;
   4. route/dropped and route/left_behind at the end (what the routing did);
   5. the moe_8x diagnosis: what its experts took, per modality, over training, and the
      validation loss per dataset of the runs it is compared with;
@@ -164,6 +164,10 @@ def causal_section(runs_dir, names) -> list[str]:
            'matched | gap 0.5 | gap matched | MFLOPs/token TF / 0.5 / matched | held-out '
            'shares at 0.5 / matched (min-max) | balanced accuracy (experts / MoD) |',
            '|---|---|---|---|---|---|---|---|---|']
+  mixed = ['The same on 2^18 mixed validation tokens (routing groups mix the datasets as in '
+           'training; above, each dataset\'s split is routed alone):', '',
+           '| variant | teacher-forced overall / text / image | causal 0.5 | causal matched | '
+           'gap 0.5 | gap matched |', '|---|---|---|---|---|---|']
   for name in names:
     path = os.path.join(runs_dir, name, 'aux_router', 'result.json')
     if not os.path.isfile(path):
@@ -184,7 +188,10 @@ def causal_section(runs_dir, names) -> list[str]:
     lines.append(f'| {name} | {three("eval/loss")} | {three("eval_causal/loss")} | '
                  f'{three("eval_causal_calibrated/loss")} | {three("gap", 4)} | '
                  f'{three("gap_calibrated", 4)} | {fl} | {sh} | {acc} |')
-  return lines + ['']
+    mixed.append(f'| {name} | {three("mixed/eval/loss")} | {three("mixed/eval_causal/loss")} '
+                 f'| {three("mixed/eval_causal_calibrated/loss")} | {three("mixed/gap", 4)} '
+                 f'| {three("mixed/gap_calibrated", 4)} |')
+  return lines + [''] + mixed + ['']
 
 
 def moe_section(metrics) -> list[str]:

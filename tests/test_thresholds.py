@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from moma_jax.inference import aux_stage
 from moma_jax.inference import thresholds
 from moma_jax.model import aux_router
 from moma_jax.model import param_names
 from moma_jax.model import routing_spec
 from moma_jax.model import transformer
+from moma_jax.training import evaluation
 
 
 def test_quantile_thresholds_leave_the_capacity_above():
@@ -107,3 +109,20 @@ def test_at_half_zeroes_only_the_thresholds():
   back = flax.traverse_util.flatten_dict(thresholds.at_half(shifted))
   for k, v in back.items():
     np.testing.assert_array_equal(v, 0 if k[-1] == aux_router.THRESHOLD else flat[k])
+
+
+def test_mean_losses_pool_tokens_before_dividing():
+  config = tiny_config('moma', (2, 2))
+  model = transformer.build(config, aux_routers=True)
+  params, _ = transformer.init(model, jax.random.key(0))
+  full = _batch(config.train.batch_size, config.data.seq_len, seed=1)
+  part = dict(_batch(config.train.batch_size, config.data.seq_len, seed=2))
+  part['loss_mask'] = part['loss_mask'].at[:, config.data.seq_len // 4:].set(0.0)
+  step = evaluation.make_eval_step(model, config.model.modalities)
+  got = aux_stage.mean_losses(step, params, [full, part], config.model.modalities, 'm')
+  per = [jax.device_get(step(params, b)) for b in (full, part)]
+  for key in ('loss', 'loss/text', 'loss/image'):
+    n = [float(p['tokens' + key[4:]]) for p in per]
+    want = sum(float(p[key]) * k for p, k in zip(per, n)) / sum(n)
+    assert n[0] != n[1]                           # unequal weights: the mean is pooled
+    np.testing.assert_allclose(got[f'm/{key}'], want, rtol=1e-6)

@@ -10,8 +10,10 @@ calibrates their compute-matched thresholds on training batches (each expert the
 its training capacity of tokens; moma_jax/inference/thresholds.py), then evaluates on
 the validation splits and prints per modality:
   the teacher-forced loss, the causal loss at threshold 0.5 (the paper's) and at the
-  compute-matched thresholds, the gaps; forward FLOPs per token of the three modes; and
-  the routers' accuracy, balanced accuracy, precision and recall.
+  compute-matched thresholds, the gaps, on the validation splits (dataset by dataset)
+  and again on mixed validation batches, whose routing groups mix the datasets as
+  training's do (the like-for-like comparison); forward FLOPs per token of the three
+  modes; and the routers' accuracy, balanced accuracy, precision and recall.
 Results go to RUN/aux_router/ (params, metrics.jsonl, result.json); the run's own
 checkpoints and metrics are not touched. A stage already finished on the same
 checkpoint is reused (its result printed) unless --force. A run trained with
@@ -58,18 +60,23 @@ def _fmt(v, w, p):
 
 
 def table(result: dict, modalities) -> str:
-  """Three blocks: the losses (teacher-forced, causal at 0.5 and at the compute-matched
-  thresholds) and their gaps; forward FLOPs per token of each mode; router rates. Rows:
-  overall and each modality."""
+  """The losses (teacher-forced, causal at 0.5 and at the compute-matched thresholds)
+  and their gaps, on the validation splits and on mixed validation batches; forward
+  FLOPs per token of each mode; router rates. Rows: overall and each modality."""
   rows = (('overall', ''), *((m, f'/{m}') for m in modalities))
   cols = ('eval/loss', 'eval_causal/loss', 'eval_causal_calibrated/loss', 'gap',
           'gap_calibrated')
-  lines = [f'{"loss":<10}{"teacher-forced":>16}{"causal 0.5":>12}{"causal matched":>16}'
-           f'{"gap 0.5":>10}{"gap matched":>13}']
-  for label, suffix in rows:
-    v = [result.get(f'{c}{suffix}') for c in cols]
-    lines.append(f'{label:<10}{_fmt(v[0], 16, 4)}{_fmt(v[1], 12, 4)}{_fmt(v[2], 16, 4)}'
-                 f'{_fmt(v[3], 10, 4)}{_fmt(v[4], 13, 4)}')
+  lines = []
+  for base, title in (('', 'validation splits, dataset by dataset'),
+                      ('mixed/', 'mixed validation batches, groups as in training')):
+    if f'{base}eval/loss' not in result:
+      continue
+    lines.append(f'{"loss":<10}{"teacher-forced":>16}{"causal 0.5":>12}'
+                 f'{"causal matched":>16}{"gap 0.5":>10}{"gap matched":>13}   ({title})')
+    for label, suffix in rows:
+      v = [result.get(f'{base}{c}{suffix}') for c in cols]
+      lines.append(f'{label:<10}{_fmt(v[0], 16, 4)}{_fmt(v[1], 12, 4)}{_fmt(v[2], 16, 4)}'
+                   f'{_fmt(v[3], 10, 4)}{_fmt(v[4], 13, 4)}')
   lines.append(f'{"MFLOPs/tok":<10}{"teacher-forced":>16}{"causal 0.5":>12}'
                f'{"causal matched":>16}   (forward; causal: as routed, aux routers in)')
   for label, suffix in rows:

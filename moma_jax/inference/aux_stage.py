@@ -168,17 +168,41 @@ def usage_of(config: ml_collections.ConfigDict, measured: dict[str, Any]) -> flo
                      picked={k: tuple(v) for k, v in picked.items()})
 
 
+def held_out_batches(config: ml_collections.ConfigDict,
+                     tok: docs_lib.Tokenizers) -> list[dict[str, jax.Array]]:
+  """`USAGE_TOKENS` of the mixed validation stream: the datasets mixed as in training."""
+  return batches_of(config, tok, USAGE_TOKENS, split=config.data.eval_split)
+
+
+def mean_losses(eval_step: evaluation.EvalStep, params, batches, modalities,
+                prefix: str) -> dict[str, float]:
+  """'{prefix}/loss[/{modality}]': token-weighted mean losses of `eval_step` over
+  `batches` (evaluation.make_eval_step's sums, pooled before dividing)."""
+  keys = ('loss', *(f'loss/{m}' for m in modalities))
+  sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
+  for batch in batches:
+    m = jax.device_get(eval_step(params, batch))
+    for key in keys:
+      n = int(m['tokens' + key[len('loss'):]])   # 'loss/text' -> 'tokens/text'
+      sums[key] += float(m[key]) * n
+      counts[key] += n
+  return {f'{prefix}/{k}': sums[k] / counts[k] for k in keys if counts[k]}
+
+
 def causal_modes(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
-                 tok: docs_lib.Tokenizers, calibrated: bool = True) -> dict[str, Any]:
+                 tok: docs_lib.Tokenizers, calibrated: bool = True,
+                 held_out: list[dict[str, jax.Array]] | None = None) -> dict[str, Any]:
   """Causal evaluation at threshold 0.5 ('eval_causal/...') and, if `calibrated`, at the
   compute-matched thresholds `params` carry ('eval_causal_calibrated/...'), with the
-  'flops/...' and 'usage/...' of each (`evaluate_modes`)."""
+  'flops/...' and 'usage/...' of each, measured on `held_out` (default
+  `held_out_batches`; `evaluate_modes`)."""
   out: dict[str, Any] = {}
   step = evaluation.make_eval_step(model.clone(causal=True), config.model.modalities)
   modes = [('eval_causal', thresholds.at_half(params))]
   if calibrated:
     modes.append(('eval_causal_calibrated', params))
-  held_out = batches_of(config, tok, USAGE_TOKENS, split=config.data.eval_split)
+  if held_out is None:
+    held_out = held_out_batches(config, tok)
   for mode, p in modes:
     out.update(evaluation.evaluate(step, p, config, tok, prefix=mode))
     measured = (thresholds.measure(model, p, held_out, config.model.modalities)
@@ -201,18 +225,33 @@ def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.Co
   (auxiliary routers included; 'flops/{mode}/aux_routers[/{modality}]' their part), and
   'usage/{mode}/...' those measurements (`thresholds.measure`: each router's shares,
   pooled over the tokens).
+
+  The validation splits are read dataset by dataset (as moma-eval and training do), so
+  teacher-forced routing groups there hold one dataset's tokens, which compete for the
+  experts differently than in training's mixed groups; causal routing decides token by
+  token and does not see the difference. The like-for-like comparison is therefore
+  also made on the mixed held-out batches: 'mixed/{mode}/loss[/{modality}]' for the
+  three modes, and 'mixed/gap[...]', 'mixed/gap_calibrated[...]'.
   """
   mods = config.model.modalities
-  out: dict[str, Any] = evaluation.evaluate(evaluation.make_eval_step(model, mods), params,
-                                            config, tok)
+  teacher_step = evaluation.make_eval_step(model, mods)
+  out: dict[str, Any] = evaluation.evaluate(teacher_step, params, config, tok)
   out.update(router_accuracy(model, params, config, tok))
   report = flops.count(config)
   out.update({f'flops/eval{"" if k == "overall" else "/" + k}': v
               for k, v in report.forward.items()})
-  out.update(causal_modes(model, params, config, tok))
+  held_out = held_out_batches(config, tok)
+  out.update(causal_modes(model, params, config, tok, held_out=held_out))
+  causal_step = evaluation.make_eval_step(model.clone(causal=True), mods)
+  for mode, step, p in (('eval', teacher_step, params),
+                        ('eval_causal', causal_step, thresholds.at_half(params)),
+                        ('eval_causal_calibrated', causal_step, params)):
+    out.update(mean_losses(step, p, held_out, mods, prefix=f'mixed/{mode}'))
   for suffix in ('', *(f'/{m}' for m in mods)):
-    for mode, gap in (('eval_causal', 'gap'), ('eval_causal_calibrated', 'gap_calibrated')):
-      if f'eval/loss{suffix}' in out and f'{mode}/loss{suffix}' in out:
-        out[f'{gap}{suffix}'] = out[f'{mode}/loss{suffix}'] - out[f'eval/loss{suffix}']
+    for base in ('', 'mixed/'):
+      for mode, gap in (('eval_causal', 'gap'), ('eval_causal_calibrated', 'gap_calibrated')):
+        causal, teacher = f'{base}{mode}/loss{suffix}', f'{base}eval/loss{suffix}'
+        if causal in out and teacher in out:
+          out[f'{base}{gap}{suffix}'] = out[causal] - out[teacher]
   return out
 
