@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from moma_jax.inference import aux_stage
 from moma_jax.inference import thresholds
 from moma_jax.model import aux_router
 from moma_jax.model import param_names
@@ -119,7 +118,7 @@ def test_mean_losses_pool_tokens_before_dividing():
   part = dict(_batch(config.train.batch_size, config.data.seq_len, seed=2))
   part['loss_mask'] = part['loss_mask'].at[:, config.data.seq_len // 4:].set(0.0)
   step = evaluation.make_eval_step(model, config.model.modalities)
-  got = aux_stage.mean_losses(step, params, [full, part], config.model.modalities, 'm')
+  got = evaluation.mean_losses(step, params, [full, part], config.model.modalities, 'm')
   per = [jax.device_get(step(params, b)) for b in (full, part)]
   for key in ('loss', 'loss/text', 'loss/image'):
     n = [float(p['tokens' + key[4:]]) for p in per]

@@ -174,21 +174,6 @@ def held_out_batches(config: ml_collections.ConfigDict,
   return batches_of(config, tok, USAGE_TOKENS, split=config.data.eval_split)
 
 
-def mean_losses(eval_step: evaluation.EvalStep, params, batches, modalities,
-                prefix: str) -> dict[str, float]:
-  """'{prefix}/loss[/{modality}]': token-weighted mean losses of `eval_step` over
-  `batches` (evaluation.make_eval_step's sums, pooled before dividing)."""
-  keys = ('loss', *(f'loss/{m}' for m in modalities))
-  sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
-  for batch in batches:
-    m = jax.device_get(eval_step(params, batch))
-    for key in keys:
-      n = int(m['tokens' + key[len('loss'):]])   # 'loss/text' -> 'tokens/text'
-      sums[key] += float(m[key]) * n
-      counts[key] += n
-  return {f'{prefix}/{k}': sums[k] / counts[k] for k in keys if counts[k]}
-
-
 def causal_modes(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
                  tok: docs_lib.Tokenizers, calibrated: bool = True,
                  held_out: list[dict[str, jax.Array]] | None = None) -> dict[str, Any]:
@@ -246,7 +231,7 @@ def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.Co
   for mode, step, p in (('eval', teacher_step, params),
                         ('eval_causal', causal_step, thresholds.at_half(params)),
                         ('eval_causal_calibrated', causal_step, params)):
-    out.update(mean_losses(step, p, held_out, mods, prefix=f'mixed/{mode}'))
+    out.update(evaluation.mean_losses(step, p, held_out, mods, prefix=f'mixed/{mode}'))
   for suffix in ('', *(f'/{m}' for m in mods)):
     for base in ('', 'mixed/'):
       for mode, gap in (('eval_causal', 'gap'), ('eval_causal_calibrated', 'gap_calibrated')):

@@ -5,11 +5,12 @@
   eval/{dataset}/loss, eval/{dataset}/loss/{modality}   per dataset.
 A dataset without tokens of a modality has no key for it. A model in causal mode
 (auxiliary routers decide, token by token) is evaluated the same way, under the prefix
-'eval_causal'.
+'eval_causal'. `mean_losses` pools the same means over any list of batches.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import itertools
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,31 @@ def to_device(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+def _pooled(eval_step: EvalStep, params, batches: Iterable[Any], keys: Sequence[str]):
+  """(sums, counts): each key's loss times its token count, and the counts, summed over
+  `batches` ('loss/text' counts 'tokens/text')."""
+  sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
+  for batch in batches:
+    m = jax.device_get(eval_step(params, batch))
+    for key in keys:
+      n = int(m['tokens' + key[len('loss'):]])
+      sums[key] += float(m[key]) * n
+      counts[key] += n
+  return sums, counts
+
+
+def _keys(modalities) -> tuple[str, ...]:
+  return ('loss', *(f'loss/{m}' for m in modalities))
+
+
+def mean_losses(eval_step: EvalStep, params, batches: Iterable[Mapping[str, jax.Array]],
+                modalities, prefix: str) -> dict[str, float]:
+  """'{prefix}/loss[/{modality}]': token-weighted mean losses over `batches` (device
+  arrays), pooled over all of them before dividing."""
+  sums, counts = _pooled(eval_step, params, batches, _keys(modalities))
+  return {f'{prefix}/{k}': sums[k] / counts[k] for k in sums if counts[k]}
+
+
 def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
              tok: docs_lib.Tokenizers,
              put: Callable[[Mapping[str, np.ndarray]], Any] = to_device,
@@ -50,22 +76,13 @@ def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
   """Reads at most `train.eval_max_batches` batches of each dataset's eval split (this
   process's rows of each; `put` makes them the step's input arrays). Keys start with
   `prefix` ('eval', or 'eval_causal' for a causal-mode model)."""
-  mods = config.model.modalities
-  limit = config.train.eval_max_batches
-  keys = ('loss', *(f'loss/{m}' for m in mods))
+  keys = _keys(config.model.modalities)
   total, count, out = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), {}
   for name, _ in pipeline.mixture(config):
-    sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
     batches = pipeline.eval_batches(config, tok, name, jax.process_index(),
                                     jax.process_count())
-    for i, batch in enumerate(batches):
-      if limit is not None and i >= limit:
-        break
-      m = jax.device_get(eval_step(params, put(batch)))
-      for key in keys:
-        n = int(m['tokens' + key[len('loss'):]])   # 'loss/text' -> 'tokens/text'
-        sums[key] += float(m[key]) * n
-        counts[key] += n
+    batches = map(put, itertools.islice(batches, config.train.eval_max_batches))
+    sums, counts = _pooled(eval_step, params, batches, keys)
     for key in keys:
       if counts[key]:
         out[f'{prefix}/{name}/{key}'] = sums[key] / counts[key]
