@@ -9,10 +9,10 @@ writes RUNS/report.md:
      the seed-0 dense run, next to the paper's (1.4B, 1T tokens);
   2. the seed-to-seed spread: final losses of the two seeds of dense, 4t4i and moe_8x,
      and the eta of 4t4i and moe_8x against each dense seed;
-  3. teacher-forced vs causal evaluation loss per variant (post-hoc auxiliary routers) at
-     threshold 0.5 and at the compute-matched thresholds, with the forward FLOPs per
-     token of each mode, the held-out shares the calibrated experts took, and the
-     routers' balanced accuracy; then the same losses on mixed validation batches;
+  3. teacher-forced vs causal evaluation loss of the runs of CAUSAL (post-hoc auxiliary
+     routers) at threshold 0.5 and at the compute-matched thresholds, with the forward
+     FLOPs per token of each mode, the held-out shares the calibrated experts took, and
+     the routers' balanced accuracy; then the same losses on mixed validation batches;
   4. route/dropped and route/left_behind at the end (what the routing did);
   5. the moe_8x diagnosis: what its experts took, per modality, over training, and the
      validation loss per dataset of the runs it is compared with;
@@ -44,6 +44,8 @@ MODS = ('text', 'image', 'overall')
 PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5.3, 4.2)}
 # The moe_8x diagnosis compares these runs (those that exist).
 MOE_RUNS = ('dense', '4t4i', 'moe_8x', 'moe_8x_seed1', 'moe_8x_lr5e-4')
+# The runs experiments/repro_small.sh evaluates causally (moma-aux).
+CAUSAL = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', '4t4i_seed1')
 LAYERS = 4
 
 
@@ -318,8 +320,7 @@ def main(argv=None) -> int:
     lines += [f'### eta from the {title}', '']
     lines += eta_table(rows, SPARSE, source, mid_step, end_step, offsets) + ['']
   lines += seed_section(metrics, read, have)
-  causal = [n for n in (*SPARSE, '4t4i_seed1', 'moe_8x_seed1') if have(n)]
-  lines += causal_section(runs_dir, causal)
+  lines += causal_section(runs_dir, CAUSAL)
 
   # Routing at the end.
   lines += ['### Routing at the end of training', '', '| variant | dropped text / image / all '
