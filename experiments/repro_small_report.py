@@ -2,8 +2,9 @@
 
   python experiments/repro_small_report.py --runs runs/repro_small [--figures docs]
 
-Reads every run's metrics.jsonl and aux_router/result.json (nothing is trained) and
-writes RUNS/report.md:
+Reads every run's metrics.jsonl and aux_router/result.json (nothing is trained; the
+dense run is evaluated once on the mixed held-out batches moma-aux uses) and writes
+RUNS/report.md:
   1. eta per modality (text, image, overall), from the training loss and from the
      evaluation loss, at mid-training and at the end, for every sparse variant against
      the seed-0 dense run, next to the paper's (1.4B, 1T tokens);
@@ -34,6 +35,10 @@ import numpy as np
 
 from moma_jax.analysis import savings
 from moma_jax.analysis import savings_report
+from moma_jax.data import pipeline
+from moma_jax.inference import aux_stage
+from moma_jax.inference import saved_run
+from moma_jax.training import evaluation
 
 SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'up_4t4i',
           'moe_8x_lr5e-4')
@@ -156,6 +161,16 @@ def _shares(res: dict, mode: str) -> list[float]:
   return out
 
 
+def dense_mixed_losses(run_dir: str) -> dict[str, float]:
+  """Teacher-forced 'mixed/eval/loss[/{modality}]' of the dense run (which moma-aux does
+  not take: it has no routing to predict) on the mixed held-out batches moma-aux uses."""
+  run = saved_run.load(run_dir, with_aux_routers=False)
+  mods = run.config.model.modalities
+  batches = aux_stage.held_out_batches(run.config, pipeline.load_tokenizers(run.config))
+  return evaluation.mean_losses(evaluation.make_eval_step(run.model, mods), run.params,
+                                batches, mods, 'mixed/eval')
+
+
 def causal_section(runs_dir, names) -> list[str]:
   lines = ['### Teacher-forced vs causal validation loss (post-hoc auxiliary routers)', '',
            'Causal at the paper\'s threshold 0.5 and at the compute-matched thresholds '
@@ -170,6 +185,9 @@ def causal_section(runs_dir, names) -> list[str]:
            'training; above, each dataset\'s split is routed alone):', '',
            '| variant | teacher-forced overall / text / image | causal 0.5 | causal matched | '
            'gap 0.5 | gap matched |', '|---|---|---|---|---|---|']
+  dense = dense_mixed_losses(os.path.join(runs_dir, 'dense'))
+  mixed.append('| dense | ' + ' / '.join(_fmt(dense.get(f'mixed/eval/loss{k}'))
+                                         for k in ('', '/text', '/image')) + ' | | | | |')
   for name in names:
     path = os.path.join(runs_dir, name, 'aux_router', 'result.json')
     if not os.path.isfile(path):
