@@ -3,8 +3,8 @@
   python experiments/repro_small_report.py --runs runs/repro_small [--figures docs]
 
 Reads every run's metrics.jsonl and aux_router/result.json (nothing is trained; the
-dense run is evaluated once on the mixed held-out batches moma-aux uses) and writes
-RUNS/report.md:
+runs of TEACHER_FORCED_ONLY are evaluated on the mixed held-out batches moma-aux uses)
+and writes RUNS/report.md:
   1. eta per modality (text, image, overall), from the training loss and from the
      evaluation loss, at mid-training and at the end, for every sparse variant against
      the seed-0 dense run, next to the paper's (1.4B, 1T tokens);
@@ -51,6 +51,9 @@ PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5
 MOE_RUNS = ('dense', '4t4i', 'moe_8x', 'moe_8x_seed1', 'moe_8x_lr5e-4')
 # The runs experiments/repro_small.sh evaluates causally (moma-aux).
 CAUSAL = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', '4t4i_seed1')
+# The other runs, evaluated teacher-forced on the mixed held-out batches by this report.
+TEACHER_FORCED_ONLY = ('dense', 'dense_seed1', 'up_4t4i', 'mod_4t4i_aware', 'moe_8x_seed1',
+                       'moe_8x_lr5e-4')
 LAYERS = 4
 
 
@@ -161,9 +164,9 @@ def _shares(res: dict, mode: str) -> list[float]:
   return out
 
 
-def dense_mixed_losses(run_dir: str) -> dict[str, float]:
-  """Teacher-forced 'mixed/eval/loss[/{modality}]' of the dense run (which moma-aux does
-  not take: it has no routing to predict) on the mixed held-out batches moma-aux uses."""
+def teacher_forced_mixed(run_dir: str) -> dict[str, float]:
+  """Teacher-forced 'mixed/eval/loss[/{modality}]' of a run moma-aux did not take (dense
+  has no routing to predict) on the mixed held-out batches moma-aux uses."""
   run = saved_run.load(run_dir, with_aux_routers=False)
   mods = run.config.model.modalities
   batches = aux_stage.held_out_batches(run.config, pipeline.load_tokenizers(run.config))
@@ -185,9 +188,10 @@ def causal_section(runs_dir, names) -> list[str]:
            'training; above, each dataset\'s split is routed alone):', '',
            '| variant | teacher-forced overall / text / image | causal 0.5 | causal matched | '
            'gap 0.5 | gap matched |', '|---|---|---|---|---|---|']
-  dense = dense_mixed_losses(os.path.join(runs_dir, 'dense'))
-  mixed.append('| dense | ' + ' / '.join(_fmt(dense.get(f'mixed/eval/loss{k}'))
-                                         for k in ('', '/text', '/image')) + ' | | | | |')
+  for name in TEACHER_FORCED_ONLY:
+    res = teacher_forced_mixed(os.path.join(runs_dir, name))
+    mixed.append(f'| {name} | ' + ' / '.join(_fmt(res.get(f'mixed/eval/loss{k}'))
+                                             for k in ('', '/text', '/image')) + ' | | | | |')
   for name in names:
     path = os.path.join(runs_dir, name, 'aux_router', 'result.json')
     if not os.path.isfile(path):
