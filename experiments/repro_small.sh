@@ -4,10 +4,10 @@
 # Trains every variant of experiments/repro_small.py (up_4t4i from the 1t1i run's step
 # 300) and a second seed of dense, 4t4i and moe_8x, trains post-hoc auxiliary routers,
 # calibrates their compute-matched thresholds and evaluates causally 1t1i, 4t4i, moe_8x
-# and both MoD runs, then compares the runs with moma-compare and
-# writes RUNS_DIR/report.md and the figures in docs/, and measures the variants'
-# throughput at the study's size (RUNS_DIR/throughput.md). Rerunning it reuses what
-# is finished: moma-train resumes or finds a run done, moma-aux finds its stage done.
+# and both MoD runs, then compares the runs with moma-compare, writes RUNS_DIR/report.md
+# and the figures in docs/, and measures the variants' throughput at the study's size
+# (RUNS_DIR/throughput.md). Rerunning it reuses what is finished: moma-train resumes or
+# finds a run done, moma-aux finds its stage done.
 set -euo pipefail
 RUNS=${1:-runs/repro_small}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -26,7 +26,7 @@ train up_4t4i "--config.upcycle.from_workdir=$RUNS/1t1i"
 for spec in mod_4t4i_aware moe_8x,seed=1 moe_8x_lr5e-4; do
   train "$spec"
 done
-# Causal evaluation of the runs the findings use (the stage costs 4 to 13 minutes a run).
+# Causal evaluation of the runs the findings use (measured: 4 to 24 minutes a run).
 for name in 1t1i 4t4i moe_8x mod_1t1i mod_4t4i; do
   echo "== aux $name ($SECONDS s)"
   moma-aux --workdir "$RUNS/$name" --steps "$AUX_STEPS"
