@@ -117,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=10, eval_every=100, ckpt_every=100, keep=3, max_nonfinite=10,
       # Evaluation reads at most this many batches per dataset (None: the whole split).
       eval_max_batches=config_dict.placeholder(int),
+      # Batches made and placed on the devices ahead of the step (0: made when needed).
+      prefetch=2,
       # Steps (1-based) whose loss is made NaN, to exercise the non-finite path.
       nan_steps=()))
 

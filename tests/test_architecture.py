@@ -18,6 +18,7 @@ import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 PACKAGES = ('moma_jax', 'pallas_kernels')
+MAX_FUNCTION_LINES = 60
 MAX_LINES = 400
 # Folders never scanned: caches, builds, environments, run outputs.
 _SKIP_DIRS = {'__pycache__', 'build', 'dist', 'runs', 'workdirs', 'data_cache'}
@@ -185,6 +186,22 @@ def test_no_module_over_max_lines():
     if lines > MAX_LINES:
       long.append(f'{path}: {lines} lines')
   assert not long, f'over {MAX_LINES} lines:\n' + '\n'.join(long)
+
+
+def test_no_training_function_over_max_function_lines():
+  """The training loop stays a sequence of short actions a reader can hold."""
+  long = []
+  for module, path in _modules().items():
+    if not module.startswith('moma_jax.training'):
+      continue
+    with open(os.path.join(ROOT, path), encoding='utf-8') as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > MAX_FUNCTION_LINES:
+          long.append(f'{path}: {node.name} has {lines} lines')
+  assert not long, f'over {MAX_FUNCTION_LINES} lines:\n' + '\n'.join(long)
 
 
 def test_pallas_kernels_import_nothing_of_moma_jax():

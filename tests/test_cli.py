@@ -92,3 +92,22 @@ def test_runlocal_shrinks_any_experiment_but_keeps_explicit_overrides():
   assert t.steps == 7 and t.batch_size == 16   # the command line's steps, not 100
   full = cli.parse(argv[:2], 'moma-flops')
   assert full.model.d_model == 2304 and full.train.steps > 10**5
+
+
+@pytest.mark.parametrize('mesh_args,expected', [
+    (['--config.mesh.fsdp=3'], 'mesh: data=1 x fsdp=3 x expert=1 x tensor=1 is 3 devices'),
+    (['--config.mesh.fsdp', 'two'], "--config.mesh.fsdp: must be an integer"),
+    (['--config.model.d_model=64'], '--config.model.d_model: this tool reads the config of '
+                                    'the run directory; only the mesh can be set'),
+])
+def test_run_directory_tools_take_only_the_mesh(mesh_args, expected, tmp_path, capsys):
+  """moma-eval (like moma-aux and moma-generate) reads its config from the run; on the
+  command line only --config.mesh.* may change, and a bad one is one line, exit 2."""
+  from moma_jax import configs
+  from moma_jax.cli import eval as eval_cli
+  (tmp_path / 'config.json').write_text(configs.default_config().to_json())
+  with pytest.raises(SystemExit) as exit_info:
+    eval_cli.run(['moma-eval', f'--workdir={tmp_path}', *mesh_args])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.count('\n') == 1, err
+  assert err.startswith('moma-eval: error: ') and expected in err, err

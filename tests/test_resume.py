@@ -25,7 +25,9 @@ from moma_jax.training import metrics_log
 from moma_jax.training import trainer as train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
-TIMING_KEYS = ('tokens_per_sec',)
+def is_timing(key: str) -> bool:
+  """Keys that measure time (they differ between any two runs)."""
+  return key == 'tokens_per_sec' or key.startswith('time/')
 
 # The child: the trainer, untouched, with markers on stdout that say where it is.
 # `@ save S` .. `@ save-done S` is the call that starts an asynchronous save (the commit
@@ -63,7 +65,7 @@ train.train(configs.validate(config), workdir,
 
 
 def comparable(rows):
-  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+  return [{k: v for k, v in r.items() if not is_timing(k)} for r in rows]
 
 
 def assert_same_run(workdir, reference_rows, context=''):

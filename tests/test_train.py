@@ -77,12 +77,19 @@ def test_metrics_rows_follow_the_design(trained_run):
   for row in train_rows:
     for key in ('train_flops', 'tokens', 'loss', 'loss/text', 'tokens_per_sec',
                 'nonfinite_skipped', 'route/left_behind/text', 'route/grad_norm/text',
-                'route/tokens_per_expert/0', 'batch_tokens/text', 'batch_tokens/image'):
+                'route/tokens_per_expert/0', 'batch_tokens/text', 'batch_tokens/image',
+                'time/step', 'time/data_wait', 'time/eval', 'time/checkpoint'):
       assert key in row, key
     # A modality without targets in the step's batch has no loss (rather than 0).
     assert ('loss/image' in row) == (row['batch_tokens/image'] > 0), row
     assert all(isinstance(v, (int, float)) for v in row.values()), row
   assert sum('loss/image' in r for r in train_rows) >= 20
+  # Where the time went since the previous row: evaluation (after steps 15, 30) and
+  # saving (after 10, 20) are booked to the next row, never to training time.
+  by_step = {r['step']: r for r in train_rows}
+  assert all(r['time/step'] > 0 and 0 <= r['time/data_wait'] for r in train_rows)
+  assert by_step[16]['time/eval'] > 0 and by_step[11]['time/checkpoint'] > 0
+  assert by_step[14]['time/eval'] == 0 == by_step[14]['time/checkpoint']
   # train_flops: per-modality training FLOPs per token x that modality's target tokens,
   # summed over steps; with equal per-token costs here it is tokens x the cost.
   assert report.train['text'] == report.train['image']

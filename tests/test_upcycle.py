@@ -22,6 +22,7 @@ from moma_jax.inference import saved_run
 from moma_jax.model import routing_spec
 from moma_jax.model import sharding
 from moma_jax.model import transformer
+from moma_jax import run_dir
 from moma_jax.training import checkpoint as ckpt_lib
 from moma_jax.training import metrics_log
 from moma_jax.training import optimizer as optimizer_lib
@@ -113,9 +114,27 @@ def start_of(config):
   """(fresh state, upcycled state, progress) as `train.train` makes them."""
   model = transformer.build(config)
   tx = optimizer_lib.optimizer(config)
+  mesh = sharding.make_mesh(config)
+  _, state_sh = train_state.layout(model, tx, mesh)
+  fresh = train_state.create(model, tx, state_sh, config.train.seed)
+  return (fresh, *upcycle.initial_state(config, tx, model, state_sh, mesh))
+
+
+def host_path_start(config):
+  """The upcycled state as it was first built, through the host: the source read
+  whole onto one device, a fresh init of the whole state, the parameter map run
+  eagerly, each array then placed by its sharding."""
+  model = transformer.build(config)
+  tx = optimizer_lib.optimizer(config)
   _, state_sh = train_state.layout(model, tx, sharding.make_mesh(config))
   fresh = train_state.create(model, tx, state_sh, config.train.seed)
-  return (fresh, *upcycle.initial_state(config, tx, fresh['params'], state_sh))
+  u = config.upcycle
+  source = saved_run.load(u.from_workdir, u.at_step, with_aux_routers=False)
+  host = jax.device_get(upcycle.upcycle_params(source.params, source.config,
+                                               fresh['params'], config))
+  params = jax.tree.map(lambda x, sh: jax.make_array_from_callback(
+      x.shape, sh, lambda index: x[index]), host, state_sh['params'])
+  return {'params': params, 'opt': jax.jit(tx.init, out_shardings=state_sh['opt'])(params)}
 
 
 # ----------------------------------------------------------------------------------
@@ -153,6 +172,29 @@ def test_every_expert_starts_as_its_modalitys_ffn(source_run, upcycled_run):
   assert progress['step'] == 0 and progress['data'] == source.progress['data']
 
 
+def test_the_sharded_start_equals_the_host_path_bit_for_bit(upcycled_run):
+  config = upcycled_run['config']
+  _, state, _ = start_of(config)
+  want = host_path_start(config)
+  assert jax.tree.structure(state) == jax.tree.structure(want)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                          jax.tree.leaves(want)):
+    assert a.dtype == b.dtype and a.sharding == b.sharding, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def test_check_source_reads_no_array(source_run, upcycled_run, monkeypatch):
+  """The trainer checks the source before it writes anything, from files alone."""
+  config = upcycled_run['config']
+  monkeypatch.setattr(saved_run, 'restore_params', lambda *a, **k: pytest.fail('read'))
+  upcycle.check_source(config)
+  bad = configs.validate(config.copy_and_resolve_references())
+  bad.upcycle.at_step = 7
+  with pytest.raises(run_dir.RunDirError, match='has no checkpoint of step 7; it has 2, 3'):
+    upcycle.check_source(bad)
+
+
 def test_optimizer_and_lr_schedule_restart(upcycled_run):
   config = upcycled_run['config']
   _, state, _ = start_of(config)
@@ -166,7 +208,9 @@ def test_optimizer_and_lr_schedule_restart(upcycled_run):
   model = transformer.build(config)
   ckpts = ckpt_lib.Checkpoints(upcycled_run['workdir'])
   try:
-    saved, _ = ckpts.restore(2, saved_run.abstract_state(config, model))
+    abstract, _ = train_state.layout(model, optimizer_lib.optimizer(config),
+                                     sharding.one_device_mesh())
+    saved, _ = ckpts.restore(2, abstract)
   finally:
     ckpts.close()
   counts = [int(v) for path, v in jax.tree_util.tree_flatten_with_path(saved['opt'])[0]

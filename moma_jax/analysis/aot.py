@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -162,14 +162,6 @@ def _scalar(dtype, mesh) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
 
 
-def _abstract_params(model, mesh) -> Any:
-  """The parameters of `model` as sharded ShapeDtypeStructs (no initialization runs)."""
-  abstract, shardings = sharding.state_shardings(
-      mesh, lambda: transformer.init_boxed(model, jax.random.key(0)))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> BuiltStep:
   """The step `name` ('train', 'eval' or 'decode') with its abstract arguments on
   `target.mesh`, built as moma-train, the evaluator and moma-generate build it.
@@ -193,14 +185,14 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
     return BuiltStep(name, fn, args, config.train.batch_size * config.data.seq_len)
   if name == 'eval':
     model = transformer.build(config)
-    params = _abstract_params(model, mesh)
+    params = train_state.abstract_params(model, mesh)
     fn = evaluation.make_eval_step(model, config.model.modalities,
                                    (jax.tree.map(lambda a: a.sharding, params), batch_sh))
     return BuiltStep(name, fn, (params, abstract_batch(config, batch_sh)),
                      config.train.batch_size * config.data.seq_len)
   if name == 'decode':
     model = transformer.build(config, aux_routers=configs.looks_ahead(config.model) or None)
-    params = _abstract_params(model, mesh)
+    params = train_state.abstract_params(model, mesh)
     decoder = model.clone(causal=True, decode=True)
     b = config.train.batch_size
     # Rows over the batch axes where they divide B; the cache's rows likewise.

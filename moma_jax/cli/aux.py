@@ -2,7 +2,7 @@
 
 Usage:
   moma-aux --workdir RUN [--steps 300] [--lr 3e-3] [--seed 0] [--calibration_tokens 262144]
-           [--force] [--json]
+           [--force] [--json] [--config.mesh.fsdp=8 ...]
 
 Freezes RUN's newest checkpoint, trains an auxiliary router per expert group and MoD
 layer to predict the group-level top-k decisions (moma_jax/inference/aux_stage.py),
@@ -18,6 +18,10 @@ Results go to RUN/aux_router/ (params, metrics.jsonl, result.json); the run's ow
 checkpoints and metrics are not touched. A stage already finished on the same
 checkpoint is reused (its result printed) unless --force. A run trained with
 `model.aux_router.mode='joint'` has its routers already: it is only evaluated.
+
+`--config.mesh.data/fsdp/expert/tensor=N` (the others 1; -1: the devices left over)
+runs the stage sharded over the devices of every process by the training rules, for a
+run larger than one device; without them on one device.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ import os
 import sys
 
 from absl import flags
+import jax
 
 from moma_jax.cli import command as cli
+from moma_jax.cli import distributed
 from moma_jax import configs
 from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
@@ -35,8 +41,10 @@ from moma_jax.inference import aux_stage
 from moma_jax.inference import aux_store
 from moma_jax.inference import saved_run
 from moma_jax.inference import thresholds
+from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax import run_dir
+from moma_jax import run_lock
 from moma_jax.training import metrics_log
 
 PROG = 'moma-aux'
@@ -98,7 +106,48 @@ def table(result: dict, modalities) -> str:
   return '\n'.join(lines)
 
 
-def main() -> None:
+def _stage(run, model, config, tok, log) -> tuple[object, dict]:
+  """(parameters with the trained and calibrated routers, the result): the stage on
+  `run`'s mesh (called under it)."""
+  joint = run.model.aux_routers
+  params = run.params
+  # Batches [B, L]: each process reads its rows, placed over the mesh's batch axes.
+  batch_sh = sharding.batch_sharding(run.mesh)
+  put = lambda batch: sharding.global_batch(batch, batch_sh)
+  if not joint:
+    print(f'{PROG}: training auxiliary routers of {run.workdir} (step {run.step}) for '
+          f'{STEPS.value} steps of {config.train.batch_size} x {config.data.seq_len}',
+          file=sys.stderr, flush=True)
+
+    def on_row(step, row):
+      log.write(step, row)
+      print(f'  step {step:>5}/{STEPS.value}  loss {row["aux_router/loss"]:.4f}  '
+            f'balanced accuracy {row["aux_router/balanced_accuracy"]:.3f}',
+            file=sys.stderr, flush=True)
+    fresh = aux_stage.init_aux_params(model, SEED.value, run.mesh)
+    aux = aux_stage.train_routers(model, aux_store.merge(run.params, fresh), config, tok,
+                                  steps=STEPS.value, lr=LR.value, on_row=on_row, put=put)
+    params = aux_store.merge(run.params, aux)
+  print(f'{PROG}: calibrating compute-matched thresholds on '
+        f'{CALIBRATION_TOKENS.value} training tokens', file=sys.stderr, flush=True)
+  params = aux_stage.calibrate(
+      model, params, config, tok, CALIBRATION_TOKENS.value,
+      on_pass=lambda s, n: print(f'  pass {s}/{n}', file=sys.stderr, flush=True), put=put)
+  print(f'{PROG}: evaluating teacher-forced and causal (thresholds 0.5 and matched)',
+        file=sys.stderr, flush=True)
+  result = aux_stage.evaluate_modes(model, params, config, tok, put=put)
+  result.update(thresholds.summary(params))
+  result.update(run_step=run.step, train_flops=run.progress.get('train_flops'),
+                steps=0 if joint else STEPS.value, lr=LR.value, mode=(
+                    'joint' if joint else 'post_hoc'),
+                calibration_tokens=CALIBRATION_TOKENS.value)
+  log.write(STEPS.value if not joint else 0, {k: v for k, v in result.items()
+                                               if isinstance(v, (int, float))})
+  return params, result
+
+
+def main(mesh_overrides: dict[str, int]) -> None:
+  distributed.initialize()
   if not WORKDIR.value:
     raise cli.UsageError('--workdir DIR is required')
   if STEPS.value < 1:
@@ -112,7 +161,11 @@ def main() -> None:
   if not configs.looks_ahead(config.model):
     raise cli.UsageError(f'{WORKDIR.value}: a {config.model.ffn} model without mixture-of-'
                          'depths routes causally already; it needs no auxiliary routers')
-  run = saved_run.load(WORKDIR.value, with_aux_routers=False)
+  # One writer per run directory: not beside a trainer still writing RUN (released
+  # when `run` returns: run_lock.scope()).
+  run_lock.hold(os.path.expanduser(WORKDIR.value), PROG, enabled=jax.process_index() == 0)
+  mesh = saved_run.mesh_for(WORKDIR.value, mesh_overrides)
+  run = saved_run.load(WORKDIR.value, with_aux_routers=False, mesh=mesh)
   done = aux_store.read_result(run.workdir)
   mods = list(config.model.modalities)
   if done is not None and done.get('run_step') == run.step and not FORCE.value:
@@ -125,7 +178,6 @@ def main() -> None:
   data_checks.check(config, tok)       # before anything is written
   joint = run.model.aux_routers
   model = run.model if joint else transformer.build(config, aux_routers=True)
-  params = run.params
   try:
     os.makedirs(aux_store.directory(run.workdir), exist_ok=True)
     if not joint:
@@ -134,37 +186,10 @@ def main() -> None:
     raise cli.UsageError(f'cannot write {aux_store.directory(run.workdir)} '
                          f'({e.strerror or e})') from e
   log = metrics_log.MetricsLog(aux_store.directory(run.workdir), resume_step=0,
-                               total_steps=STEPS.value)
+                               total_steps=STEPS.value, enabled=jax.process_index() == 0)
   try:
-    if not joint:
-      print(f'{PROG}: training auxiliary routers of {run.workdir} (step {run.step}) for '
-            f'{STEPS.value} steps of {config.train.batch_size} x {config.data.seq_len}',
-            file=sys.stderr, flush=True)
-
-      def on_row(step, row):
-        log.write(step, row)
-        print(f'  step {step:>5}/{STEPS.value}  loss {row["aux_router/loss"]:.4f}  '
-              f'balanced accuracy {row["aux_router/balanced_accuracy"]:.3f}',
-              file=sys.stderr, flush=True)
-      fresh = aux_stage.init_aux_params(model, SEED.value)
-      aux = aux_stage.train_routers(model, aux_store.merge(run.params, fresh), config, tok,
-                                    steps=STEPS.value, lr=LR.value, on_row=on_row)
-      params = aux_store.merge(run.params, aux)
-    print(f'{PROG}: calibrating compute-matched thresholds on '
-          f'{CALIBRATION_TOKENS.value} training tokens', file=sys.stderr, flush=True)
-    params = aux_stage.calibrate(
-        model, params, config, tok, CALIBRATION_TOKENS.value,
-        on_pass=lambda s, n: print(f'  pass {s}/{n}', file=sys.stderr, flush=True))
-    print(f'{PROG}: evaluating teacher-forced and causal (thresholds 0.5 and matched)',
-          file=sys.stderr, flush=True)
-    result = aux_stage.evaluate_modes(model, params, config, tok)
-    result.update(thresholds.summary(params))
-    result.update(run_step=run.step, train_flops=run.progress.get('train_flops'),
-                  steps=0 if joint else STEPS.value, lr=LR.value, mode=(
-                      'joint' if joint else 'post_hoc'),
-                  calibration_tokens=CALIBRATION_TOKENS.value)
-    log.write(STEPS.value if not joint else 0, {k: v for k, v in result.items()
-                                                 if isinstance(v, (int, float))})
+    with jax.set_mesh(run.mesh), sharding.axis_rules():
+      params, result = _stage(run, model, config, tok, log)
   finally:
     log.close()
   aux_store.save(run.workdir, aux_store.split(params)[1], result)
@@ -173,8 +198,9 @@ def main() -> None:
 
 def run(argv: list[str] | None = None) -> None:
   """Console script entry point (`moma-aux`); argv[0] is the program name."""
-  cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False,
-               user_errors=(*pipeline.DATA_ERRORS, run_dir.RunDirError))
+  with run_lock.scope():
+    cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False, with_mesh=True,
+                 user_errors=(*pipeline.DATA_ERRORS, run_dir.RunDirError))
 
 
 if __name__ == '__main__':

@@ -199,15 +199,46 @@ def parse_plain(argv: Sequence[str], prog: str) -> None:
     fail(prog, str(e))
 
 
+def mesh_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+  """(argv without them, {axis: size}) of the `--config.mesh.AXIS=N` (or `... N`) flags
+  of a script that reads its config from a run directory: the mesh is the one thing
+  such a script lets the command line choose. UsageError for any other `--config...`
+  or a size that is not an integer (the mesh itself is checked later, against the
+  devices and the run: `sharding.make_mesh`)."""
+  axes = tuple(configs.default_config().mesh.keys())
+  rest, sizes = [argv[0]], {}
+  args = iter(argv[1:])
+  for a in args:
+    m = re.fullmatch(rf'-{{1,2}}{CONFIG_FLAG}(\.[^=]*)?(=.*)?', a)
+    if m is None:
+      rest.append(a)
+      continue
+    name = a.split('=', 1)[0].lstrip('-')
+    axis = name[len(f'{CONFIG_FLAG}.mesh.'):]
+    if not name.startswith(f'{CONFIG_FLAG}.mesh.') or axis not in axes:
+      raise UsageError(f'--{name}: this tool reads the config of the run directory; '
+                       'only the mesh can be set: ' +
+                       ', '.join(f'--{CONFIG_FLAG}.mesh.{x}=N' for x in axes))
+    value = m.group(2)[1:] if m.group(2) else next(args, '')
+    try:
+      sizes[axis] = int(value)
+    except ValueError:
+      raise UsageError(f'--{name}: must be an integer (-1: the devices left over), got '
+                       f'{value!r}') from None
+  return rest, sizes
+
+
 def run_main(main: Callable[..., object],
              argv: Sequence[str] | None = None, *, prog: str, usage: str = '',
              user_errors: tuple[type[Exception], ...] = (),
-             with_config: bool = True) -> None:
+             with_config: bool = True, with_mesh: bool = False) -> None:
   """Parses the command line, validates the config and calls `main(config)`.
 
   argv: the full command line (argv[0] = program); None means sys.argv.
   with_config: False for a script without `--config` (e.g. one that reads a run
   directory): `main()` is called with no argument.
+  with_mesh: with with_config False, the script takes `--config.mesh.AXIS=N` flags
+  (`mesh_overrides`) and is called as `main({axis: N})` ({} when none is given).
   `--help` prints `usage` and the flags, and exits 0.
   user_errors: further exception types `main` raises for bad input (data, paths); like
   ConfigError they end as one line and exit code 2.
@@ -222,6 +253,10 @@ def run_main(main: Callable[..., object],
   try:
     if with_config:
       main(parse(argv, prog))
+    elif with_mesh:
+      argv, sizes = mesh_overrides(argv)
+      parse_plain(argv, prog)
+      main(sizes)
     else:
       parse_plain(argv, prog)
       main()

@@ -2,6 +2,7 @@
 
 Usage:
   moma-eval --workdir DIR [--step N] [--max_batches N] [--causal] [--json]
+            [--config.mesh.fsdp=8 ...]
 
 Restores the newest checkpoint of DIR (or step N), evaluates it teacher-forced on the
 `data.eval_split` of every dataset of the run's mixture, and prints the loss overall,
@@ -13,6 +14,11 @@ training): at threshold 0.5 (keys `eval_causal/...`) and, where `moma-aux` calib
 them for this step, at the compute-matched thresholds (`eval_causal_calibrated/...`),
 each with its forward FLOPs per token as routed on mixed validation batches
 (`flops/...`; moma_jax/inference/aux_stage.py).
+
+`--config.mesh.data/fsdp/expert/tensor=N` (the others 1; -1: the devices left over)
+opens the run sharded over the devices of every process by the training rules, for a
+run larger than one device; without them it runs on one device. The numbers are the
+one-device ones up to float rounding (sums split over devices add in another order).
 """
 from __future__ import annotations
 
@@ -20,8 +26,10 @@ import json
 import sys
 
 from absl import flags
+import jax
 
 from moma_jax.cli import command as cli
+from moma_jax.cli import distributed
 from moma_jax import configs
 from moma_jax.data import checks as data_checks
 from moma_jax.data import pipeline
@@ -29,6 +37,7 @@ from moma_jax.inference import aux_stage
 from moma_jax.inference import aux_store
 from moma_jax.inference import saved_run
 from moma_jax.inference import thresholds
+from moma_jax.model import sharding
 from moma_jax import run_dir
 from moma_jax.training import evaluation
 
@@ -62,12 +71,14 @@ def table(metrics: dict[str, float], datasets: list[str], modalities: list[str],
   return '\n'.join(lines)
 
 
-def main() -> None:
+def main(mesh_overrides: dict[str, int]) -> None:
+  distributed.initialize()
   if not WORKDIR.value:
     raise cli.UsageError('--workdir DIR is required')
   if MAX_BATCHES.value is not None and MAX_BATCHES.value < 0:
     raise cli.UsageError(f'--max_batches must be >= 0, got {MAX_BATCHES.value}')
-  run = saved_run.load(WORKDIR.value, STEP.value)
+  mesh = saved_run.mesh_for(WORKDIR.value, mesh_overrides)
+  run = saved_run.load(WORKDIR.value, STEP.value, mesh=mesh)
   config = run.config
   if MAX_BATCHES.value is not None:
     config.train.eval_max_batches = MAX_BATCHES.value or None
@@ -86,17 +97,25 @@ def main() -> None:
     calibrated = (configs.looks_ahead(config.model) and done is not None
                   and done['run_step'] == run.step)
     if calibrated:
-      run = saved_run.load(WORKDIR.value, run.step,
+      step, run = run.step, None          # one copy of the parameters at a time
+      run = saved_run.load(WORKDIR.value, step, mesh=mesh,
                            causal_thresholds=thresholds.CALIBRATED)
   tok = pipeline.load_tokenizers(config)
   data_checks.check(config, tok, (config.data.eval_split,))
-  if CAUSAL.value:
-    metrics = aux_stage.causal_modes(model, run.params, config, tok, calibrated=calibrated)
-    prefixes = ['eval_causal', *(['eval_causal_calibrated'] if calibrated else [])]
-  else:
-    step_fn = evaluation.make_eval_step(model, config.model.modalities)
-    metrics = evaluation.evaluate(step_fn, run.params, config, tok)
-    prefixes = ['eval']
+  # Batches [B, L]: each process reads its rows, placed over the mesh's batch axes.
+  batch_sh = sharding.batch_sharding(run.mesh)
+  put = lambda batch: sharding.global_batch(batch, batch_sh)
+  with jax.set_mesh(run.mesh), sharding.axis_rules():
+    if CAUSAL.value:
+      metrics = aux_stage.causal_modes(model, run.params, config, tok,
+                                       calibrated=calibrated, put=put)
+      prefixes = ['eval_causal', *(['eval_causal_calibrated'] if calibrated else [])]
+    else:
+      params_sh = jax.tree.map(lambda a: a.sharding, run.params)
+      step_fn = evaluation.make_eval_step(model, config.model.modalities,
+                                          (params_sh, batch_sh))
+      metrics = evaluation.evaluate(step_fn, run.params, config, tok, put=put)
+      prefixes = ['eval']
   if JSON.value:
     print(json.dumps({'step': run.step, 'train_flops': run.progress.get('train_flops'),
                       **metrics}))
@@ -119,7 +138,7 @@ def main() -> None:
 
 def run(argv: list[str] | None = None) -> None:
   """Console script entry point (`moma-eval`); argv[0] is the program name."""
-  cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False,
+  cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False, with_mesh=True,
                user_errors=(*pipeline.DATA_ERRORS, run_dir.RunDirError))
 
 

@@ -5,6 +5,7 @@ Usage:
   moma-generate --workdir RUN --task text_to_image --prompt CAPTION ... --image-out F.png
   moma-generate --workdir RUN --task caption --validation_images 8 [--image-out F.png]
   moma-generate --workdir RUN --task caption --image PICTURE.png ...
+  moma-generate --workdir RUN --prompt TEXT --config.mesh.fsdp=8
 
 Tasks:
   continue       (default) mixed-modal continuation of each text prompt: text, and
@@ -15,7 +16,9 @@ Tasks:
                  the first --validation_images images of the run's image datasets,
                  printed beside their true captions); --image-out shows them together.
 Sampling: --temperature (0: greedy), --top_p, --seed, --max_new_tokens,
---causal_thresholds.
+--causal_thresholds. `--config.mesh.data/fsdp/expert/tensor=N` (the others 1; -1: the
+devices left over) opens the run sharded over the devices of every process by the
+training rules, for a run larger than one device; without them it runs on one device.
 A model with expert choice or mixture-of-depths decodes through its auxiliary routers
 (`moma-aux --workdir RUN` first), at threshold 0.5 unless --causal_thresholds=calibrated
 (the compute-matched thresholds moma-aux calibrated). Reads RUN, writes only --image-out.
@@ -29,6 +32,7 @@ from absl import flags
 import numpy as np
 
 from moma_jax.cli import command as cli
+from moma_jax.cli import distributed
 from moma_jax.data import checks as data_checks
 from moma_jax.data import datasets
 from moma_jax.data import pipeline
@@ -114,7 +118,8 @@ def _write(draw, *args) -> None:
     raise cli.UsageError(f'--image-out: cannot write {args[-1]} ({e.strerror or e})') from e
 
 
-def main() -> None:
+def main(mesh_overrides: dict[str, int]) -> None:
+  distributed.initialize()
   if not WORKDIR.value:
     raise cli.UsageError('--workdir DIR is required')
   if MAX_NEW.value < 1 or NUM_SAMPLES.value < 1:
@@ -132,7 +137,9 @@ def main() -> None:
   if task == 'caption' and VALIDATION_IMAGES.value > 0:
     # The data first: a bad shard is the first thing to fix, before the model loads.
     data_checks.check(config, tok, (config.data.eval_split,))
-  run = saved_run.load(WORKDIR.value, causal_thresholds=THRESHOLDS.value)
+  # Causal decoding routes token by token: the prompts need not hold routing groups.
+  mesh = saved_run.mesh_for(WORKDIR.value, mesh_overrides, whole_groups=False)
+  run = saved_run.load(WORKDIR.value, causal_thresholds=THRESHOLDS.value, mesh=mesh)
   gen = generate.Generator(run, tok)
   kw = dict(temperature=TEMPERATURE.value, top_p=TOP_P.value, seed=SEED.value)
 
@@ -180,7 +187,7 @@ def main() -> None:
 
 def run(argv: list[str] | None = None) -> None:
   """Console script entry point (`moma-generate`); argv[0] is the program name."""
-  cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False,
+  cli.run_main(main, argv, prog=PROG, usage=__doc__, with_config=False, with_mesh=True,
                user_errors=(*pipeline.DATA_ERRORS, run_dir.RunDirError,
                             generate.GenerationError))
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import sys
 
 from absl import flags
-import jax
 import ml_collections
 
 from moma_jax.cli import command as cli
+from moma_jax.cli import distributed
 from moma_jax.training import trainer
 
 PROG = trainer.PROG
@@ -38,38 +38,11 @@ PROFILE_STEPS = cli.define_once(
     flags.DEFINE_integer, 'profile_steps', 0,
     'write a JAX profiler trace of this many steps (after the first, which compiles) '
     'into WORKDIR/profile; view it with TensorBoard or Perfetto')
-DISTRIBUTED = cli.define_once(
-    flags.DEFINE_bool, 'distributed', False,
-    'several processes: call jax.distributed.initialize, which finds the processes '
-    'itself on TPU pods and SLURM or Open MPI clusters')
-COORDINATOR = cli.define_once(
-    flags.DEFINE_string, 'coordinator_address', None,
-    'host:port of process 0 of a multi-process run (implies --distributed); with '
-    '--num_processes and --process_id where the cluster does not say them')
-NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, 'num_processes', None,
-                                'processes of a multi-process run')
-PROCESS_ID = cli.define_once(flags.DEFINE_integer, 'process_id', None,
-                             'this process, 0 .. num_processes - 1')
 USER_ERRORS = trainer.USER_ERRORS
 
 
-def initialize_distributed() -> None:
-  """Joins the processes of a multi-process run (before JAX touches a device)."""
-  given = dict(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
-               process_id=PROCESS_ID.value)
-  if not (DISTRIBUTED.value or any(v is not None for v in given.values())):
-    return
-  if given['num_processes'] is not None and not 0 <= (given['process_id'] or 0) < given[
-      'num_processes']:
-    raise cli.UsageError(f'--process_id must be in [0, {given["num_processes"]}), got '
-                         f'{given["process_id"]}')
-  # CPU processes (tests, laptops) exchange through gloo; other backends ignore this.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
-
-
 def main(config: ml_collections.ConfigDict) -> None:
-  initialize_distributed()
+  distributed.initialize()
   try:
     if PROFILE_STEPS.value < 0:
       raise cli.UsageError(f'--profile_steps must be >= 0, got {PROFILE_STEPS.value}')

@@ -16,11 +16,16 @@ splits:
 `moma-aux` (moma_jax/cli/aux.py) runs it; the results go to RUN/aux_router/
 (moma_jax/inference/aux_store.py), where `moma_jax.load` finds them.
 
+Every function that reads data takes `put`, which makes this process's rows of a batch
+[B, L] the step's input arrays: `evaluation.to_device` on one device, or
+`sharding.global_batch` over a mesh (then run under `jax.set_mesh(mesh)` and
+`sharding.axis_rules()`, with the parameters placed there: `moma_jax.load(mesh=...)`).
+
 Axis legend: B batch, L length.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -36,8 +41,10 @@ from moma_jax.inference import thresholds
 from moma_jax.model import aux_router
 from moma_jax.model import param_names
 from moma_jax.model import routing_spec
+from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax.training import evaluation
+from moma_jax.training import state as train_state
 
 
 # Mixed validation batches per dataset when `train.eval_max_batches` is None.
@@ -47,11 +54,26 @@ VALIDATION_BATCHES_PER_DATASET = 16
 # of 16 x 256; the routers' shares vary from batch to batch, images most).
 CALIBRATION_TOKENS = USAGE_TOKENS = 1 << 18
 
+Put = Callable[[Mapping[str, np.ndarray]], Mapping[str, jax.Array]]
 
-def init_aux_params(model: transformer.Decoder, seed: int):
-  """Fresh auxiliary-router parameters for `model` (built with aux_routers=True)."""
-  params, _ = transformer.init(model, jax.random.key(seed))
-  return aux_store.split(params)[1]
+
+def _rows(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers, split: str = 'train'):
+  """This process's rows of the run's mixed stream of `split` (batches [B/P, L])."""
+  return pipeline.train_iterator(config, tok, jax.process_index(), jax.process_count(),
+                                 split=split)
+
+
+def init_aux_params(model: transformer.Decoder, seed: int,
+                    mesh: jax.sharding.Mesh | None = None):
+  """Fresh auxiliary-router parameters for `model` (built with aux_routers=True),
+  placed on `mesh` by the training rules (None: this process's first device). Only
+  the routers' parameters are made (the rest of the init is dead code under jit)."""
+  target = aux_store.split(train_state.abstract_params(
+      model, sharding.one_device_mesh() if mesh is None else mesh))[1]
+  init = jax.jit(lambda rng: aux_store.split(transformer.init(model, rng)[0])[1],
+                 out_shardings=jax.tree.map(lambda a: a.sharding, target))
+  with sharding.outside_mesh():
+    return init(jax.random.key(seed))
 
 
 def make_aux_train_step(model: transformer.Decoder, tx):
@@ -73,7 +95,8 @@ def make_aux_train_step(model: transformer.Decoder, tx):
 
 def train_routers(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
                   tok: docs_lib.Tokenizers, *, steps: int, lr: float, log_every: int = 20,
-                  on_row: Callable[[int, dict[str, float]], None] | None = None):
+                  on_row: Callable[[int, dict[str, float]], None] | None = None,
+                  put: Put = evaluation.to_device):
   """Trains the auxiliary routers of `params` (model and routers, merged) for `steps`
   batches of the run's training stream; returns the routers' parameters.
 
@@ -87,16 +110,17 @@ def train_routers(model: transformer.Decoder, params, config: ml_collections.Con
   tx = optax.adamw(schedule, weight_decay=0.0)
   opt = tx.init(aux)
   step_fn = make_aux_train_step(model, tx)
-  data = pipeline.train_iterator(config, tok)
+  data = _rows(config, tok)
   for step in range(1, steps + 1):
-    aux, opt, metrics = step_fn(main, aux, opt, evaluation.to_device(next(data)))
+    aux, opt, metrics = step_fn(main, aux, opt, put(next(data)))
     if on_row is not None and (step % log_every == 0 or step == steps or step == 1):
       on_row(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
   return aux
 
 
 def router_accuracy(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
-                    tok: docs_lib.Tokenizers) -> dict[str, float]:
+                    tok: docs_lib.Tokenizers, put: Put = evaluation.to_device
+                    ) -> dict[str, float]:
   """`aux_router/...` rates on the validation splits: the routers' decisions against the
   teacher-forced ones, counted over all batches before dividing. The batches mix the
   datasets as training does (routing groups of one dataset alone would shift the
@@ -112,9 +136,9 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
   total: dict[str, dict[str, float]] = {}
   names = pipeline.mixture(config)
   per = config.train.eval_max_batches or VALIDATION_BATCHES_PER_DATASET
-  batches = pipeline.train_iterator(config, tok, split=config.data.eval_split)
+  batches = _rows(config, tok, split=config.data.eval_split)
   for _ in range(per * len(names)):
-    for kind, c in jax.device_get(counts(params, evaluation.to_device(next(batches)))).items():
+    for kind, c in jax.device_get(counts(params, put(next(batches)))).items():
       slot = total.setdefault(kind, dict.fromkeys(aux_router.COUNTS, 0.0))
       for key in aux_router.COUNTS:
         slot[key] += float(c[key])
@@ -124,21 +148,23 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
 
 
 def batches_of(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers, tokens: int,
-               split: str = 'train') -> list[dict[str, jax.Array]]:
+               split: str = 'train', put: Put = evaluation.to_device
+               ) -> list[Mapping[str, jax.Array]]:
   """The first batches of the run's mixed stream of `split`, enough to hold `tokens`
   token positions (at least one batch)."""
   per = config.train.batch_size * config.data.seq_len
-  data = pipeline.train_iterator(config, tok, split=split)
-  return [evaluation.to_device(next(data)) for _ in range(max(1, -(-tokens // per)))]
+  data = _rows(config, tok, split=split)
+  return [put(next(data)) for _ in range(max(1, -(-tokens // per)))]
 
 
 def calibrate(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
               tok: docs_lib.Tokenizers, tokens: int = CALIBRATION_TOKENS,
-              on_pass: Callable[[int, int], None] | None = None):
+              on_pass: Callable[[int, int], None] | None = None,
+              put: Put = evaluation.to_device):
   """`params` with compute-matched thresholds (moma_jax/inference/thresholds.py),
   calibrated on the first `tokens` token positions of the training stream."""
   return thresholds.calibrate(model, params, routing_spec.from_config(config),
-                              batches_of(config, tok, tokens), on_pass=on_pass)
+                              batches_of(config, tok, tokens, put=put), on_pass=on_pass)
 
 
 def usage_of(config: ml_collections.ConfigDict, measured: dict[str, Any]) -> flops.Usage:
@@ -168,15 +194,16 @@ def usage_of(config: ml_collections.ConfigDict, measured: dict[str, Any]) -> flo
                      picked={k: tuple(v) for k, v in picked.items()})
 
 
-def held_out_batches(config: ml_collections.ConfigDict,
-                     tok: docs_lib.Tokenizers) -> list[dict[str, jax.Array]]:
+def held_out_batches(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
+                     put: Put = evaluation.to_device) -> list[Mapping[str, jax.Array]]:
   """`USAGE_TOKENS` of the mixed validation stream: the datasets mixed as in training."""
-  return batches_of(config, tok, USAGE_TOKENS, split=config.data.eval_split)
+  return batches_of(config, tok, USAGE_TOKENS, split=config.data.eval_split, put=put)
 
 
 def causal_modes(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
                  tok: docs_lib.Tokenizers, calibrated: bool = True,
-                 held_out: list[dict[str, jax.Array]] | None = None) -> dict[str, Any]:
+                 held_out: list[Mapping[str, jax.Array]] | None = None,
+                 put: Put = evaluation.to_device) -> dict[str, Any]:
   """Causal evaluation at threshold 0.5 ('eval_causal/...') and, if `calibrated`, at the
   compute-matched thresholds `params` carry ('eval_causal_calibrated/...'), with the
   'flops/...' and 'usage/...' of each, measured on `held_out` (default
@@ -187,9 +214,9 @@ def causal_modes(model: transformer.Decoder, params, config: ml_collections.Conf
   if calibrated:
     modes.append(('eval_causal_calibrated', params))
   if held_out is None:
-    held_out = held_out_batches(config, tok)
+    held_out = held_out_batches(config, tok, put)
   for mode, p in modes:
-    out.update(evaluation.evaluate(step, p, config, tok, prefix=mode))
+    out.update(evaluation.evaluate(step, p, config, tok, put=put, prefix=mode))
     measured = (thresholds.measure(model, p, held_out, config.model.modalities)
                 if model.aux_routers else {})
     out.update({f'usage/{mode}/{k}': v for k, v in measured.items()})
@@ -199,7 +226,8 @@ def causal_modes(model: transformer.Decoder, params, config: ml_collections.Conf
 
 
 def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
-                   tok: docs_lib.Tokenizers) -> dict[str, Any]:
+                   tok: docs_lib.Tokenizers, put: Put = evaluation.to_device
+                   ) -> dict[str, Any]:
   """Teacher-forced and causal evaluation, and the routers' accuracy (module docstring).
 
   `params` carry the routers' calibrated thresholds. Causal mode is evaluated at both
@@ -220,13 +248,13 @@ def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.Co
   """
   mods = config.model.modalities
   teacher_step = evaluation.make_eval_step(model, mods)
-  out: dict[str, Any] = evaluation.evaluate(teacher_step, params, config, tok)
-  out.update(router_accuracy(model, params, config, tok))
+  out: dict[str, Any] = evaluation.evaluate(teacher_step, params, config, tok, put=put)
+  out.update(router_accuracy(model, params, config, tok, put))
   report = flops.count(config)
   out.update({f'flops/eval{"" if k == "overall" else "/" + k}': v
               for k, v in report.forward.items()})
-  held_out = held_out_batches(config, tok)
-  out.update(causal_modes(model, params, config, tok, held_out=held_out))
+  held_out = held_out_batches(config, tok, put)
+  out.update(causal_modes(model, params, config, tok, held_out=held_out, put=put))
   causal_step = evaluation.make_eval_step(model.clone(causal=True), mods)
   for mode, step, p in (('eval', teacher_step, params),
                         ('eval_causal', causal_step, thresholds.at_half(params)),

@@ -7,7 +7,9 @@
                  and `run_step` names the checkpoint of the run it was trained on
 
 Auxiliary-router parameters are those under a module named `aux_router*`
-(`param_names.role`); `split` and `merge` separate them from the model's.
+(`param_names.role`); `split` and `merge` separate them from the model's. Under several
+processes every one takes part in saving the arrays, and process 0 alone touches
+result.json.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 from typing import Any
 
 import flax
+import jax
 import orbax.checkpoint as ocp
 
 from moma_jax.model import param_names
@@ -72,7 +75,7 @@ def read_result(workdir: str) -> dict[str, Any] | None:
 def mark_unfinished(workdir: str) -> None:
   """Removes result.json: from now until `save`, the stage is not finished."""
   path = os.path.join(directory(workdir), RESULT_FILE)
-  if os.path.exists(path):
+  if jax.process_index() == 0 and os.path.exists(path):
     os.remove(path)
 
 
@@ -84,10 +87,12 @@ def save(workdir: str, aux_params, result: dict[str, Any]) -> None:
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(root, PARAMS_DIR), aux_params, force=True)
     ckpt.wait_until_finished()
-  run_dir.write_json(os.path.join(root, RESULT_FILE), result)
+  if jax.process_index() == 0:
+    run_dir.write_json(os.path.join(root, RESULT_FILE), result)
 
 
 def restore(workdir: str, abstract_aux) -> Any:
-  """The saved auxiliary-router parameters, shaped like `abstract_aux`."""
+  """The saved auxiliary-router parameters, shaped like `abstract_aux`
+  (ShapeDtypeStructs) and placed by their shardings."""
   with ocp.StandardCheckpointer() as ckpt:
     return ckpt.restore(os.path.join(directory(workdir), PARAMS_DIR), abstract_aux)

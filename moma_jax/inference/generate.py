@@ -12,6 +12,11 @@ step. A small grammar keeps samples well formed: inside an image (after <boi>) o
 image codes are allowed, exactly one image's worth, then <eoi>; in text, text tokens,
 <boi> and <eos>; a row that produced <eos> is finished.
 
+The run's parameters may be sharded (`moma_jax.load(workdir, mesh=mesh)`): sampling then
+runs under `run.mesh` and its logical-axis rules, the rows of the prompts and the cache
+split over the batch axes where they divide them (else whole on every device), and
+every process draws the same tokens.
+
 Axis legend: B prompts (rows), P prompt length (padded), V vocabulary, S cache slots.
 """
 from __future__ import annotations
@@ -23,11 +28,15 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from moma_jax import configs
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import vocab as vocab_lib
+from moma_jax.model import expert_parallel
+from moma_jax.model import sharding
 
 
 class GenerationError(ValueError):
@@ -67,6 +76,13 @@ def nucleus_sample(rng: jax.Array, logits: jax.Array, allowed: jax.Array,
       jnp.int32)
 
 
+def _draw(seed, i, logits, allowed, temperature: float, top_p: float) -> jax.Array:
+  """`nucleus_sample` with the key of draw i of `seed`, made inside the program (so
+  that no process-local key array enters a computation over several processes)."""
+  return nucleus_sample(jax.random.fold_in(jax.random.key(seed), i), logits, allowed,
+                        temperature, top_p)
+
+
 def decode_step(model):
   """(params, cache, tokens, modality, segment_ids, positions [B, T]) -> (logits [B, V]
   of each row's last position, updated cache), jit'd; `model` in decode mode. T is the
@@ -104,8 +120,11 @@ class Generator:
     self.max_len = config.model.max_len
     self.codes_per_image = tok.image.codes_per_image
     self.model = run.model.clone(causal=True, decode=True)
+    self.mesh = run.mesh
     self._step = functools.partial(decode_step(self.model), run.params)
-    self._sample = jax.jit(nucleus_sample, static_argnames=('temperature', 'top_p'))
+    # The drawn ids [B] whole on every device: each process reads them all.
+    self._sample = jax.jit(_draw, static_argnames=('temperature', 'top_p'),
+                           out_shardings=NamedSharding(self.mesh, P()))
     v = self.vocab
     self._text_ids = np.arange(v.start('text'), v.start('text') + v.sizes[0])
     self._image_ids = np.arange(v.start('image'), v.start('image') + v.sizes[1])
@@ -159,7 +178,25 @@ class Generator:
     if width + max_new_tokens > self.max_len:
       raise GenerationError(f'prompt ({width} tokens) + {max_new_tokens} new tokens exceed '
                             f'the model\'s max_len {self.max_len}')
+    with jax.set_mesh(self.mesh), sharding.axis_rules():
+      return self._sample_on_mesh(prompts, max_new_tokens, temperature, top_p, seed,
+                                  text_only, stop_after_image)
+
+  def _rows(self, b: int) -> NamedSharding:
+    """Where [B, ...] inputs and the cache live: rows over the batch axes when they
+    divide B, else whole on every device."""
+    split = b % expert_parallel.batch_shards(self.mesh) == 0
+    return NamedSharding(self.mesh, P(expert_parallel.batch_axes(self.mesh) if split
+                                      else None))
+
+  def _sample_on_mesh(self, prompts, max_new_tokens, temperature, top_p, seed, text_only,
+                      stop_after_image) -> list[Sample]:
+    """`sample` after its checks, under the run's mesh."""
+    lens = [len(p) for p in prompts]
+    width = max(lens)
     b = len(prompts)
+    rows = self._rows(b)
+    put = lambda x: jax.device_put(np.asarray(x), rows)
     tokens = np.zeros((b, width), np.int32)
     segment = np.zeros((b, width), np.int32)
     positions = np.zeros((b, width), np.int32)
@@ -167,18 +204,20 @@ class Generator:
       tokens[r, width - len(p):] = p
       segment[r, width - len(p):] = 1
       positions[r, width - len(p):] = np.arange(len(p))
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         cache_shapes(self.model, b))
-    logits, cache = self._step(cache, tokens, self.vocab.modality_of(tokens), segment,
-                               positions)
+    with sharding.outside_mesh():         # the cache's shapes do not depend on the mesh
+      shapes = cache_shapes(self.model, b)
+    cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                    out_shardings=jax.tree.map(lambda s: rows if s.ndim else NamedSharding(
+                        self.mesh, P()), shapes))()
+    logits, cache = self._step(cache, put(tokens), put(self.vocab.modality_of(tokens)),
+                               put(segment), put(positions))
     history = [list(p) for p in prompts]
     done = [False] * b
     finished = [False] * b
-    rng = jax.random.key(seed)
     next_pos = np.asarray(lens, np.int32)
     for i in range(max_new_tokens):
       allowed = self._allowed(history, text_only)
-      new = np.asarray(self._sample(jax.random.fold_in(rng, i), logits, jnp.asarray(allowed),
+      new = np.asarray(self._sample(np.int32(seed), np.int32(i), logits, allowed,
                                     temperature=float(temperature), top_p=float(top_p)))
       for r in range(b):
         if done[r]:
@@ -191,8 +230,9 @@ class Generator:
       # Finished rows go on in step with segment 0: nothing attends to them.
       live = np.asarray([0 if d else 1 for d in done], np.int32)
       step_tokens = new[:, None].astype(np.int32)
-      logits, cache = self._step(cache, step_tokens, self.vocab.modality_of(step_tokens),
-                                 live[:, None], next_pos[:, None])
+      logits, cache = self._step(cache, put(step_tokens),
+                                 put(self.vocab.modality_of(step_tokens)),
+                                 put(live[:, None]), put(next_pos[:, None]))
       next_pos = next_pos + 1
     return [Sample(np.asarray(h, np.int32), n, f) for h, n, f in zip(history, lens, finished)]
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from moma_jax.model import aux_router
@@ -68,18 +68,29 @@ def capacity(spec: routing_spec.RoutingSpec, path: Path) -> float:
   raise KeyError(f'no expert group or MoD layer has the auxiliary router {"/".join(path)}')
 
 
+def _on_host(x) -> np.ndarray:
+  """A global array's whole value on every process (gathered from the others where
+  this process holds only some of its shards)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def _set(params, values: dict[Path, np.ndarray]):
+  """`params` with the thresholds of `values`, each placed where the old one was."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   for path, value in values.items():
     old = flat[(*path, aux_router.THRESHOLD)]
-    flat[(*path, aux_router.THRESHOLD)] = jnp.asarray(value, old.dtype).reshape(old.shape)
+    new = np.asarray(value, old.dtype).reshape(old.shape)
+    flat[(*path, aux_router.THRESHOLD)] = jax.device_put(
+        new, old.sharding if isinstance(old, jax.Array) else None)
   return flax.traverse_util.unflatten_dict(flat)
 
 
 def read(params) -> dict[Path, np.ndarray]:
   """{router path: its thresholds [R, E]} (logits)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  return {k[:-1]: np.asarray(v) for k, v in flat.items() if k[-1] == aux_router.THRESHOLD}
+  return {k[:-1]: _on_host(v) for k, v in flat.items() if k[-1] == aux_router.THRESHOLD}
 
 
 def at_half(params):
@@ -117,8 +128,9 @@ def _records(model: transformer.Decoder) -> Callable[[Any, Mapping[str, jax.Arra
     return state[aux_router.DECISIONS]
 
   def records(params, batch) -> Records:
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(
-        run(params, batch))))
+    # Per-token records of the global batch: gathered whole on every process.
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.tree.map(
+        _on_host, run(params, batch))))
     out: Records = {}
     for key, value in flat.items():     # (*path, name) -> (array,), as sow keeps it
       a = np.asarray(value[0])

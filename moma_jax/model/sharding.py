@@ -24,6 +24,7 @@ the innermost axes ('tensor', then 'expert') on the best-connected devices.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping
 
@@ -80,14 +81,19 @@ def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str
   return sizes
 
 
-def check(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> None:
-  """ConfigError for a model or batch the mesh cannot split."""
+def check(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
+          whole_groups: bool = True) -> None:
+  """ConfigError for a model or batch the mesh cannot split. whole_groups: whether the
+  training batch's routing groups must split over the batch shards (teacher-forced
+  routing needs it; causal decoding, token by token, does not)."""
   m, t = config.model, config.train
   x = sizes['expert']
   for e in (g.experts for g in routing_spec.from_config(config).groups):
     if e % x:
       raise configs.ConfigError('mesh.expert', f'{x} does not divide the {e} experts of a '
                                 f'group (model.experts={tuple(m.experts)})')
+  if not whole_groups:
+    return
   shards = math.prod(sizes[a] for a in expert_parallel.BATCH_AXES)
   groups = t.batch_size // t.grad_accum // config.routing.group_size
   if groups % shards:
@@ -98,11 +104,13 @@ def check(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> None:
         '(data x fsdp x expert)')
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """The run's mesh over `devices` (default: all of them), checked against the config."""
+def make_mesh(config: ml_collections.ConfigDict, devices=None,
+              whole_groups: bool = True) -> jax.sharding.Mesh:
+  """The run's mesh over `devices` (default: all of them), checked against the config
+  (`check`)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(config, len(devices))
-  check(config, sizes)
+  check(config, sizes, whole_groups)
   return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
@@ -120,6 +128,17 @@ def describe(mesh: jax.sharding.Mesh) -> str:
 def axis_rules():
   """Context: the logical-axis rules, for tracing the model under a mesh."""
   return nn.logical_axis_rules(RULES)
+
+
+@contextlib.contextmanager
+def outside_mesh():
+  """Context: no mesh and no logical-axis rules, whatever the caller has set, for
+  tracing the model's initialization (its shapes and values do not depend on the mesh,
+  while routing under a mesh needs whole routing groups on every batch shard, which
+  the one group init runs on is not). jit out_shardings still place the results."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())), \
+      nn.logical_axis_rules(()):
+    yield
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:

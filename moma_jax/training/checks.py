@@ -47,6 +47,8 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
   for name in ('log_every', 'eval_every', 'ckpt_every', 'keep', 'max_nonfinite'):
     if not isinstance(t[name], int) or isinstance(t[name], bool) or t[name] <= 0:
       raise configs.ConfigError(f'train.{name}', f'must be a positive integer, got {t[name]!r}')
+  if not isinstance(t.prefetch, int) or isinstance(t.prefetch, bool) or t.prefetch < 0:
+    raise configs.ConfigError('train.prefetch', f'must be an integer >= 0, got {t.prefetch!r}')
   if t.eval_max_batches is not None and t.eval_max_batches <= 0:
     raise configs.ConfigError('train.eval_max_batches', f'must be positive or None, got '
                               f'{t.eval_max_batches}')

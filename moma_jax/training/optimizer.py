@@ -61,3 +61,14 @@ def _clip_each_part(max_norm: float, updates, params=None):
       g = out[i]
       out[i] = jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def update_count(opt_state) -> jax.Array:
+  """The number of updates applied so far: the count the learning-rate schedule reads
+  (int32 scalar, from `optimizer`'s state)."""
+  found = [s.count for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+           if isinstance(s, optax.ScaleByScheduleState)]
+  if len(found) != 1:
+    raise ValueError(f'expected one scheduled transformation, found {len(found)}')
+  return found[0]

@@ -37,6 +37,17 @@ def layout(model, tx, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   return placed, shardings
 
 
+def abstract_params(model, mesh: jax.sharding.Mesh) -> Any:
+  """The parameters of `model` as ShapeDtypeStructs placed on `mesh` by the training
+  rules (no initialization runs): what a saved run's parameters restore into, or what
+  an ahead-of-time compile takes. Callable under any mesh context."""
+  with sharding.outside_mesh():
+    abstract, shardings = sharding.state_shardings(
+        mesh, lambda: transformer.init_boxed(model, jax.random.key(0)))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def create(model, tx, shardings: Any, seed: int) -> Any:
   """The initial state for `seed`, each array created where `shardings` put it (the
   values do not depend on the mesh)."""

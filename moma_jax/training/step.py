@@ -1,9 +1,12 @@
 """The training step: gradients (accumulated over micro-batches) and a guarded AdamW update.
 
 `make_train_step(model, tx, config, shardings)` -> jit'd (state, batch, step, poison) ->
-(state, metrics). It builds nothing concrete (its router-noise key is made inside the
+(state, metrics). The state argument is donated: the new parameters and optimizer
+moments are written into the old ones' buffers, so a step holds one state on the
+devices, not two. It builds nothing concrete (its router-noise key is made inside the
 step), so it also compiles ahead of time from abstract inputs for other devices
-(moma_jax/analysis/aot.py). The loop around it is moma_jax/training/trainer.py.
+(moma_jax/analysis/aot.py, which compiles this very function). The loop around it is
+moma_jax/training/trainer.py.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import optax
 
 from moma_jax.model import route_stats
 from moma_jax.model import transformer
+from moma_jax.training import optimizer as optimizer_lib
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -29,51 +33,63 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
   scalar, the 1-based step (its router noise key is fold_in(seed, step), so a resumed run
   draws the same noise). poison: float32 scalar multiplying the loss (1, or NaN to
   exercise the non-finite path). A non-finite loss or gradient leaves the state as it
-  was; metrics['finite'] says which happened.
+  was; metrics['finite'] says which happened, and metrics['update_count'] is the
+  optimizer's own count of updates applied before this one, the count its learning-rate
+  schedule read (a skipped update leaves it where it was).
+
+  The caller's `state` is donated: its arrays are deleted once the step runs. Whatever
+  must read them (a checkpoint, an evaluation) does so before the next step is called;
+  `Checkpoints.save` returns once it has copied the arrays to the host.
   """
-  accum = config.train.grad_accum
   seed = config.train.seed + 1
 
-  def grads_of(params, batch, rng, poison):
+  def step_fn(state, batch, step, poison):
+    # Made inside the step: a key built at construction would be a concrete array on
+    # the default device, which an AOT compile for device-less TPU or GPU cannot take.
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+    value, metrics, grads = _gradients(model, config, state['params'], batch, rng, poison)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    new = {'params': optax.apply_updates(state['params'], updates), 'opt': opt}
+    # The optimizer's own count of applied updates, which its schedule read.
+    count = optimizer_lib.update_count(state['opt'])
+    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics.update(route_stats.router_grad_norms(grads))
+    metrics.update(grad_norm=grad_norm, finite=finite, update_count=count)
+    return state, metrics
+
+  if shardings is None:
+    return jax.jit(step_fn, donate_argnums=0)
+  state_sh, batch_sh = shardings
+  replicated = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, None, None),
+                 out_shardings=(state_sh, replicated), donate_argnums=0)
+
+
+def _gradients(model, config, params, batch, rng, poison):
+  """(mean loss, metrics, gradients) of a batch, accumulated over `train.grad_accum`
+  micro-batches of whole routing groups ([B, L] -> [A, B/A, L], checked up front)."""
+  def grads_of(batch, rng):
     def objective(p):
       value, metrics = transformer.loss_fn(model, p, batch, rng)
       # An injected NaN shows in the logged loss too, as a real one would.
       return value * poison, {**metrics, 'loss': metrics['loss'] * poison}
     return jax.value_and_grad(objective, has_aux=True)(params)
 
-  def step_fn(state, batch, step, poison):
-    # Made inside the step: a key built at construction would be a concrete array on
-    # the default device, which an AOT compile for device-less TPU or GPU cannot take.
-    rng = jax.random.fold_in(jax.random.key(seed), step)
-    if accum == 1:
-      (value, metrics), grads = grads_of(state['params'], batch, rng, poison)
-    else:
-      # [B, L] -> [A, B/A, L]: whole routing groups per micro-batch (checked up front).
-      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
-      def one(carry, mb_and_i):
-        mb, i = mb_and_i
-        (v, m), g = grads_of(state['params'], mb, jax.random.fold_in(rng, i), poison)
-        return jax.tree.map(jnp.add, carry, (v, g)), m
-      zero = (jnp.float32(0), jax.tree.map(jnp.zeros_like, state['params']))
-      (value, grads), ms = jax.lax.scan(one, zero, (micro, jnp.arange(accum)))
-      value, grads = value / accum, jax.tree.map(lambda g: g / accum, grads)
-      metrics = _merge_micro(ms, config.model.modalities)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-    updates, opt = tx.update(grads, state['opt'], state['params'])
-    new = {'params': optax.apply_updates(state['params'], updates), 'opt': opt}
-    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics.update(route_stats.router_grad_norms(grads))
-    metrics.update(grad_norm=grad_norm, finite=finite)
-    return state, metrics
-
-  # No buffer donation: an asynchronous checkpoint may still be reading the old state.
-  if shardings is None:
-    return jax.jit(step_fn)
-  state_sh, batch_sh = shardings
-  replicated = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, None, None),
-                 out_shardings=(state_sh, replicated))
+  accum = config.train.grad_accum
+  if accum == 1:
+    (value, metrics), grads = grads_of(batch, rng)
+    return value, metrics, grads
+  micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+  def one(carry, mb_and_i):
+    mb, i = mb_and_i
+    (v, m), g = grads_of(mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, carry, (v, g)), m
+  zero = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+  (value, grads), ms = jax.lax.scan(one, zero, (micro, jnp.arange(accum)))
+  value, grads = value / accum, jax.tree.map(lambda g: g / accum, grads)
+  return value, _merge_micro(ms, config.model.modalities), grads
 
 
 def _merge_micro(ms: Mapping[str, jax.Array], modalities) -> dict[str, jax.Array]:

@@ -26,13 +26,20 @@ What the target takes from where:
 Progress: `train_flops`, `tokens` and the data position of the source at step N; the
 new run counts its own steps from 0 and its own non-finite steps from 0.
 
+The trainer calls `check_source` before it writes anything (files only), then
+`initial_state` on its mesh: the source's parameters read sharded (never its optimizer
+state), the map jit'd with the new state's out_shardings, so a model larger than one
+device, or one host, upcycles as it trains.
+
 Axis legend: E experts of all groups (stacked), D embed, F SwiGLU hidden.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,6 +49,8 @@ from moma_jax import configs
 from moma_jax.inference import saved_run
 from moma_jax.model import param_names
 from moma_jax.model import routing_spec
+from moma_jax.model import sharding
+from moma_jax.model import transformer
 
 FIELD = 'upcycle.from_workdir'
 # Model fields that shape the parameters the target copies from the source.
@@ -144,33 +153,47 @@ def upcycle_params(source_params: Any, source: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------------
 # The start of an upcycled training run
 # ----------------------------------------------------------------------------------
-def _place(tree: Any, shardings: Any) -> Any:
-  """Host-equal arrays -> global arrays placed by `shardings` (each process fills its
-  own shards, so this also holds under several processes)."""
-  def put(x, sh):
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
-  return jax.tree.map(put, tree, shardings)
+def check_source(config: ml_collections.ConfigDict) -> None:
+  """Everything about `upcycle.from_workdir` / `upcycle.at_step` that the user can get
+  wrong, checked from the source's config.json and checkpoint list (no array is read).
+  Raises run_dir.RunDirError (no such run or step) or ConfigError (a source that does
+  not fit: `check_compatible`)."""
+  u = config.upcycle
+  workdir, source, step = saved_run.locate(u.from_workdir, u.at_step)
+  check_compatible(source, config, where=f'{workdir} (step {step})')
 
 
-def initial_state(config: ml_collections.ConfigDict, tx, fresh_params: Any,
-                  shardings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def initial_state(config: ml_collections.ConfigDict, tx, model: transformer.Decoder,
+                  state_shardings: Mapping[str, Any], mesh: jax.sharding.Mesh
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(state, progress) that an upcycled run starts from, instead of a fresh init.
 
   config: the target run's (with `upcycle.from_workdir`, `upcycle.at_step`). tx: its
-  optimizer. fresh_params: its fresh initialization (routers come from there).
-  shardings: the state's ({'params', 'opt'}), where the result is placed.
+  optimizer. model: its decoder (`transformer.build(config)`). state_shardings: the
+  state's ({'params', 'opt'}) on `mesh`, where everything is built.
   state: {'params': upcycled, 'opt': tx.init of them} (Adam moments 0, count 0, so the
-  LR schedule restarts). progress: step 0, the source's `train_flops`, `tokens` and
-  `data` (the position of every row of the global batch) at `upcycle.at_step`.
-  Raises run_dir.RunDirError (no such run or step) or ConfigError (a source that does not fit).
+  LR schedule restarts); routers from the target's own init for `train.seed`, the same
+  values `train_state.create` gives them. progress: step 0, the source's `train_flops`,
+  `tokens` and `data` (the position of every row of the global batch) at
+  `upcycle.at_step`. Raises as `check_source` does.
+
+  Every array is made where it ends up, shard by shard: the source's parameters are
+  read sharded (not its optimizer state), the fresh init is jit'd with the parameters'
+  out_shardings, and the copy too; neither outlives this call. No process holds more
+  than its shards.
   """
   u = config.upcycle
-  source = saved_run.load(u.from_workdir, u.at_step, with_aux_routers=False)
+  source = saved_run.load(u.from_workdir, u.at_step, with_aux_routers=False, mesh=mesh)
   check_compatible(source.config, config, where=f'{source.workdir} (step {source.step})')
-  params = _place(upcycle_params(source.params, source.config, fresh_params, config),
-                  shardings['params'])
-  opt = jax.jit(tx.init, out_shardings=shardings['opt'])(params)
+  params_sh = state_shardings['params']
+  with sharding.outside_mesh():
+    fresh = jax.jit(lambda rng: nn.unbox(transformer.init_boxed(model, rng)),
+                    out_shardings=params_sh)(jax.random.key(config.train.seed))
+  # The fresh arrays are donated: each is the buffer of the parameter that replaces it.
+  grow = jax.jit(functools.partial(upcycle_params, source=source.config, target=config),
+                 out_shardings=params_sh, donate_argnames='fresh_params')
+  params = grow(source.params, fresh_params=fresh)
+  opt = jax.jit(tx.init, out_shardings=state_shardings['opt'])(params)
   progress = dict(step=0, train_flops=float(source.progress['train_flops']),
                   tokens=int(source.progress['tokens']), nonfinite_skipped=0,
                   nonfinite_in_a_row=0, data=source.progress['data'])
