@@ -16,21 +16,26 @@ All three count B x L tokens per step (padding included). A loop that runs host 
 device work in turn reaches 1 / (1/host + 1/step); one that overlaps them reaches the
 slower of the two. The table prints both bounds and the loop's share of the second.
 
-The default model (MoMa 4t4i with mixture-of-depths, one layer, d 16) is sized so that
-on a 2-core CPU a step costs about what making its batch costs: on a CPU, dense
-attention over 4096 tokens dwarfs the host's work for any model, and MoD's routed
-attention over a quarter of the tokens brings it near. On a CPU the "device" is the
-same machine: XLA is held to one thread here (`--xla_cpu_multi_thread_eigen=false`)
-so that the host's producer has the other core; on an accelerator the device computes
+The default model is the cheapest step found here at seq 4096 (MoMa 4t4i with
+mixture-of-depths, one layer, d 16, a MoD layer running 1/16 of the tokens): on one CPU
+core it still costs several times what making its batch costs the host, since every
+step over 4096-token rows is far dearer on a CPU core than on an accelerator. So the
+question the table answers is whether the host's time disappears from the loop's (the
+loop at the step's rate, not at the in-turn bound). On a CPU the "device" is the
+same machine: XLA's compute threads are held to one core here (started under that
+core's affinity; XLA's own flags leave its thread pool on both: 1.7 cores busy in the
+step alone) and the host's BLAS to one thread (`OPENBLAS_NUM_THREADS=1`: with two, its
+spinning helpers took the device's core and the loop's steps 480 ms instead of 300), so
+that the host's producer has the other core. On an accelerator the device computes
 apart and the question is only whether the host keeps up. A benchmark, never a test.
 """
 from __future__ import annotations
 
 import os
 
-# Before JAX starts: the CPU "device" computes on one thread, the host on the other.
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false '
-                      'intra_op_parallelism_threads=1')
+# Before NumPy starts: the host's BLAS (the VQ tokenizer's nearest-code search) on one
+# thread, or its spinning helper threads take the device's core.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
@@ -41,6 +46,20 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+
+def _device_on_one_core() -> set[int]:
+  """Starts JAX's CPU backend with this thread held to one core, so that the threads
+  XLA makes for computing inherit that core alone; then gives this thread (and the
+  producer thread it will start) every core back. Returns the device's core."""
+  cores = os.sched_getaffinity(0)
+  device_core = {min(cores)}
+  os.sched_setaffinity(0, device_core)
+  try:
+    jax.block_until_ready(jnp.ones(8) + 1)        # the backend and its thread pools
+  finally:
+    os.sched_setaffinity(0, cores)
+  return device_core
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
@@ -65,6 +84,8 @@ def make_config(args):
   m.d_model, m.num_layers, m.ffn_dim, m.num_heads = args.d_model, args.layers, \
       4 * args.d_model, 2
   m.max_len = c.data.seq_len = args.seq
+  if m.mod.enabled:
+    m.mod.capacity = args.mod_capacity
   c.data.data_dir = args.data_dir
   c.routing.group_size = 1
   t = c.train
@@ -122,6 +143,9 @@ def main(argv=None) -> None:
                  help='a quickstart variant (experiments/quickstart.py)')
   p.add_argument('--d_model', type=int, default=16)
   p.add_argument('--layers', type=int, default=1)
+  p.add_argument('--mod_capacity', type=float, default=0.0625,
+                 help='model.mod.capacity of a MoD variant: the share of tokens a MoD '
+                      'layer runs (its attention costs the square of it)')
   p.add_argument('--seq', type=int, default=4096)
   p.add_argument('--batch', type=int, default=4)
   p.add_argument('--prefetch', type=int, default=2, help='train.prefetch of the loop')
@@ -130,13 +154,16 @@ def main(argv=None) -> None:
   p.add_argument('--repeats', type=int, default=3, help='median of this many rounds')
   p.add_argument('--data_dir', default=os.path.expanduser(pipeline.DEFAULT_DATA_DIR))
   args = p.parse_args(argv)
+  device_core = _device_on_one_core()
   config = make_config(args)
   tok = pipeline.load_tokenizers(config)
   tokens = config.train.batch_size * config.data.seq_len
   print(f'# input overlap: {args.variant}, {args.layers} layer(s), d {args.d_model}, '
         f'{args.batch} x {args.seq} = {tokens} tokens per step, prefetch {args.prefetch}; '
         f'median of {args.repeats} rounds of {args.steps} steps; device '
-        f'{jax.devices()[0].device_kind}, XLA_FLAGS={os.environ["XLA_FLAGS"]!r}', flush=True)
+        f'{jax.devices()[0].device_kind} computing on core {min(device_core)} of '
+        f'{os.cpu_count()}, OPENBLAS_NUM_THREADS={os.environ["OPENBLAS_NUM_THREADS"]}',
+        flush=True)
   times = {'host': [], 'step': [], 'loop': []}
   for _ in range(args.repeats):      # interleaved: a change in load hits all three
     times['host'].append(host_only(config, tok, args.steps))
