@@ -174,28 +174,36 @@ def test_bad_data_is_one_line_exit_2_before_the_workdir(data_copy, tmp_path, cap
 
 def test_a_record_found_bad_mid_run_stops_it_and_a_rerun_resumes(data_copy, tmp_path,
                                                                  capsys, monkeypatch):
-  """The checks pass; at the 7th training step a record cannot be read (as array_record
-  reports a damaged chunk). One line, exit 2; checkpoints up to step 4 and their metrics
-  stay; with the data readable again, the rerun resumes from step 4."""
+  """The checks pass; from the 7th training batch on a record cannot be read (as
+  array_record reports a damaged chunk). One line, exit 2; checkpoints up to step 4 and
+  their metrics stay; with the data readable again, the rerun resumes from step 4."""
   config = tiny_train_config(data_copy, steps=8, ckpt_every=4, eval_every=100,
                              log_every=1)
   workdir = tmp_path / 'run'
   argv = ['moma-train', f'--config={QUICKSTART}', f'--workdir={workdir}',
           *_flags(config, data_copy), '--config.train.log_every=1']
   read, steps = pipeline.DatasetDocuments.__getitem__, []
+  next_batch, batches = pipeline.TrainIterator.__next__, []
+
+  def counting(self):
+    batches.append(len(batches) + 1)
+    return next_batch(self)
 
   def failing(self, d):
-    if self.split == 'train' and len(steps) >= 6:
+    if self.split == 'train' and len(batches) >= 7:
       self.source = _Broken(self.source)
     return read(self, d)
+  monkeypatch.setattr(pipeline.TrainIterator, '__next__', counting)
   monkeypatch.setattr(pipeline.DatasetDocuments, '__getitem__', failing)
   monkeypatch.setattr(train, 'train', _recording(train.train, steps))
   with pytest.raises(SystemExit) as exit_info:
     train_cli.run(argv)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.splitlines()
-  # The progress lines of steps 1..6, then the one line.
-  assert [line.split()[1] for line in err[:-1]] == [f'{s}/8' for s in range(1, 7)], err
+  # The producer met the bad record making batch 7, ahead of the loop; the loop raises
+  # it when it asks for that batch: after launching step 6 and reading step 5. So the
+  # progress lines of steps 1..5, then the one line.
+  assert [line.split()[1] for line in err[:-1]] == [f'{s}/8' for s in range(1, 6)], err
   assert err[-1].startswith('moma-train: error: moma_pydoc/train: cannot read example')
   assert 'moma-data build' in err[-1]
   assert ckpt_lib.Checkpoints(str(workdir)).all_steps() == [4]
