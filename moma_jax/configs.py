@@ -44,14 +44,9 @@ class ConfigError(ValueError):
     self.field = field
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Every field with its default: a tiny 4t4i MoMa that runs on a CPU."""
-  c = ml_collections.ConfigDict()
-  # True: shrink the experiment to run in minutes on a CPU (see `shrink_for_cpu`).
-  c.runlocal = False
-
-  c.model = ml_collections.ConfigDict()
-  m = c.model
+def _model_defaults() -> ml_collections.ConfigDict:
+  """`config.model`: the network, its experts and routers, kernels and dtypes."""
+  m = ml_collections.ConfigDict()
   m.vocab_size = 773                    # 5 specials + 256 bytes + 512 VQ codes
   m.d_model = 64
   m.num_layers = 2
@@ -80,6 +75,16 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'
   m.param_dtype = 'float32'
   m.remat = 'none'                      # what a layer keeps for backward: moma_jax/model/remat.py
+  return m
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field with its default: a tiny 4t4i MoMa that runs on a CPU."""
+  c = ml_collections.ConfigDict()
+  # True: shrink the experiment to run in minutes on a CPU (see `shrink_for_cpu`).
+  c.runlocal = False
+
+  c.model = _model_defaults()
 
   c.routing = ml_collections.ConfigDict(dict(
       group_size=8,
@@ -210,9 +215,8 @@ def has_joint_aux_routers(model: ml_collections.ConfigDict) -> bool:
   return bool(a.enabled and a.mode == 'joint' and looks_ahead(model))
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raises ConfigError (naming the field) if `config` cannot describe a model; returns it."""
-  m = config.model
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+  """ConfigError for a `config.model` that cannot describe a model."""
   for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'ffn_dim', 'max_len'):
     _positive(f'model.{name}', m[name])
   if m.ffn_hidden is not None:
@@ -264,7 +268,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not isinstance(m.mod.first, int) or not 0 <= m.mod.first < m.num_layers:
       raise ConfigError('model.mod.first', f'must be a layer index in [0, {m.num_layers}), got {m.mod.first!r}')
 
-  r = config.routing
+
+def _validate_routing(r: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
+  """ConfigError for `config.routing` values the model `m` cannot route by."""
   _positive('routing.group_size', r.group_size)
   _one_of('routing.layout', r.layout, LAYOUTS)
   if not r.capacity_factor > 0:
@@ -277,6 +283,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError('routing.expected_fraction', 'needs one entry per modality')
     for f in r.expected_fraction:
       _in_unit('routing.expected_fraction', f)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError (naming the field) if `config` cannot describe a model; returns it."""
+  m, r = config.model, config.routing
+  _validate_model(m)
+  _validate_routing(r, m)
 
   t = config.train
   if t.z_loss < 0:
