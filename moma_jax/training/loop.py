@@ -99,7 +99,8 @@ class Job:
 # The loop
 # ==================================================================================
 class _StopRequest:
-  """Turns SIGTERM / SIGINT into a flag the loop checks after every step."""
+  """Turns SIGTERM / SIGINT into a flag the loop reads after every step (several
+  processes: on logged steps, where they agree)."""
 
   def __init__(self):
     self.signal = None
