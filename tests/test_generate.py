@@ -1,15 +1,18 @@
 """Sampling (moma_jax/inference/generate.py, moma-generate): nucleus sampling, the grammar, the KV
 cache against the full causal pass, and the command's output and errors."""
+import copy
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import moma_jax
 from moma_jax.cli import generate as generate_cli
 from moma_jax.data import pipeline
+from moma_jax.data import preview
 from moma_jax.data import vocab as vocab_lib
 from moma_jax.inference import generate
 
@@ -120,3 +123,66 @@ def test_bad_input_exits_2_with_one_line(case, message, aux_run, trained_run, tm
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0], err
   assert sorted(os.listdir(run)) == before
+
+
+class MultibyteCaptions(tfds.core.GeneratorBasedBuilder):
+  """A user's captioned images whose captions are mostly two- and three-byte UTF-8."""
+  VERSION = tfds.core.Version('1.0.0')
+  code_path = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'caption': tfds.features.Text(),
+        'image': tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8)}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(40, 0),
+            'validation': self._generate_examples(8, 1)}
+
+  def _generate_examples(self, count, seed):
+    rng = np.random.default_rng(seed)
+    words = ['Grüße', 'naïve', '日本語の', '文字', '✓', 'ça', 'Ωμέγα', '€']
+    for i in range(count):
+      image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+      yield i, {'caption': ' '.join(rng.choice(words, rng.choice([4, 40]))), 'image': image}
+
+
+def test_text_cut_inside_a_character_previews_and_generates(generator, data_setup, tmp_path):
+  """A packed row ends wherever the packing cuts a document, so inside a multi-byte
+  character too: preview and generation show U+FFFD there, and never crash."""
+  config, tok = data_setup
+  MultibyteCaptions(data_dir=config.data.data_dir, file_format='array_record'
+                    ).download_and_prepare()
+  config = copy.deepcopy(config)
+  config.data.name = 'multibyte_captions'
+  batch = next(pipeline.train_iterator(config, tok))
+  text_start = tok.vocab.start('text')
+
+  def trailing_text(row) -> bytes:        # the bytes of the text run that ends the row
+    run = []
+    for t in row[::-1]:
+      if not text_start <= t < text_start + 256:
+        break
+      run.append(int(t) - text_start)
+    return bytes(run[::-1])
+
+  def cut_inside_a_character(data: bytes) -> bool:
+    try:
+      data.decode('utf-8')
+      return False
+    except UnicodeDecodeError:
+      return True
+
+  cut = [row for row in batch['tokens'] if cut_inside_a_character(trailing_text(row))]
+  assert cut, 'no row of the batch ends inside a character'
+  for row in cut:
+    kind, text = preview.parse_segment(tok, row)[-1]
+    assert kind == 'text' and text.endswith('\ufffd'), text[-8:]
+    assert generator.text_of(row).endswith('\ufffd')
+  out = tmp_path / 'preview.png'
+  assert preview.render_batch(tok, batch, str(out)) > 0
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # A prompt in the same text, continued by the tiny model (any bytes it likes).
+  (sample,) = generator.sample([generator.text_prompt('Grüße 日本語の ✓')], max_new_tokens=6,
+                               text_only=True, seed=1)
+  assert generator.text_of(sample.tokens).startswith('Grüße 日本語の ✓')

@@ -41,9 +41,10 @@ def test_bytes_errors():
   tok = text_tokenizer.ByteTokenizer()
   with pytest.raises(TokenizerError, match=r'\[0, 256\)'):
     tok.decode([65, 256])
-  with pytest.raises(UnicodeDecodeError):          # a lone continuation byte
-    tok.decode([0x80])
-  assert tok.decode([0x41, 0x80], errors='replace') == 'A\ufffd'
+  assert tok.decode([0x80]) == '\ufffd'           # a lone continuation byte
+  euro = list('€'.encode('utf-8'))                 # three bytes
+  assert tok.decode([0x41] + euro[:2]) == 'A\ufffd'  # cut after its second byte
+  assert tok.decode(euro[1:] + [0x41]) == '\ufffd\ufffdA'
   with pytest.raises(TokenizerError, match='not valid Unicode'):
     tok.encode('\ud800')
 

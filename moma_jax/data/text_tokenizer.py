@@ -54,11 +54,12 @@ class ByteTokenizer:
       raise TokenizerError(f'text is not valid Unicode: {e}') from e
     return np.frombuffer(data, np.uint8).astype(np.int32)
 
-  def decode(self, ids, errors: str = 'strict') -> str:
-    """int [T] -> str. Ids from `encode` always decode; a model's samples may not be
-    valid UTF-8, so pass errors='replace' for those."""
+  def decode(self, ids) -> str:
+    """int [T] -> str. A character cut by the ends of `ids` (a row of a packed stream, a
+    model's sample) or bytes that are not UTF-8 become U+FFFD, never an error: whatever
+    reads text back (previews, generation, reports) shows what it can."""
     ids = _check_ids(ids, self.vocab_size)
-    return ids.astype(np.uint8).tobytes().decode('utf-8', errors=errors)
+    return ids.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
 
   def __repr__(self) -> str:
     return 'ByteTokenizer()'

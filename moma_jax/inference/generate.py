@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from typing import Sequence
 
 import jax
@@ -254,20 +253,12 @@ class Generator:
     for t in np.asarray(ids).tolist():
       if t == vocab_lib.BOI:
         in_image = True
-        pieces.append(self.tok.text.decode(self.vocab.to_local(run, 'text'),
-                                           **_lenient(self.tok.text)))
+        pieces.append(self.tok.text.decode(self.vocab.to_local(run, 'text')))
         pieces.append('[image]')
         run = []
       elif t == vocab_lib.EOI:
         in_image = False
       elif not in_image and t >= len(vocab_lib.SPECIALS):
         run.append(t)
-    pieces.append(self.tok.text.decode(self.vocab.to_local(run, 'text'),
-                                       **_lenient(self.tok.text)))
+    pieces.append(self.tok.text.decode(self.vocab.to_local(run, 'text')))
     return ''.join(pieces)
-
-
-def _lenient(text_tokenizer) -> dict:
-  """Byte-level text decoding must accept a sample cut inside a UTF-8 character."""
-  return ({'errors': 'replace'} if 'errors' in inspect.signature(text_tokenizer.decode).parameters
-          else {})
