@@ -111,3 +111,19 @@ def test_run_directory_tools_take_only_the_mesh(mesh_args, expected, tmp_path, c
   err = capsys.readouterr().err
   assert exit_info.value.code == 2 and err.count('\n') == 1, err
   assert err.startswith('moma-eval: error: ') and expected in err, err
+
+
+def test_a_host_without_accelerators_starts_no_tpu_runtime(tmp_path):
+  """With libtpu installed (the test extra) and no JAX_PLATFORMS, a command that counts
+  this host's devices prints its one error line and nothing from libtpu's start-up."""
+  pytest.importorskip('libtpu')
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'moma_jax.cli.train', '--config=experiments/quickstart.py:dense',
+       f'--workdir={tmp_path / "run"}', '--config.mesh.data=3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, 'MOMA_TRACEBACK': ''})
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      'moma-train: error: mesh: data=3 x fsdp=1 x expert=1 x tensor=1 is 3 devices, but '
+      'there are 1'], result.stderr
+

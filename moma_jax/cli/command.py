@@ -40,6 +40,7 @@ from ml_collections import config_dict
 from ml_collections.config_flags import config_flags
 
 from moma_jax import configs
+from moma_jax.cli import backends
 from moma_jax.usage import UsageError
 
 FLAGS = flags.FLAGS
@@ -231,7 +232,8 @@ def mesh_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, int]]:
 def run_main(main: Callable[..., object],
              argv: Sequence[str] | None = None, *, prog: str, usage: str = '',
              user_errors: tuple[type[Exception], ...] = (),
-             with_config: bool = True, with_mesh: bool = False) -> None:
+             with_config: bool = True, with_mesh: bool = False,
+             host_devices: bool = True) -> None:
   """Parses the command line, validates the config and calls `main(config)`.
 
   argv: the full command line (argv[0] = program); None means sys.argv.
@@ -239,6 +241,8 @@ def run_main(main: Callable[..., object],
   directory): `main()` is called with no argument.
   with_mesh: with with_config False, the script takes `--config.mesh.AXIS=N` flags
   (`mesh_overrides`) and is called as `main({axis: N})` ({} when none is given).
+  host_devices: the command runs on this host's devices (all but `moma-compile`): on a
+  host with no accelerator JAX starts only the CPU (moma_jax/cli/backends.py).
   `--help` prints `usage` and the flags, and exits 0.
   user_errors: further exception types `main` raises for bad input (data, paths); like
   ConfigError they end as one line and exit code 2.
@@ -250,6 +254,8 @@ def run_main(main: Callable[..., object],
              if not module.startswith('absl')]
     print('\n\n'.join([usage.strip()] + helps).strip())
     sys.exit(0)
+  if host_devices:
+    backends.skip_absent_tpu()
   try:
     if with_config:
       main(parse(argv, prog))

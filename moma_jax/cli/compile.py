@@ -230,7 +230,7 @@ _ARGV: list[str] = []
 def run(argv: Sequence[str] | None = None) -> None:
   """Console script entry point (`moma-compile`); argv[0] is the program name."""
   _ARGV[:] = list(sys.argv if argv is None else argv)
-  cli.run_main(main, _ARGV, prog=PROG, usage=__doc__)
+  cli.run_main(main, _ARGV, prog=PROG, usage=__doc__, host_devices=False)
 
 
 if __name__ == '__main__':
