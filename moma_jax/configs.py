@@ -32,7 +32,7 @@ FFN_KINDS = ('dense', 'moma', 'moe', 'topk')
 LAYOUTS = ('ragged', 'capacity')
 # Resolved per platform by moma_jax/model/kernels.py; remat: moma_jax/model/remat.py.
 KERNELS = ('auto', 'xla', 'pallas')
-ATTENTION = ('auto', 'xla', 'splash', 'flash', 'cudnn')
+ATTENTION = ('auto', 'xla', 'splash', 'flash', 'cudnn', 'tokamax')
 REMAT = ('none', 'block_input', 'matmuls', 'block_outputs', 'offload')
 
 
@@ -71,7 +71,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
   # by `moma-aux`, whatever `enabled` says; the training run carries none.
   m.aux_router = ml_collections.ConfigDict(dict(enabled=False, mode='post_hoc'))
   m.kernels = 'auto'                    # 'auto' | 'xla' | 'pallas': moma_jax/model/kernels.py
-  m.attention = 'auto'                  # 'auto' | 'xla' | 'splash' | 'flash' | 'cudnn': the same
+  m.attention = 'auto'                  # one of ATTENTION: moma_jax/model/kernels.py
   m.dtype = 'float32'
   m.param_dtype = 'float32'
   m.remat = 'none'                      # what a layer keeps for backward: moma_jax/model/remat.py

@@ -16,9 +16,10 @@ Each op has a jnp reference (`references`, or `<op>_reference` beside it) that i
 equals, and a `jax.custom_vjp`. Backend: interpret mode on CPU (the only way Pallas runs
 there), compiled (Triton) on GPU. Which implementation runs on which platform is not
 decided here: every op takes `impl` ('pallas' by default, or 'xla' for the reference;
-the ragged matmul also 'megablox'), and the model decides, in one place per platform
-(moma_jax/model/kernels.py: on TPU megablox for the ragged matmul and XLA for the rest,
-whose Mosaic lowering is untested). Every op also takes
+the ragged matmul also 'megablox' and 'tokamax'), and the model decides, in one place
+per platform (moma_jax/model/kernels.py: on TPU megablox for the ragged matmul and XLA
+for the rest, whose Mosaic lowering is untested; on GPU tokamax's grouped matmul or
+ours). Every op also takes
 `interpret` (None = by backend); `target_backend('tpu' | 'cuda')` makes them trace for
 another platform than this machine's (ahead-of-time compiles). Every pallas_call gives
 XLA a cost estimate (FLOPs, bytes). Importing this package needs only jax and numpy.
@@ -26,6 +27,7 @@ XLA a cost estimate (FLOPs, bytes). Importing this package needs only jax and nu
 from __future__ import annotations
 
 from pallas_kernels._common import backend
+from pallas_kernels._common import import_tokamax
 from pallas_kernels._common import target_backend
 from pallas_kernels.combine import combine_rows
 from pallas_kernels.combine import combine_rows_reference
@@ -44,5 +46,5 @@ __all__ = [
     'expert_choice', 'gather_rows', 'swiglu_capacity', 'swiglu_ragged', 'combine_rows',
     'rows_of_token', 'references', 'expert_choice_reference', 'gather_rows_reference',
     'swiglu_capacity_reference', 'swiglu_ragged_reference', 'combine_rows_reference',
-    'target_backend', 'backend',
+    'target_backend', 'backend', 'import_tokamax',
 ]

@@ -32,15 +32,53 @@ def backend() -> str:
   return _TARGET.get() or jax.default_backend()
 
 
+# The GPU a CUDA lowering on a host without one is made for: Pallas' Triton lowering reads
+# the device's compute capability, and with no GPU present JAX asks for an abstract device
+# (jax >= 0.11; jax 0.10 takes it too).
+ABSTRACT_GPU = dict(device_kind='NVIDIA H100 80GB HBM3', num_cores=132)
+
+
+def _abstract_gpu_mesh() -> jax.sharding.AbstractMesh:
+  """The mesh being traced under (its axes, or none), on the abstract GPU."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = jax.sharding.AbstractDevice(platform='gpu', **ABSTRACT_GPU)
+  return jax.sharding.AbstractMesh(mesh.axis_sizes, mesh.axis_names, mesh.axis_types,
+                                   abstract_device=device)
+
+
 @contextlib.contextmanager
 def target_backend(platform: str) -> Iterator[None]:
   """Context: trace the kernels for `platform` ('tpu', 'cuda', 'gpu' or 'cpu') whatever
-  this machine has, e.g. to compile for device-less TPU devices or lower for CUDA."""
-  token = _TARGET.set(_PLATFORM_BACKEND[platform])
+  this machine has, e.g. to compile for device-less TPU devices or lower for CUDA. A GPU
+  target on a host without a GPU traces under an abstract GPU (`ABSTRACT_GPU`); enter it
+  inside `jax.set_mesh`, whose axes it keeps."""
+  backend_name = _PLATFORM_BACKEND[platform]
+  token = _TARGET.set(backend_name)
   try:
-    yield
+    with contextlib.ExitStack() as stack:
+      if backend_name == 'gpu' and jax.default_backend() != 'gpu':
+        stack.enter_context(jax.sharding.use_abstract_mesh(_abstract_gpu_mesh()))
+      yield
   finally:
     _TARGET.reset(token)
+
+
+def glu(a, b, dtype):
+  """silu(a) * b in float32, cast to `dtype`: the SwiGLU's gate, as the kernels apply it."""
+  a = a.astype(jnp.float32)
+  return (a * jax.nn.sigmoid(a) * b.astype(jnp.float32)).astype(dtype)
+
+
+def import_tokamax():
+  """The tokamax module, callable from any program. tokamax reads its settings from absl
+  flags and, when nothing has parsed them yet, parses sys.argv itself, which fails on
+  any argument of another program (pytest's, a notebook kernel's): its flags keep their
+  defaults then. (The command-line tools parse flags before any model is traced.)"""
+  import tokamax  # pylint: disable=g-import-not-at-top  # optional: the cuda12 extra
+  from absl import flags  # pylint: disable=g-import-not-at-top  # a tokamax dependency
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
 
 
 def nbytes(*arrays) -> int:

@@ -38,14 +38,9 @@ SwiGLU's elementwise derivative in jnp): with a = x wi_0, b = x wi_1, h = silu(a
   d[wi_0 wi_1] = x^T [da db].
 Transposed operands are formed by XLA (a copy) rather than by transposed-tile kernels.
 
-TPU: for the ragged layout the model takes `impl='megablox'`,
-`jax.experimental.pallas.ops.tpu.megablox` `gmm` — it fits: the same ragged contract (lhs [R, K], rhs [E, K, N], int32
-group_sizes), Mosaic-tuned tiling, scalar-prefetched group metadata (which Triton lacks,
-hence our own kernel on GPU) and its own custom_vjp with the `tgmm` weight gradient. It
-needs R to be a multiple of its row tile (we pad) and does not write rows past the
-last group (we mask them to zero, in and out, so values and gradients match the
-reference). It does not fuse the GLU, so the SwiGLU is three gmm calls there. For the
-capacity layout the model takes `impl='xla'` on TPU, XLA's batched einsum, which XLA tiles well on
+The TPU and GPU libraries' grouped matmuls for the ragged layout (megablox, tokamax) are
+`impl`s of `swiglu_ragged` too (pallas_kernels/library_matmul.py). For the capacity
+layout the model takes `impl='xla'` on TPU, XLA's batched einsum, which XLA tiles well on
 the MXU; `impl='pallas'` forces `_bmm_kernel` (untested under Mosaic).
 """
 from __future__ import annotations
@@ -57,6 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
+from pallas_kernels import library_matmul
 
 TILES = (64, 32, 64)        # (BM, BK, BN) defaults; Triton-friendly on H100 at 4 warps
 _MIN_TILE = 16              # Triton's dot needs every operand dimension >= 16
@@ -261,11 +257,6 @@ def _glu_backward(dh, a, b, dtype):
   return (dh * b * sig * (1 + a * (1 - sig))).astype(dtype), (dh * silu).astype(dtype)
 
 
-def _glu(a, b, dtype):
-  a = a.astype(jnp.float32)
-  return (a * jax.nn.sigmoid(a) * b.astype(jnp.float32)).astype(dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _swiglu_capacity(rows, wi_0, wi_1, wo, cfg):
   tiles, interpret = cfg
@@ -277,7 +268,7 @@ def _swiglu_capacity_fwd(rows, wi_0, wi_1, wo, cfg):
   tiles, interpret = cfg
   mm = functools.partial(bmm, tiles=tiles, interpret=interpret)
   a, b = mm(rows, [wi_0]), mm(rows, [wi_1])
-  out = mm(_glu(a, b, rows.dtype), [wo])
+  out = mm(_common.glu(a, b, rows.dtype), [wo])
   return out, (rows, wi_0, wi_1, wo, a, b)
 
 
@@ -287,7 +278,7 @@ def _swiglu_capacity_bwd(cfg, residuals, dout):
   mm = functools.partial(bmm, tiles=tiles, interpret=interpret)
   t = lambda z: jnp.swapaxes(z, 1, 2)
   f = a.shape[-1]
-  h = _glu(a, b, rows.dtype)
+  h = _common.glu(a, b, rows.dtype)
   dout = dout.astype(rows.dtype)
   dh = mm(dout, [t(wo)])                                           # [E, C, F]
   dwo = mm(t(h), [dout])                                           # [E, F, D]
@@ -315,7 +306,7 @@ def _swiglu_ragged_fwd(rows, group_sizes, wi_0, wi_1, wo, cfg):
   mm = functools.partial(ragged_mm, group_sizes=group_sizes, tiles=tiles,
                          interpret=interpret)
   a, b = mm(rows, [wi_0]), mm(rows, [wi_1])
-  out = mm(_glu(a, b, rows.dtype), [wo])
+  out = mm(_common.glu(a, b, rows.dtype), [wo])
   return out, (rows, group_sizes, wi_0, wi_1, wo, a, b)
 
 
@@ -328,7 +319,7 @@ def _swiglu_ragged_bwd(cfg, residuals, dout):
                           interpret=interpret)
   t = lambda z: jnp.swapaxes(z, 1, 2)
   f = a.shape[-1]
-  h = _glu(a, b, rows.dtype)
+  h = _common.glu(a, b, rows.dtype)
   dout = dout.astype(rows.dtype)
   dh = mm(dout, [t(wo)])                                           # [R, F]
   dwo = tmm(h, dout)                                               # [E, F, D]
@@ -341,25 +332,6 @@ def _swiglu_ragged_bwd(cfg, residuals, dout):
 
 
 _swiglu_ragged.defvjp(_swiglu_ragged_fwd, _swiglu_ragged_bwd)
-
-
-def _swiglu_megablox(rows, group_sizes, wi_0, wi_1, wo, interpret: bool):
-  """The ragged SwiGLU as three megablox `gmm` calls (TPU; interpret mode elsewhere)."""
-  from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=g-import-not-at-top
-  r, d = rows.shape
-  f = wi_0.shape[-1]
-  gs = group_sizes.astype(jnp.int32)
-  tm = min(128, _common.round_up(r, 16))
-  rp = _common.round_up(r, tm)
-  # Rows past the last group are never written by gmm: zero them on the way in and out
-  # so their values and gradients are the reference's zeros.
-  used = (jnp.arange(rp) < jnp.sum(gs))[:, None]
-  x = jnp.where(used, _common.pad_to(rows, 0, rp), 0)
-  call = lambda lhs, rhs, k, n: gmm(lhs, rhs, gs, rows.dtype,
-                                    (tm, min(128, k), min(128, n)), interpret=interpret)
-  h = _glu(call(x, wi_0, d, f), call(x, wi_1, d, f), rows.dtype)
-  out = jnp.where(used, call(h, wo, f, d), 0)
-  return out[:r]
 
 
 # ----------------------------------------------------------------------------------
@@ -378,18 +350,23 @@ def swiglu_capacity(rows, wi_0, wi_1, wo, *, impl: str = 'pallas', tiles=TILES,
 
 
 def swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, *, impl: str = 'pallas', tiles=TILES,
-                  interpret: bool | None = None):
+                  interpret: bool | None = None,
+                  tokamax_implementation=library_matmul.TOKAMAX_GPU):
   """SwiGLU of ragged expert groups: rows [R, D], group_sizes [E] int32 (expert e's rows
   follow expert e-1's), wi_* [E, D, F], wo [E, F, D] -> [R, D] (zero past the groups).
 
-  impl: 'pallas', 'megablox' (TPU's grouped matmul) or 'xla' (the `ragged_dot`
+  impl: 'pallas', 'megablox' (TPU's grouped matmul), 'tokamax' (tokamax's GPU grouped
+  matmul, `tokamax_implementation` naming its kernels) or 'xla' (the `ragged_dot`
   reference). tiles: (BM, BK, BN) of our kernels.
   Differentiable in rows and weights.
   """
   if impl == 'xla':
     return swiglu_ragged_reference(rows, group_sizes, wi_0, wi_1, wo)
+  if impl == 'tokamax':
+    return library_matmul.swiglu_tokamax(rows, group_sizes, wi_0, wi_1, wo,
+                                         tokamax_implementation)
   interpret = _common.use_interpret(interpret)
   if impl == 'megablox':
-    return _swiglu_megablox(rows, group_sizes, wi_0, wi_1, wo, interpret)
+    return library_matmul.swiglu_megablox(rows, group_sizes, wi_0, wi_1, wo, interpret)
   return _swiglu_ragged(rows, group_sizes.astype(jnp.int32), wi_0, wi_1, wo,
                         (tuple(tiles), interpret))

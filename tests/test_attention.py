@@ -33,8 +33,12 @@ def inputs(seed=0):
   return q, k, v, jnp.asarray(seg)
 
 
-@pytest.mark.parametrize('backend', ['splash', 'flash'])
-def test_backend_equals_xla_attention(backend):
+@pytest.mark.parametrize('backend', ['splash', 'flash', 'tokamax'])
+def test_backend_equals_xla_attention(backend, monkeypatch):
+  if backend == 'tokamax':
+    # Its GPU kernels trace only on a GPU: here its XLA one checks the call around them
+    # (the document mask, causality, the argument layout).
+    monkeypatch.setattr(attention_kernels, 'TOKAMAX_GPU', ('xla',))
   q, k, v, seg = inputs()
   valid = np.asarray(seg > 0)
   cot = jax.random.normal(jax.random.key(1), q.shape) * valid[..., None, None]
@@ -51,7 +55,7 @@ def test_backend_equals_xla_attention(backend):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f'd{name}')
   # A key of another document never changes a query's output.
   v2 = v.at[0, 35].add(100.0)                              # document 3 of row 0
-  moved = attention_kernels.attend(q, k, v2, seg, backend)
+  moved, _ = run(q, k, v2, name=backend)                     # the same program
   np.testing.assert_array_equal(moved[0, :30], out[0, :30])
 
 

@@ -24,6 +24,7 @@ from moma_jax.analysis import hlo_stats
 from moma_jax.cli import aux as aux_cli  # noqa: F401  pylint: disable=unused-import
 from moma_jax.cli import compile as compile_cli
 from moma_jax import configs
+from moma_jax.model import kernels as kernels_lib
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'quickstart.py')
 TOPOLOGY = 'v5p:2x2x1'
@@ -143,6 +144,26 @@ def test_training_step_with_pallas_kernels_lowers_for_cuda():
   assert sorted(set(r['uncounted'])) == sorted(names)
 
 
+@pytest.mark.parametrize('kernels', ['auto', 'xla'])
+def test_gpu_default_computes_only_each_experts_rows(kernels):
+  """The quickstart moma_4t4i training step lowered for a GPU: with `auto` no expert
+  matmul is XLA's ragged_dot (a dense matmul over every expert on GPU) but a grouped
+  matmul kernel; `xla` keeps ragged_dot, which the check must be able to see."""
+  config = quickstart('moma_4t4i', **{'model.kernels': kernels})
+  target = aot.cuda_target(config)
+  text = aot.lower(aot.build_step(config, target, 'train'), target).as_text()
+  ragged_dots = re.findall(r'ragged[-_]dot', text)
+  names = {k['name'] for k in hlo_stats.kernels(text) if k['backend'] == 'Triton'}
+  if kernels == 'xla':
+    assert ragged_dots and 'ragged_matmul' not in names
+    return
+  assert not ragged_dots
+  # On a host without a GPU tokamax's kernels cannot trace: the grouped matmul is ours,
+  # forward, and backward (the weights' gradient as a transposed grouped matmul).
+  assert kernels_lib.gpu_grouped_matmul() == 'triton'
+  assert {'ragged_matmul', 'ragged_transposed_matmul'} <= names, names
+
+
 # ----------------------------------------------------------------------------------
 # HLO text: collectives per step
 # ----------------------------------------------------------------------------------
@@ -246,6 +267,7 @@ def test_cuda_text_says_lowering_only(capsys):
           '--config.model.num_layers=1', '--config.model.kernels=pallas']
   out = _run(argv, capsys).out
   assert 'lowered only' in out
+  assert 'ragged expert matmuls on triton' in out and 'XLA ragged_dot ops: 0' in out, out
   assert re.search(r'Triton\s+ragged_matmul\s+x\d+', out), out
 
 

@@ -123,7 +123,11 @@ def test_kernel_choice_is_resolved_per_platform():
   import pallas_kernels as pk
   assert kernels.resolve('xla', 'gpu') is kernels.XLA
   assert kernels.resolve('auto', 'cpu') is kernels.XLA
-  assert kernels.resolve('auto', 'gpu') is kernels.XLA      # until timed on a GPU
+  # On GPU a grouped matmul for the ragged SwiGLU (never ragged_dot), XLA for the rest.
+  gpu = kernels.resolve('auto', 'gpu')
+  assert gpu is kernels.AUTO_GPU and gpu.swiglu_ragged is not kernels.XLA.swiglu_ragged
+  for op in ('select', 'gather', 'swiglu_blocks', 'combine'):
+    assert getattr(gpu, op) is getattr(kernels.XLA, op), op
   assert kernels.resolve('pallas', 'gpu') is kernels.PALLAS
   assert kernels.resolve('pallas', 'cpu') is kernels.PALLAS
   tpu = kernels.resolve('auto', 'tpu')

@@ -231,14 +231,18 @@ def test_swiglu_ragged(dtype):
     assert_close(a, b, dtype, f'd{name}')
 
 
-def test_swiglu_ragged_megablox_interpret():
-  """The TPU path (megablox gmm), run in interpret mode: equal to the reference."""
+@pytest.mark.parametrize('impl', ['megablox', 'tokamax'])
+def test_swiglu_ragged_tpu_and_gpu_library_paths(impl):
+  """The TPU path (megablox gmm, in interpret mode) and the GPU one (tokamax's
+  ragged_dot; its GPU kernels trace only on a GPU, so here its XLA one checks the calls
+  around them): equal to the reference, values and gradients."""
   rng = np.random.default_rng(5)
   r, d, f = 50, 24, 40
   gs = jnp.asarray(RAGGED_SIZES, jnp.int32)
   rows = normal(rng, (r, d), jnp.float32)
   w = _weights(rng, len(RAGGED_SIZES), d, f, jnp.float32)
-  y, grads = jit_vjp(lambda x, *w: pk.swiglu_ragged(x, gs, *w, impl='megablox'), rows, *w)
+  y, grads = jit_vjp(lambda x, *w: pk.swiglu_ragged(x, gs, *w, impl=impl,
+                                                    tokamax_implementation='xla'), rows, *w)
   ref_y, ref_grads = jit_vjp(lambda x, *w: pk.swiglu_ragged_reference(x, gs, *w), rows, *w)
   assert_close(y, ref_y, jnp.float32, 'out')
   for a, b in zip(grads, ref_grads):

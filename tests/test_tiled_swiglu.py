@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pallas_kernels
 import numpy as np
 import pytest
 
@@ -133,15 +134,18 @@ def test_default_block_and_tile_rows():
 
 
 def test_xla_ops_use_it_on_cpu_and_keep_ragged_dot_elsewhere():
+  """Chosen for the platform a program is traced for, with no conditional around it."""
   rows, wi_0, wi_1, wo, _ = operands(seed=1)
   sizes = jnp.asarray(CASES['random'], jnp.int32)
-  f = jax.jit(jax.grad(lambda x, *w: kernels.XLA.swiglu_ragged(x, sizes, *w).sum(),
-                       argnums=(0, 1, 2, 3)))
-  lowered = lambda platform: f.trace(rows, wi_0, wi_1, wo).lower(
-      lowering_platforms=(platform,)).as_text()
+
+  def lowered(platform):
+    f = jax.jit(jax.grad(lambda x, *w: kernels.XLA.swiglu_ragged(x, sizes, *w).sum(),
+                         argnums=(0, 1, 2, 3)))
+    with pallas_kernels.target_backend(platform):
+      return f.trace(rows, wi_0, wi_1, wo).lower(lowering_platforms=(platform,)).as_text()
   cpu, cuda = lowered('cpu'), lowered('cuda')
-  assert 'ragged_dot' not in cpu and 'while' in cpu
-  assert 'ragged_dot' in cuda and 'while' not in cuda
+  assert 'ragged_dot' not in cpu and 'while' in cpu and 'case' not in cpu
+  assert 'ragged_dot' in cuda and 'while' not in cuda and 'case' not in cuda
 
 
 def model_results(config):

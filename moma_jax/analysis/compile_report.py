@@ -131,9 +131,17 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
     return out
   out['seconds'] = dict(lower=time.perf_counter() - start)
   if target.platform != 'tpu':
-    found = hlo_stats.kernels(lowered.as_text())
+    text = lowered.as_text()
+    found = hlo_stats.kernels(text)
+    m = config.model
     out.update(lowered=True, compiled=False, kernels=found,
-               uncounted=[k['name'] for k in found if not k['counted']])
+               uncounted=[k['name'] for k in found if not k['counted']],
+               # XLA's ragged_dot pads every expert's rows to all rows on GPU.
+               ragged_dots=len(re.findall(r'ragged[-_]dot\b', text)),
+               gpu_choice=dict(kernels=m.kernels, attention=m.attention,
+                               grouped_matmul=kernels.gpu_grouped_matmul(),
+                               attention_backend=kernels.resolve_attention(m.attention,
+                                                                           'gpu')))
     return out
   start = time.perf_counter()
   try:
@@ -204,6 +212,12 @@ def format_step(r: dict[str, Any]) -> list[str]:
     lines = [head + ': lowered only (compiling for a GPU needs one); no memory or FLOPs']
     if not r.get('lowered', False):
       return lines + [f'  does not lower: {r["lowering_error"]}']
+    g = r['gpu_choice']
+    grouped = {'auto': g['grouped_matmul'], 'pallas': 'triton', 'xla': 'ragged_dot'}
+    lines.append(f'  model.kernels={g["kernels"]}: ragged expert matmuls on '
+                 f'{grouped[g["kernels"]]}; attention {g["attention_backend"]} '
+                 f'(model.attention={g["attention"]}); XLA ragged_dot ops: '
+                 f'{r["ragged_dots"]}')
     lines.append('  custom calls:' + ('' if r['kernels'] else ' none'))
     lines += [f'    {k["backend"]:<11} {k["name"]:<28} x{k["count"]}  ({k["target"]})'
               for k in r['kernels']]

@@ -9,12 +9,15 @@ segment is not 0 (padding); softmax(q k^T / sqrt(K)) v over those keys.
           (`jax.experimental.pallas.ops.tpu.splash_attention`): causal and segment
           masks by blocks, fully masked blocks skipped, nothing [T, T] in HBM;
   flash   the Pallas GPU (Triton) flash-attention kernel
-          (`jax.experimental.pallas.ops.gpu.attention.mha`), with segment ids;
+          (`jax.experimental.pallas.ops.gpu.attention.mha`, deprecated from jax 0.11),
+          with segment ids;
   cudnn   cuDNN's fused attention (`jax.nn.dot_product_attention(implementation=
           'cudnn')`): causal in the kernel, documents as a [B, 1, T, T] boolean mask
-          (cuDNN has no segment ids here), which is still no [B, H, T, T] tensor.
-`resolve` in moma_jax/model/kernels.py picks one per platform ('auto': splash on TPU,
-flash on GPU, xla on CPU). Padding queries (segment 0) have no key to attend to; their
+          (cuDNN has no segment ids here), which is still no [B, H, T, T] tensor;
+  tokamax tokamax's GPU attention (`tokamax.dot_product_attention`, its Mosaic GPU,
+          Triton or cuDNN kernels, never its XLA one), with the same document mask.
+`resolve_attention` in moma_jax/model/kernels.py picks one per platform ('auto': splash
+on TPU; on a GPU tokamax, else cudnn; xla on CPU). Padding queries (segment 0) have no key to attend to; their
 outputs differ between backends and are never read (no loss, no routing, no valid
 query attends to them). The Pallas kernels run in interpret mode on CPU, which is how
 the tests compare them with `xla`. Mixture-of-depths blocks call attention on their
@@ -121,11 +124,25 @@ def _flash(q, k, v, segment_ids):
   return out[:, :t]
 
 
-def _cudnn(q, k, v, segment_ids):
+def _document_mask(segment_ids):
+  """[B, T] -> bool [B, 1, T, T]: query and key in the same document (not padding)."""
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  mask = (same & (segment_ids[:, :, None] > 0))[:, None]                   # [B, 1, T, T]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                      implementation='cudnn')
+  return (same & (segment_ids[:, :, None] > 0))[:, None]
+
+
+def _cudnn(q, k, v, segment_ids):
+  return jax.nn.dot_product_attention(q, k, v, mask=_document_mask(segment_ids),
+                                      is_causal=True, implementation='cudnn')
+
+
+# tokamax's GPU attention kernels, in its order of preference; never its 'xla' ones,
+# which materialize the [B, H, T, T] logits.
+TOKAMAX_GPU = ('mosaic', 'triton', 'cudnn')
+
+
+def _tokamax(q, k, v, segment_ids):
+  return pallas_kernels.import_tokamax().dot_product_attention(q, k, v, mask=_document_mask(segment_ids),
+                                       is_causal=True, implementation=TOKAMAX_GPU)
 
 
 SPLASH_BLOCK = 128
@@ -146,12 +163,14 @@ def splash_flops(sequences: int, length: int, heads: int, head_dim: int,
                * head_dim)
 
 
-_KERNELS = {'xla': _xla, 'splash': _splash, 'flash': _flash, 'cudnn': _cudnn}
+_KERNELS = {'xla': _xla, 'splash': _splash, 'flash': _flash, 'cudnn': _cudnn,
+            'tokamax': _tokamax}
 
 
 def attend(q, k, v, segment_ids, backend: str) -> jax.Array:
   """Attention of q, k, v [B, T, H, K] under segment_ids [B, T] with `backend` (one of
-  'xla', 'splash', 'flash', 'cudnn', as resolved for the platform) -> [B, T, H, K]."""
+  'xla', 'splash', 'flash', 'cudnn', 'tokamax', as resolved for the platform) ->
+  [B, T, H, K]."""
   fn = _KERNELS[backend]
   if backend == 'xla' or not expert_parallel.is_sharded():
     return fn(q, k, v, segment_ids)

@@ -36,6 +36,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+import pallas_kernels
 from pallas_kernels import references
 
 from moma_jax.model import kernels
@@ -145,9 +146,12 @@ def exchange(x, selection: routing.Selection, weights, *, capacity: int, x_size:
                                     received_rows=received_rows, compute=compute,
                                     collective=RAGGED_COLLECTIVE[0])
 
-  if RAGGED_EVERYWHERE[0]:
+  # Chosen for the platform being traced for (a program compiled here for TPU keeps the
+  # ragged path), in Python: a `lax.platform_dependent` conditional holding the exchange's
+  # collectives deadlocks XLA's CPU runtime (moma_jax/model/kernels.py).
+  if RAGGED_EVERYWHERE[0] or pallas_kernels.backend() in ('gpu', 'tpu'):
     returned = ragged(rows, plan.group_sizes)
-  else:   # chosen when lowered: a program compiled here for TPU keeps the ragged path
-    returned = jax.lax.platform_dependent(rows, plan.group_sizes, cpu=dense, default=ragged)
+  else:
+    returned = dense(rows, plan.group_sizes)
   y = plan.combine(returned, ops)
   return y.reshape(g, n, d), plan.kept

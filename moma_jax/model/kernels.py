@@ -18,12 +18,23 @@ compiles):
                   blocks and tiles)
   'pallas'        our kernels, interpret   our kernels         megablox ragged matmul,
                   mode (slow: for tests)   (Triton)            references for the rest
-  'auto'          = 'xla'                  = 'xla'             = 'pallas'
+  'auto'          = 'xla'                  grouped matmul      = 'pallas'
+                                           (below), references
+                                           for the rest
 
-'auto' (the default) takes what has been measured to pay: on TPU megablox, whose cost
-estimate puts a moma_4t4i training step at 1.01x the dense step's compiled FLOPs (XLA's
-own ragged_dot: 1.14x, README "Will it fit?"); on GPU XLA for now, since our Triton
-kernels have been lowered but not yet timed on a GPU (`kernels='pallas'` opts in).
+'auto' (the default) takes what has been measured or is known to pay. On TPU megablox,
+whose cost estimate puts a moma_4t4i training step at 1.01x the dense step's compiled
+FLOPs (XLA's own ragged_dot: 1.14x, README "Will it fit?"). On GPU never XLA's
+`ragged_dot`, whose GPU lowering pads every expert's rows to the whole row count (a
+masked dense matmul: E times the expert FLOPs): the ragged SwiGLU runs on a grouped
+matmul that computes only each expert's rows, `gpu_grouped_matmul()`:
+  'tokamax'  tokamax's `ragged_dot` GPU kernels (Mosaic GPU, Triton; the `cuda12` extra
+             installs tokamax), when tokamax imports and a GPU is present: its kernels
+             refuse to trace anywhere else;
+  'triton'   this project's Triton kernel (pallas_kernels.swiglu_ragged), otherwise, so
+             also for a lowering on a host without a GPU (`moma-compile --platform cuda`).
+Selection, gathers and combines stay XLA's gathers and scatters there, which touch each
+row once.
 
 The references are `pallas_kernels.references`, the functions each kernel is tested
 to equal (tests/test_pallas_kernels.py), except the ragged SwiGLU on CPU, whose
@@ -35,13 +46,16 @@ selection, gather and combine kernels have no Mosaic lowering we have tested, so
 `resolve_attention(model.attention)` does the same for attention
 (moma_jax/model/attention_kernels.py):
 
-  model.attention  cpu      gpu                     tpu
-  'auto'           xla      flash (Pallas, Triton)  splash (Pallas, Mosaic)
+  model.attention  cpu      gpu                              tpu
+  'auto'           xla      tokamax, else cudnn; lowered     splash (Pallas, Mosaic)
+                            without a GPU: flash
   any other        that backend, wherever it is asked for (Pallas ones interpret on CPU)
 
-On GPU 'auto' takes our Pallas flash kernel rather than cuDNN: it takes segment ids, so
-packed documents cost no [T, T] mask, and its lowering is checked on machines without a
-GPU; `attention='cudnn'` is there for comparison.
+On GPU 'auto' leaves JAX's Pallas GPU attention module (deprecated from jax 0.11 in
+favour of tokamax) for tokamax's attention where tokamax is installed, else cuDNN's;
+both take the documents as a [B, 1, T, T] mask. Neither traces without a GPU, so a
+lowering for CUDA on a host without one (`moma-compile --platform cuda`) still takes the
+Pallas flash kernel, whose segment ids need no mask.
 
 Axis legend: G routing groups, N tokens per group, E experts, K candidate slots, T
 tokens, R rows, C rows per expert, D embed, F hidden, S rows per token.
@@ -75,12 +89,15 @@ class Ops:
 
 
 def _swiglu_ragged_xla(rows, group_sizes, wi_0, wi_1, wo):
-  """The ragged SwiGLU reference, as blocks and tiles on CPU. Chosen when the
-  computation is lowered, so a program compiled here for another platform keeps
-  `ragged_dot`."""
-  return jax.lax.platform_dependent(rows, group_sizes, wi_0, wi_1, wo,
-                                    cpu=tiled_swiglu.swiglu_tiled,
-                                    default=references.swiglu_ragged_reference)
+  """The ragged SwiGLU reference, as blocks and tiles on CPU; `ragged_dot` for any other
+  platform a program is traced for (`pallas_kernels.target_backend`). Chosen in Python,
+  not by `jax.lax.platform_dependent`: its conditional would hold the layer's collectives
+  under a mesh, and XLA's CPU runtime (jaxlib >= 0.11) runs a conditional side by side
+  with the program's other collectives, in different orders on different devices, which
+  deadlocks (fsdp=2 x expert=2 x tensor=2 on 8 CPU devices)."""
+  if pallas_kernels.backend() in ('gpu', 'tpu'):
+    return references.swiglu_ragged_reference(rows, group_sizes, wi_0, wi_1, wo)
+  return tiled_swiglu.swiglu_tiled(rows, group_sizes, wi_0, wi_1, wo)
 
 
 XLA = Ops(
@@ -109,6 +126,22 @@ PALLAS_TPU = dataclasses.replace(
     swiglu_ragged=functools.partial(pallas_kernels.swiglu_ragged, impl='megablox'))
 
 
+def gpu_grouped_matmul() -> str:
+  """The grouped matmul `auto` takes on GPU (see the module docstring): 'tokamax' or
+  'triton'."""
+  return 'tokamax' if _tokamax_on_gpu() else 'triton'
+
+
+def _swiglu_ragged_gpu(rows, group_sizes, wi_0, wi_1, wo):
+  """The ragged SwiGLU on `gpu_grouped_matmul()`, chosen when the model is traced."""
+  impl = 'tokamax' if gpu_grouped_matmul() == 'tokamax' else 'pallas'
+  return pallas_kernels.swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, impl=impl)
+
+
+AUTO_GPU = dataclasses.replace(XLA, name='auto_gpu', pallas=True,
+                               swiglu_ragged=_swiglu_ragged_gpu)
+
+
 def resolve(kernels: str, platform: str | None = None) -> Ops:
   """The ops of `model.kernels` on `platform` ('cpu', 'gpu', 'tpu'; None: the one being
   traced for)."""
@@ -116,6 +149,8 @@ def resolve(kernels: str, platform: str | None = None) -> Ops:
     raise ValueError(f'model.kernels must be one of {configs.KERNELS}, got {kernels!r}')
   platform = platform or pallas_kernels.backend()
   if kernels == 'auto':
+    if platform == 'gpu':
+      return AUTO_GPU
     kernels = 'pallas' if platform == 'tpu' else 'xla'
   if kernels == 'xla':
     return XLA
@@ -124,9 +159,30 @@ def resolve(kernels: str, platform: str | None = None) -> Ops:
 
 def resolve_attention(attention: str, platform: str | None = None) -> str:
   """The attention backend of `model.attention` on `platform` (None: the one being
-  traced for): 'xla', 'splash', 'flash' or 'cudnn'."""
+  traced for): 'xla', 'splash', 'flash', 'cudnn' or 'tokamax'."""
   if attention not in configs.ATTENTION:
     raise ValueError(f'model.attention must be one of {configs.ATTENTION}, got {attention!r}')
   if attention != 'auto':
     return attention
-  return {'tpu': 'splash', 'gpu': 'flash'}.get(platform or pallas_kernels.backend(), 'xla')
+  platform = platform or pallas_kernels.backend()
+  if platform == 'gpu':
+    return gpu_attention()
+  return 'splash' if platform == 'tpu' else 'xla'
+
+
+def _tokamax_on_gpu() -> bool:
+  """tokamax imports and a GPU is present (its GPU kernels trace nowhere else)."""
+  if jax.default_backend() != 'gpu':
+    return False
+  try:
+    import tokamax  # pylint: disable=g-import-not-at-top,unused-import  # optional
+  except ImportError:
+    return False
+  return True
+
+
+def gpu_attention() -> str:
+  """The attention `auto` takes on GPU (see the module docstring)."""
+  if jax.default_backend() != 'gpu':
+    return 'flash'
+  return 'tokamax' if _tokamax_on_gpu() else 'cudnn'

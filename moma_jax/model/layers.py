@@ -84,9 +84,9 @@ class Attention(nn.Module):
 
   x [B, T, D], positions [B, T], segment_ids [B, T] (0 = padding) -> [B, T, D].
 
-  attention: `model.attention` ('auto' | 'xla' | 'splash' | 'flash' | 'cudnn'), resolved
-  for the platform being traced for (moma_jax/model/kernels.py); the backends compute
-  the same function (moma_jax/model/attention_kernels.py).
+  attention: `model.attention` ('auto' | 'xla' | 'splash' | 'flash' | 'cudnn' |
+  'tokamax'), resolved for the platform being traced for (moma_jax/model/kernels.py);
+  the backends compute the same function (moma_jax/model/attention_kernels.py).
   decode: keys and values live in a cache of `cache_len` slots (the 'cache' collection,
   made by the first call): each call appends its T tokens after those of the calls
   before it and attends to every cached key of the same segment up to its own slot. A
