@@ -183,6 +183,6 @@ def test_text_cut_inside_a_character_previews_and_generates(generator, data_setu
   assert preview.render_batch(tok, batch, str(out)) > 0
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   # A prompt in the same text, continued by the tiny model (any bytes it likes).
-  (sample,) = generator.sample([generator.text_prompt('Grüße 日本語の ✓')], max_new_tokens=6,
-                               text_only=True, seed=1)
+  prompt = generator.text_prompt('Grüße 日本語の ✓')
+  (sample,) = generator.sample([prompt], max_new_tokens=6, text_only=True, seed=1)
   assert generator.text_of(sample.tokens).startswith('Grüße 日本語の ✓')

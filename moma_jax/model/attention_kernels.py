@@ -17,12 +17,13 @@ segment is not 0 (padding); softmax(q k^T / sqrt(K)) v over those keys.
   tokamax tokamax's GPU attention (`tokamax.dot_product_attention`, its Mosaic GPU,
           Triton or cuDNN kernels, never its XLA one), with the same document mask.
 `resolve_attention` in moma_jax/model/kernels.py picks one per platform ('auto': splash
-on TPU; on a GPU tokamax, else cudnn; xla on CPU). Padding queries (segment 0) have no key to attend to; their
-outputs differ between backends and are never read (no loss, no routing, no valid
-query attends to them). The Pallas kernels run in interpret mode on CPU, which is how
-the tests compare them with `xla`. Mixture-of-depths blocks call attention on their
-picked tokens in position order, with one segment id per (sequence, document), so the
-same masks hold there. Decoding with a KV cache stays on `xla` (moma_jax/model/layers.py).
+on TPU; on a GPU tokamax, else cudnn; xla on CPU). Padding queries (segment 0) have no
+key to attend to; their outputs differ between backends and are never read (no loss, no
+routing, no valid query attends to them). The Pallas kernels run in interpret mode on
+CPU, which is how the tests compare them with `xla`. Mixture-of-depths blocks call
+attention on their picked tokens in position order, with one segment id per (sequence,
+document), so the same masks hold there. Decoding with a KV cache stays on `xla`
+(moma_jax/model/layers.py).
 
 Under a mesh the kernels run inside `jax.shard_map` over the batch axes (and 'tensor'
 for heads): attention is independent per sequence and head, so each device runs its
@@ -141,7 +142,8 @@ TOKAMAX_GPU = ('mosaic', 'triton', 'cudnn')
 
 
 def _tokamax(q, k, v, segment_ids):
-  return pallas_kernels.import_tokamax().dot_product_attention(q, k, v, mask=_document_mask(segment_ids),
+  tokamax = pallas_kernels.import_tokamax()
+  return tokamax.dot_product_attention(q, k, v, mask=_document_mask(segment_ids),
                                        is_causal=True, implementation=TOKAMAX_GPU)
 
 

@@ -170,10 +170,7 @@ def resolve_attention(attention: str, platform: str | None = None) -> str:
   return 'splash' if platform == 'tpu' else 'xla'
 
 
-def _tokamax_on_gpu() -> bool:
-  """tokamax imports and a GPU is present (its GPU kernels trace nowhere else)."""
-  if jax.default_backend() != 'gpu':
-    return False
+def _tokamax_installed() -> bool:
   try:
     import tokamax  # pylint: disable=g-import-not-at-top,unused-import  # optional
   except ImportError:
@@ -181,8 +178,13 @@ def _tokamax_on_gpu() -> bool:
   return True
 
 
+def _tokamax_on_gpu() -> bool:
+  """tokamax imports and a GPU is present (its GPU kernels trace nowhere else)."""
+  return jax.default_backend() == 'gpu' and _tokamax_installed()
+
+
 def gpu_attention() -> str:
   """The attention `auto` takes on GPU (see the module docstring)."""
   if jax.default_backend() != 'gpu':
     return 'flash'
-  return 'tokamax' if _tokamax_on_gpu() else 'cudnn'
+  return 'tokamax' if _tokamax_installed() else 'cudnn'
