@@ -23,6 +23,7 @@ Field reference (the names other parts rely on):
 """
 from __future__ import annotations
 
+import re
 from typing import Collection, Sequence
 
 import ml_collections
@@ -72,6 +73,8 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.aux_router = ml_collections.ConfigDict(dict(enabled=False, mode='post_hoc'))
   m.kernels = 'auto'                    # 'auto' | 'xla' | 'pallas': moma_jax/model/kernels.py
   m.attention = 'auto'                  # one of ATTENTION: moma_jax/model/kernels.py
+  m.matmul_tiles = 'auto'               # TPU grouped matmul tiles: 'auto' (chosen for the
+                                        # shapes, pallas_kernels/megablox_tiles.py) or TMxTKxTN
   m.dtype = 'float32'
   m.param_dtype = 'float32'
   m.remat = 'none'                      # what a layer keeps for backward: moma_jax/model/remat.py
@@ -193,6 +196,23 @@ def _positive(path: str, value) -> None:
     raise ConfigError(path, f'must be a positive integer, got {value!r}')
 
 
+_TILES = re.compile(r'(\d+)x(\d+)x(\d+)')
+
+
+def matmul_tiles(m: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
+  """`model.matmul_tiles` as (TM, TK, TN), None for 'auto'. TPU blocks: TM a multiple
+  of 16 (bf16 packs two rows a sublane), TK and TN of 128 (lanes)."""
+  text = m.get('matmul_tiles', 'auto')
+  if text == 'auto':
+    return None
+  found = _TILES.fullmatch(str(text))
+  tiles = tuple(int(g) for g in found.groups()) if found else None
+  if tiles is None or not tiles[0] or tiles[0] % 16 or tiles[1] % 128 or tiles[2] % 128:
+    raise ConfigError('model.matmul_tiles', "must be 'auto' or TMxTKxTN with TM a positive "
+                      f'multiple of 16 and TK, TN of 128 (e.g. 512x512x1024), got {text!r}')
+  return tiles
+
+
 def _one_of(path: str, value, allowed: Sequence[str]) -> None:
   if value not in allowed:
     raise ConfigError(path, f'must be one of {", ".join(map(repr, allowed))}, got {value!r}')
@@ -235,6 +255,7 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   _one_of('model.norm', m.norm, ('post', 'pre'))
   _one_of('model.kernels', m.kernels, KERNELS)
   _one_of('model.attention', m.attention, ATTENTION)
+  matmul_tiles(m)
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16'))
   _one_of('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
   _one_of('model.remat', m.remat, REMAT)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Iterator
 
 import jax
@@ -67,6 +68,36 @@ def glu(a, b, dtype):
   """silu(a) * b in float32, cast to `dtype`: the SwiGLU's gate, as the kernels apply it."""
   a = a.astype(jnp.float32)
   return (a * jax.nn.sigmoid(a) * b.astype(jnp.float32)).astype(dtype)
+
+
+def glu_backward(dh, a, b, dtype):
+  """(da, db) of h = silu(a) * b, in float32 math, returned in `dtype`."""
+  a, b, dh = a.astype(jnp.float32), b.astype(jnp.float32), dh.astype(jnp.float32)
+  sig = jax.nn.sigmoid(a)
+  silu = a * sig
+  return (dh * b * sig * (1 + a * (1 - sig))).astype(dtype), (dh * silu).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def glu_halves(gated, dtype):
+  """glu(a, b) of gated = [a | b] ([M, 2F] -> [M, F]). Its gradient is written as one
+  [M, 2F] array; differentiating the two slices would write two zero-padded ones and
+  add them."""
+  f = gated.shape[-1] // 2
+  return glu(gated[:, :f], gated[:, f:], dtype)
+
+
+def _glu_halves_fwd(gated, dtype):
+  return glu_halves(gated, dtype), gated
+
+
+def _glu_halves_bwd(dtype, gated, dh):
+  f = gated.shape[-1] // 2
+  da, db = glu_backward(dh, gated[:, :f], gated[:, f:], gated.dtype)
+  return (jnp.concatenate([da, db], axis=-1),)
+
+
+glu_halves.defvjp(_glu_halves_fwd, _glu_halves_bwd)
 
 
 def import_tokamax():

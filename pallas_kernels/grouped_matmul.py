@@ -1,12 +1,12 @@
 """Grouped expert matmuls: the SwiGLU of every routed row with its expert's weights.
 
-Axis legend: E experts, C rows per expert (capacity / buffer layout), R rows (ragged
+Axis legend: E experts, C rows per expert (capacity layout), R rows (ragged
 layout), D embed, F SwiGLU hidden; inside the kernels M rows, K contraction, N output
 columns, BM / BK / BN their tiles.
 
 Two row layouts, as in `moma_jax.model.experts.apply_experts`:
   * `swiglu_capacity(rows [E, C, D], wi_0, wi_1 [E, D, F], wo [E, F, D])` -> [E, C, D]:
-    expert e owns the contiguous block rows[e] (the 'capacity'/'buffer' layout of
+    expert e owns the contiguous block rows[e] (the 'capacity' layout of
     `routing.pack`); equals `jax.vmap(swiglu)` over experts.
   * `swiglu_ragged(rows [R, D], group_sizes [E], ...)` -> [R, D]: expert e's rows follow
     expert e-1's; rows past sum(group_sizes) come out zero; equals the
@@ -249,14 +249,6 @@ def ragged_tmm(x, dy, group_sizes, *, tiles=TILES, interpret: bool):
 # ----------------------------------------------------------------------------------
 # SwiGLU with custom_vjp. `cfg` = (tiles, interpret), static.
 # ----------------------------------------------------------------------------------
-def _glu_backward(dh, a, b, dtype):
-  """(da, db) of h = silu(a) * b, in float32 math, returned in `dtype`."""
-  a, b, dh = a.astype(jnp.float32), b.astype(jnp.float32), dh.astype(jnp.float32)
-  sig = jax.nn.sigmoid(a)
-  silu = a * sig
-  return (dh * b * sig * (1 + a * (1 - sig))).astype(dtype), (dh * silu).astype(dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _swiglu_capacity(rows, wi_0, wi_1, wo, cfg):
   tiles, interpret = cfg
@@ -282,7 +274,7 @@ def _swiglu_capacity_bwd(cfg, residuals, dout):
   dout = dout.astype(rows.dtype)
   dh = mm(dout, [t(wo)])                                           # [E, C, F]
   dwo = mm(t(h), [dout])                                           # [E, F, D]
-  da, db = _glu_backward(dh, a, b, rows.dtype)
+  da, db = _common.glu_backward(dh, a, b, rows.dtype)
   dab = jnp.concatenate([da, db], axis=-1)                         # [E, C, 2F]
   drows = mm(dab, [jnp.concatenate([t(wi_0), t(wi_1)], axis=1)])   # [E, C, D]
   dwi = mm(t(rows), [dab])                                         # [E, D, 2F]
@@ -323,7 +315,7 @@ def _swiglu_ragged_bwd(cfg, residuals, dout):
   dout = dout.astype(rows.dtype)
   dh = mm(dout, [t(wo)])                                           # [R, F]
   dwo = tmm(h, dout)                                               # [E, F, D]
-  da, db = _glu_backward(dh, a, b, rows.dtype)
+  da, db = _common.glu_backward(dh, a, b, rows.dtype)
   dab = jnp.concatenate([da, db], axis=-1)                         # [R, 2F]
   drows = mm(dab, [jnp.concatenate([t(wi_0), t(wi_1)], axis=1)])   # [R, D]
   dwi = tmm(rows, dab)                                             # [E, D, 2F]
@@ -349,7 +341,7 @@ def swiglu_capacity(rows, wi_0, wi_1, wo, *, impl: str = 'pallas', tiles=TILES,
   return _swiglu_capacity(rows, wi_0, wi_1, wo, (tuple(tiles), _common.use_interpret(interpret)))
 
 
-def swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, *, impl: str = 'pallas', tiles=TILES,
+def swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, *, impl: str = 'pallas', tiles=None,
                   interpret: bool | None = None,
                   tokamax_implementation=library_matmul.TOKAMAX_GPU):
   """SwiGLU of ragged expert groups: rows [R, D], group_sizes [E] int32 (expert e's rows
@@ -357,7 +349,8 @@ def swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, *, impl: str = 'pallas', ti
 
   impl: 'pallas', 'megablox' (TPU's grouped matmul), 'tokamax' (tokamax's GPU grouped
   matmul, `tokamax_implementation` naming its kernels) or 'xla' (the `ragged_dot`
-  reference). tiles: (BM, BK, BN) of our kernels.
+  reference). tiles: (BM, BK, BN) of our kernels (None: TILES), or megablox's
+  (TM, TK, TN) (None: chosen for the shapes, pallas_kernels/megablox_tiles.py).
   Differentiable in rows and weights.
   """
   if impl == 'xla':
@@ -367,6 +360,7 @@ def swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, *, impl: str = 'pallas', ti
                                          tokamax_implementation)
   interpret = _common.use_interpret(interpret)
   if impl == 'megablox':
-    return library_matmul.swiglu_megablox(rows, group_sizes, wi_0, wi_1, wo, interpret)
+    return library_matmul.swiglu_megablox(rows, group_sizes, wi_0, wi_1, wo, interpret,
+                                          None if tiles is None else tuple(tiles))
   return _swiglu_ragged(rows, group_sizes.astype(jnp.int32), wi_0, wi_1, wo,
-                        (tuple(tiles), interpret))
+                        (tuple(tiles or TILES), interpret))

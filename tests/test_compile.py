@@ -20,6 +20,7 @@ import pallas_kernels
 # unless each is its own (moma-aux --steps is an integer).
 from moma_jax.analysis import compile_report
 from moma_jax.analysis import flops
+from moma_jax.analysis import hlo_parts
 from moma_jax.analysis import hlo_stats
 from moma_jax.cli import aux as aux_cli  # noqa: F401  pylint: disable=unused-import
 from moma_jax.cli import compile as compile_cli
@@ -74,7 +75,7 @@ def test_training_step_compiles_for_tpu(variant, kernels, layout, data, expert):
   # Gradients are summed over the batch shards.
   assert 'all-reduce' in r['collectives']
   routed = variant != 'dense'
-  assert ('all-to-all' in r['collectives']) == (routed and expert > 1)
+  assert ('ragged-all-to-all' in r['collectives']) == (routed and expert > 1)
   if kernels == 'pallas' and layout == 'ragged':
     gmm = [k for k in r['kernels'] if k['backend'] == 'Mosaic TPU']
     assert gmm and all(k['counted'] for k in gmm), r['kernels']
@@ -228,6 +229,11 @@ def test_json_output_is_consistent(capsys):
   assert e['step_s'] == pytest.approx(max(e['compute_s'], e['memory_s'], e['collective_s']))
   assert e['compute_s'] == pytest.approx(f['compiled'] / r['chip']['peak_flops'])
   assert e['mfu'] == pytest.approx(f['analytic'] / (e['step_s'] * r['chip']['peak_flops']))
+  parts = r['bytes_by_part']
+  assert list(parts) == [*hlo_parts.PARTS, 'unattributed']
+  assert sum(parts.values()) == int(f['bytes_accessed'])
+  assert all(parts[p] > 0 for p in ('ffn', 'attention', 'routing', 'output', 'optimizer',
+                                     'collectives'))
 
 
 @needs_libtpu
@@ -259,7 +265,12 @@ def test_variants_table_against_the_first_variant(capsys):
   assert rows[0]['ratio_to_first'] == 1.0
   assert rows[1]['ratio_to_first'] == pytest.approx(moe / dense)
   # The variants are different programs: only the MoE one exchanges rows.
-  assert 'all-to-all' in rows[1]['collectives'] and 'all-to-all' not in rows[0]['collectives']
+  assert 'ragged-all-to-all' in rows[1]['collectives']
+  assert 'ragged-all-to-all' not in rows[0]['collectives']
+  # Only the MoE one routes; both have FFN matmuls and an optimizer update.
+  dense_parts, moe_parts = (r['bytes_by_part'] for r in rows)
+  assert dense_parts['routing'] == 0 < moe_parts['routing']
+  assert min(dense_parts['ffn'], moe_parts['ffn'], dense_parts['optimizer']) > 0
 
 
 def test_cuda_text_says_lowering_only(capsys):
@@ -287,6 +298,29 @@ def test_remat_table_reports_memory_for_each_policy(capsys):
   # The offloaded outputs live in host memory during the step (at this size the staging
   # costs about what it saves in HBM).
   assert [k for k, r in rows.items() if r['memory']['host_offload']] == ['offload']
+
+
+@needs_libtpu
+def test_tiles_table_compiles_each_tiling(capsys):
+  """--tiles: the training step once per megablox tiling; the 128-row tile pads the
+  rows further than the chosen one, which shows in the compiled FLOPs."""
+  compile_cli.run(['moma-compile', '--config', f'{QUICKSTART}:moma_4t4i', '--topology',
+                   TOPOLOGY, '--config.model.num_layers=1', '--config.mesh.data=4',
+                   '--config.routing.group_size=4', '--tiles', 'auto,128x128x128', '--json'])
+  rows = json.loads(capsys.readouterr().out)['matmul_tiles']
+  assert [r['matmul_tiles'] for r in rows] == ['auto', '128x128x128']
+  assert all(r['compiled'] and r['flops']['bytes_accessed'] > 0 for r in rows)
+  assert rows[0]['flops']['compiled'] != rows[1]['flops']['compiled']
+
+
+@needs_libtpu
+def test_bad_tiles_are_one_line_exit_2(capsys):
+  with pytest.raises(SystemExit) as e:
+    compile_cli.run(['moma-compile', '--config', f'{QUICKSTART}:moma_4t4i', '--topology',
+                     TOPOLOGY, '--tiles', 'auto,100x128x128'])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count('\n') == 1
+  assert err.startswith('moma-compile: error: --tiles: model.matmul_tiles: '), err
 
 
 @needs_libtpu

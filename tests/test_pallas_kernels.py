@@ -249,6 +249,28 @@ def test_swiglu_ragged_tpu_and_gpu_library_paths(impl):
     assert_close(a, b, jnp.float32, 'grad')
 
 
+@pytest.mark.parametrize('tiles, sizes', [
+    (None, (0, 150, 0, 83)),            # the rule's tiles; empty experts, rows past them
+    ((48, 256, 128), (0, 0, 300, 0)),   # one expert takes every row
+    ((32, 128, 256), (7, 0, 0, 211)),
+])
+def test_megablox_tiles_and_fused_projection_equal_the_reference(tiles, sizes):
+  """megablox (interpret mode) with the tiles chosen for the shapes, or given ones, and
+  the gated projections as one matmul: values and gradients equal the reference at
+  shapes that are no multiple of any tile (300 rows, D 136, F 200)."""
+  rng = np.random.default_rng(15)
+  r, d, f = 300, 136, 200
+  gs = jnp.asarray(sizes, jnp.int32)
+  rows = normal(rng, (r, d), jnp.float32)
+  w = _weights(rng, len(sizes), d, f, jnp.float32)
+  y, grads = jit_vjp(lambda x, *w: pk.swiglu_ragged(x, gs, *w, impl='megablox', tiles=tiles),
+                     rows, *w)
+  ref_y, ref_grads = jit_vjp(lambda x, *w: pk.swiglu_ragged_reference(x, gs, *w), rows, *w)
+  assert_close(y, ref_y, jnp.float32, 'out')
+  for name, a, b in zip(('rows', 'wi_0', 'wi_1', 'wo'), grads, ref_grads):
+    assert_close(a, b, jnp.float32, f'd{name}')
+
+
 # ----------------------------------------------------------------------------------
 # The four kernels as one routed FFN, against the XLA path of moma_jax.
 # ----------------------------------------------------------------------------------

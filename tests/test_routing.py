@@ -172,16 +172,6 @@ def test_ceil_capacity_is_exact_integer_arithmetic():
   np.testing.assert_array_equal(routing_spec.ceil_frac(c, b), [0, 1, 1, 2, 10_000, 10_001])
 
 
-def test_expert_parallel_receives_rows_in_expert_order():
-  """Two sources, two local experts, buffers of 3 rows: source 0 sent 1 and 2 rows,
-  source 1 sent 0 and 3: expert 0's rows [s0 j0], then expert 1's [s0 j0, s0 j1, s1 j0..2]."""
-  from moma_jax.model import ragged_exchange
-  counts = jnp.asarray([[1, 2], [0, 3]], jnp.int32)
-  dest, sizes = ragged_exchange.received_order(counts, 3, 6)
-  np.testing.assert_array_equal(sizes, [1, 5])
-  np.testing.assert_array_equal(dest, [[[0, 6, 6], [1, 2, 6]], [[6, 6, 6], [3, 4, 5]]])
-
-
 def test_expert_parallel_receive_bound_is_the_ragged_rows():
   """4t4i at capacity 1/4: a device of an expert axis of X receives at most
   groups * (N + E) rows from the X * groups groups of its expert row, where the buffers

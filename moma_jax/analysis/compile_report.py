@@ -11,6 +11,10 @@ compiles it (TPU) or lowers it (CUDA), and returns a plain dict (JSON-ready), pe
               from their blocks, `kernels_estimated`: XLA sees none), analytic (flops.py for the chip's share of the
               step's tokens: training 3 x forward, eval and decode forward), ratio =
               compiled / analytic, bytes_accessed;
+  bytes_by_part  bytes accessed per part of the step (ffn, attention, routing, output,
+              optimizer, collectives, rest: moma_jax/analysis/hlo_parts.py), from the
+              optimized HLO's instructions, and 'unattributed': bytes_accessed less
+              their sum;
   collectives {kind: {count, bytes}} per step, and their total bytes;
   kernels     the Pallas / cuDNN custom calls, with `uncounted` naming those whose FLOPs
               XLA's cost analysis does not see;
@@ -33,6 +37,7 @@ import ml_collections
 from moma_jax.analysis import aot
 from moma_jax.analysis import chips
 from moma_jax.analysis import flops
+from moma_jax.analysis import hlo_parts
 from moma_jax.analysis import hlo_stats
 from moma_jax import configs
 from moma_jax.model import attention_kernels
@@ -178,6 +183,8 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
              flops=dict(compiled=compiled_flops, analytic=analytic,
                         ratio=compiled_flops / analytic if analytic else None,
                         bytes_accessed=cost['bytes_accessed'], kernels_estimated=estimated),
+             bytes_by_part=hlo_parts.with_remainder(hlo_parts.bytes_by_part(hlo),
+                                                    cost['bytes_accessed']),
              collectives=coll, collective_bytes=coll_bytes, kernels=found,
              uncounted=[k['name'] for k in found if not k['counted']])
   if chip is not None:
@@ -251,6 +258,11 @@ def format_step(r: dict[str, Any]) -> list[str]:
   lines += ['  FLOPs per chip:',
             f'    compiled {f["compiled"]:.4g}, analytic (flops.py) {f["analytic"]:.4g}, '
             f'ratio {ratio}; bytes accessed {human_bytes(f["bytes_accessed"])}']
+  parts = r['bytes_by_part']
+  lines.append('    by part of the step (reads and writes of each instruction; '
+               'unattributed: what the cost analysis counts beyond them):')
+  lines += [f'      {p:<12} {human_bytes(b):>10}  {b / max(f["bytes_accessed"], 1):6.1%}'
+            for p, b in parts.items()]
   if f.get('kernels_estimated'):
     lines.append(f'    of which {f["kernels_estimated"]:.4g} in splash attention, counted from '
                  'its blocks (XLA sees no FLOPs in it)')

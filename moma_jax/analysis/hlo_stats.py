@@ -70,7 +70,7 @@ def cost(compiled) -> dict[str, float]:
               bytes_accessed=float(c.get('bytes accessed', 0.0)))
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
+def computations(hlo: str) -> dict[str, list[str]]:
   """Computation name -> its instruction lines."""
   comps, name = {}, None
   for line in hlo.splitlines():
@@ -83,7 +83,7 @@ def _computations(hlo: str) -> dict[str, list[str]]:
   return comps
 
 
-def _multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
+def multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
   """How many times each computation runs per call of the program: a while body as often
   as its known trip count (times its parent's), everything else once."""
   mult = dict.fromkeys(comps, 1)
@@ -104,8 +104,8 @@ def _multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
 def collectives(hlo: str) -> dict[str, dict[str, int]]:
   """{kind: {'count', 'bytes'}} per program run; asynchronous pairs counted at '-done'
   (whose result is the collective's output), kinds absent from the program omitted."""
-  comps = _computations(hlo)
-  mult = _multipliers(comps)
+  comps = computations(hlo)
+  mult = multipliers(comps)
   out: dict[str, dict[str, int]] = {}
   for name, lines in comps.items():
     for line in lines:

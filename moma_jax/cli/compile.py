@@ -3,7 +3,7 @@
 Usage:
   moma-compile --config FILE[:ARG] [--topology v5p:2x2x2] [--platform tpu|cuda]
       [--build train[,eval,decode]] [--variants dense,moma_4t4i,...]
-      [--remat none,block_input,...] [--json]
+      [--remat none,block_input,...] [--tiles auto,512x512x1024,...] [--json]
       [--config.a.b=VALUE ...]
   moma-compile --config experiments/quickstart.py:moma_4t4i --topology v5p:2x2x1 \
       --config.mesh.data=2 --config.mesh.expert=2 --config.routing.group_size=4
@@ -27,14 +27,20 @@ lists the custom calls (Triton, Mosaic GPU, cuDNN) or the op that fails to lower
 paper_table1.py:dense_435m with moma_4t4i gives moma_4t4i_435m; the same overrides),
 training step only, as the paper's Table 2: compiled FLOPs per token, bytes accessed,
 collective bytes, memory per chip, and the estimated tokens/s ratio to the first
-variant beside the paper's measured ratio to dense (A100).
+variant beside the paper's measured ratio to dense (A100); then where each variant's
+bytes go, part by part (moma_jax/analysis/hlo_parts.py), as multiples of the first's.
+Every compiled step also lists its bytes by part.
 
---remat P1,P2,...: the training step once per rematerialization policy (model.remat;
-moma_jax/model/remat.py): parameters + optimizer state, temporaries, total per chip,
-whether it fits, and compiled / analytic FLOPs (recomputation shows there).
+--remat P1,P2,... and --tiles T1,T2,...: the training step once per rematerialization
+policy (model.remat; moma_jax/model/remat.py) or per TPU grouped matmul tiling
+(model.matmul_tiles: auto or TMxTKxTN; pallas_kernels/megablox_tiles.py): parameters +
+optimizer state, temporaries, total per chip, whether it fits, compiled / analytic
+FLOPs (recomputation and padded rows show there), bytes accessed and the estimated
+step.
 
 --json prints one JSON object: {'config', 'topology', 'platform', 'steps': [per step,
-moma_jax/analysis/compile_report.py's fields]} or, with --variants, {'variants': [...]}.
+moma_jax/analysis/compile_report.py's fields]} or, with --variants, --remat or --tiles,
+{'variants' | 'remat' | 'matmul_tiles': [...]}.
 """
 from __future__ import annotations
 
@@ -69,6 +75,12 @@ REMAT = cli.define_once(flags.DEFINE_list, 'remat', [],
                         'rematerialization policies to compare (model.remat values, '
                         'e.g. none,block_input,block_outputs): the training step once each, '
                         'memory and FLOPs side by side')
+TILES = cli.define_once(flags.DEFINE_list, 'tiles', [],
+                        'TPU grouped matmul tilings to compare (model.matmul_tiles values, '
+                        'e.g. auto,128x128x128,512x512x1024): the training step once each, '
+                        'memory, FLOPs and bytes side by side')
+# The flags that compile the training step once per value of a model field.
+SWEEPS = {'remat': REMAT, 'matmul_tiles': TILES}
 JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
                        'print one JSON object instead of text')
 # Throughput relative to dense measured in the paper (435M-matched, A100).
@@ -103,8 +115,10 @@ def main(config: ml_collections.ConfigDict) -> None:
       raise cli.UsageError(f'--build: unknown step {s!r}; one of {", ".join(aot.STEPS)}')
   if VARIANTS.value:
     return _variants(config)
-  if REMAT.value:
-    return _remats(config)
+  for field, flag in SWEEPS.items():
+    values = [v.strip() for v in flag.value if v.strip()]
+    if values:
+      return _sweep(config, field, values)
   target = target_of(config)
   results = [compile_report.measure(config, target, s) for s in steps]
   if JSON.value:
@@ -162,9 +176,14 @@ def _variants(config: ml_collections.ConfigDict) -> None:
   if JSON.value:
     print(json.dumps(dict(config=base, topology=TOPOLOGY.value, variants=rows), indent=1))
     return
+  print('\n'.join(variants_table(base, TOPOLOGY.value, rows)), flush=True)
+
+
+def variants_table(base: str, topology: str, rows: list[dict]) -> list[str]:
+  """The --variants text: one line per variant, then where their bytes go."""
   head = (f'{"variant":<15} {"GFLOPs/token":>12} {"bytes/token":>11} {"coll/step":>11} '
           f'{"mem/chip":>10} {"fits":>5} {"est tok/s":>11} {"ratio":>6} {"paper":>6}')
-  lines = [f'{base} variants on {TOPOLOGY.value} (training step; per-token figures over '
+  lines = [f'{base} variants on {topology} (training step; per-token figures over '
            'all chips; tok/s and ratio are roofline ESTIMATES)', head]
   fmt = lambda x, spec: format(x, spec) if x is not None else '-'
   for r in rows:
@@ -183,44 +202,76 @@ def _variants(config: ml_collections.ConfigDict) -> None:
         f'{("yes" if fits else "no") if fits is not None else "?":>5} '
         f'{fmt(r.get("roofline", {}).get("tokens_per_sec"), ",.0f"):>11} '
         f'{fmt(r["ratio_to_first"], ".2f"):>6} {fmt(r["paper_ratio"], ".2f"):>6}')
-  print('\n'.join(lines), flush=True)
+  return lines + _parts_table(rows)
 
 
-def _remats(config: ml_collections.ConfigDict) -> None:
-  """The training step under each --remat policy: memory per chip and FLOPs."""
-  policies = [p.strip() for p in REMAT.value if p.strip()]
-  for p in policies:
-    if p not in configs.REMAT:
-      raise cli.UsageError(f'--remat: unknown policy {p!r}; one of '
-                           f'{", ".join(configs.REMAT)}')
-  target, rows = target_of(config), []
-  for p in policies:
+def _parts_table(rows: list[dict]) -> list[str]:
+  """Bytes accessed per part of the step (analysis/hlo_parts.py), per token over all
+  chips, the variants side by side, each with its multiple of the first's."""
+  rows = [r for r in rows if r['compiled']]
+  if not rows:
+    return []
+  size = compile_report.human_bytes
+  head = f'{"bytes/token":<12}' + ''.join(f' {r["variant"]:>22}' for r in rows)
+  lines = ['', 'where the bytes go: reads and writes of each instruction of the compiled '
+           'step, by the part of the model it belongs to (unattributed: what the cost '
+           'analysis counts beyond them)', head]
+  first = rows[0]['bytes_by_part']
+  for part in list(first) + ['all']:
+    cells = []
+    for r in rows:
+      parts, scale = r['bytes_by_part'], r['devices'] / r['tokens']
+      b = sum(parts.values()) if part == 'all' else parts[part]
+      ref = sum(first.values()) if part == 'all' else first[part]
+      times = f'{b / ref:.2f}x' if ref else '-'
+      cells.append(f' {size(b * scale):>14} {times:>7}')
+    lines.append(f'{part:<12}' + ''.join(cells))
+  return lines
+
+
+def _sweep(config: ml_collections.ConfigDict, field: str, values: list[str]) -> None:
+  """The training step compiled once per value of `model.<field>` (--remat, --tiles):
+  memory per chip, FLOPs and bytes side by side."""
+  swept = []
+  for v in values:                      # every value checked before anything compiles
     c = copy.deepcopy(config)
-    c.model.remat = p
-    r = compile_report.measure(configs.validate(c), target, 'train')
-    r['remat'] = p
+    c.model[field] = v
+    try:
+      swept.append(configs.validate(c))
+    except configs.ConfigError as e:
+      raise cli.UsageError(f'--{SWEEPS[field].name}: {e}') from e
+  target, rows = target_of(config), []
+  for v, c in zip(values, swept):
+    r = compile_report.measure(c, target, 'train')
+    r[field] = v
     rows.append(r)
   if JSON.value:
     print(json.dumps(dict(config=cli.config_argument(), topology=target.topology,
-                          remat=rows), indent=1))
+                          **{field: rows}), indent=1))
     return
   size = compile_report.human_bytes
-  lines = [_describe(config, target).replace(f'remat {config.model.remat}', 'remat below'),
-           f'{"remat":<14} {"params+opt":>11} {"temporaries":>12} {"total":>10} '
-           f'{"fits":>5} {"compiled/analytic FLOPs":>24} {"host memory":>12}']
+  lines = [_describe(config, target).replace(f'{field} {config.model[field]}',
+                                             f'{field} below'),
+           f'{field:<14} {"params+opt":>11} {"temporaries":>12} {"total":>10} '
+           f'{"fits":>5} {"FLOPs ratio":>11} {"bytes":>11} {"est step":>10} '
+           f'{"host memory":>12}']
   for r in rows:
     mem = r['memory']
     if not r['compiled']:
       short = -mem.get('margin', float('nan')) / 2**30
-      lines.append(f'{r["remat"]:<14} does not fit: the compiler refused it '
+      lines.append(f'{r[field]:<14} does not fit: the compiler refused it '
                    f'({short:.2f} GiB short)')
       continue
     fits = mem.get('fits')
-    lines.append(f'{r["remat"]:<14} {size(mem["arguments"]):>11} {size(mem["temporaries"]):>12} '
+    step = r.get('roofline', {}).get('step_s')
+    lines.append(f'{r[field]:<14} {size(mem["arguments"]):>11} {size(mem["temporaries"]):>12} '
                  f'{size(mem["total"]):>10} '
                  f'{("yes" if fits else "no") if fits is not None else "?":>5} '
-                 f'{r["flops"]["ratio"] or float("nan"):>24.3f} '
+                 f'{r["flops"]["ratio"] or float("nan"):>11.3f} '
+                 f'{size(r["flops"]["bytes_accessed"]):>11} '
+                 f'{f"{step * 1e3:.1f} ms" if step else "-":>10} '
                  f'{"used" if mem.get("host_offload") else "-":>12}')
+  lines.append('(est step: the roofline ESTIMATE)')
   print('\n'.join(lines), flush=True)
 
 

@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moma_jax import configs
 from moma_jax.model import aux_router
 from moma_jax.model.block import Block
 from moma_jax.model import kernels
 from moma_jax.model import param_names
 from moma_jax.model import routing
+from moma_jax.model import scopes
 from moma_jax.model.routing_spec import RoutingSpec
 
 
@@ -76,7 +78,8 @@ class DepthRoutedBlock(nn.Module):
     g, n = b // s, s * l
     w = self.param(param_names.MOD_ROUTER, nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
-    logits = jnp.einsum('bld,d->bl', x.astype(jnp.float32), w.astype(jnp.float32))
+    with jax.named_scope(scopes.ROUTING):
+      logits = jnp.einsum('bld,d->bl', x.astype(jnp.float32), w.astype(jnp.float32))
     valid = segment_ids > 0
     block = Block(self.config, self.spec, rows_per_group=1, dtype=self.dtype,
                   param_dtype=self.param_dtype, aux_routers=self.aux_routers,
@@ -102,21 +105,23 @@ class DepthRoutedBlock(nn.Module):
       r = jnp.where(picked, jax.nn.sigmoid(logits), 0.0)[..., None]
       self.sow('route_stats', 'mod/picked', picked.sum() / jnp.maximum(valid.sum(), 1))
       return x + (r * (out - x)).astype(x.dtype)
-    ops = kernels.resolve(self.config.kernels)
-    plan = depth_plan(jax.nn.sigmoid(logits).reshape(g, n), modality.reshape(g, n),
-                      valid.reshape(g, n), self.spec, ops)
+    ops = kernels.resolve(self.config.kernels,
+                          matmul_tiles=configs.matmul_tiles(self.config))
+    with jax.named_scope(scopes.ROUTING):
+      plan = depth_plan(jax.nn.sigmoid(logits).reshape(g, n), modality.reshape(g, n),
+                        valid.reshape(g, n), self.spec, ops)
+      # Sequences of one group share a row after picking: give each (sequence, segment)
+      # its own id so attention never crosses sequences. Padding keeps 0.
+      seq = jnp.arange(b, dtype=jnp.int32)[:, None]
+      seg_key = jnp.where(valid, seq * (l + 1) + segment_ids.astype(jnp.int32), 0)
+      x_p = plan.dispatch(x.reshape(g, n, d), ops)                          # [G, P, D]
+      mod_p, seg_p, pos_p = (plan.take(a.reshape(g, n))
+                             for a in (modality, seg_key, positions))        # [G, P]
     self.sow('intermediates', 'plan', plan)
-
-    # Sequences of one group share a row after picking: give each (sequence, segment)
-    # its own id so attention never crosses sequences. Padding keeps 0.
-    seq = jnp.arange(b, dtype=jnp.int32)[:, None]
-    seg_key = jnp.where(valid, seq * (l + 1) + segment_ids.astype(jnp.int32), 0)
-    x_p = plan.dispatch(x.reshape(g, n, d), ops)                            # [G, P, D]
-    mod_p, seg_p, pos_p = (plan.take(a.reshape(g, n))
-                           for a in (modality, seg_key, positions))          # [G, P]
     out = block(x_p, mod_p, seg_p, pos_p, deterministic)
     # Picked tokens get x + r * (block(x) - x); the plan's weight is r.
-    y = x.reshape(g, n, d) + plan.combine(out - x_p, ops).astype(x.dtype)
+    with jax.named_scope(scopes.ROUTING):
+      y = x.reshape(g, n, d) + plan.combine(out - x_p, ops).astype(x.dtype)
     if aux is not None:
       picked = jnp.zeros(g * n + 1, bool).at[plan.token_index].set(True)[:g * n]
       aux.score(aux_logits.reshape(g, n, 1), picked.reshape(g, n, 1),

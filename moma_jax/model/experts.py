@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -29,6 +30,7 @@ from moma_jax.model import param_names
 from moma_jax.model import route_stats
 from moma_jax.model import routers
 from moma_jax.model import routing
+from moma_jax.model import scopes
 from moma_jax.model.routing_spec import RoutingSpec
 
 
@@ -67,7 +69,7 @@ class RoutedExperts(nn.Module):
     wo = self.param('wo', init_out, (e_total, hidden, d), self.param_dtype)
     if self.causal and not spec.token_choice and not self.aux_routers:
       raise ValueError('causal mode of expert choice needs the auxiliary routers')
-    ops = kernels.resolve(m.kernels)
+    ops = kernels.resolve(m.kernels, matmul_tiles=configs.matmul_tiles(m))
 
     parts, causal_w, per_group = [], [], []
     for group in spec.groups:
@@ -133,6 +135,7 @@ class RoutedExperts(nn.Module):
       return expert_parallel.routed_ffn(
           x, selection, weights, local_ffn=functools.partial(local_ffn, spec=spec, ops=ops),
           buffer_rows=functools.partial(spec.ep_buffer_rows, n, k),
+          send_rows=functools.partial(spec.ep_send_rows, n),
           received_rows=functools.partial(spec.ep_received_rows, n),
           rows_per_token=spec.rows_per_token, ops=ops)
     y, kept, plan = local_ffn(x, selection, weights, spec=spec, ops=ops)
@@ -165,8 +168,9 @@ def apply_experts(rows, plan: routing.RoutingPlan, wi_0, wi_1, wo, ops=kernels.X
   come out zero). capacity and buffer layouts: rows are [E, R/E] blocks, one batched
   matmul.
   """
-  if plan.capacity is None:
-    return ops.swiglu_ragged(rows, plan.group_sizes, wi_0, wi_1, wo)
-  e = wi_0.shape[0]
-  blocks = rows.reshape(e, -1, rows.shape[-1])                          # [E, R/E, D]
-  return ops.swiglu_blocks(blocks, wi_0, wi_1, wo).reshape(rows.shape)
+  with jax.named_scope(scopes.EXPERT_FFN):
+    if plan.capacity is None:
+      return ops.swiglu_ragged(rows, plan.group_sizes, wi_0, wi_1, wo)
+    e = wi_0.shape[0]
+    blocks = rows.reshape(e, -1, rows.shape[-1])                        # [E, R/E, D]
+    return ops.swiglu_blocks(blocks, wi_0, wi_1, wo).reshape(rows.shape)

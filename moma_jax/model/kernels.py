@@ -24,7 +24,9 @@ compiles):
 
 'auto' (the default) takes what has been measured or is known to pay. On TPU megablox,
 whose cost estimate puts a moma_4t4i training step at 1.01x the dense step's compiled
-FLOPs (XLA's own ragged_dot: 1.14x, README "Will it fit?"). On GPU never XLA's
+FLOPs (XLA's own ragged_dot: 1.14x, README "Will it fit?"), with tiles chosen for the
+shapes and the chip (pallas_kernels/megablox_tiles.py) unless `model.matmul_tiles`
+names them. On GPU never XLA's
 `ragged_dot`, whose GPU lowering pads every expert's rows to the whole row count (a
 masked dense matmul: E times the expert FLOPs): the ragged SwiGLU runs on a grouped
 matmul that computes only each expert's rows, `gpu_grouped_matmul()`:
@@ -142,9 +144,11 @@ AUTO_GPU = dataclasses.replace(XLA, name='auto_gpu', pallas=True,
                                swiglu_ragged=_swiglu_ragged_gpu)
 
 
-def resolve(kernels: str, platform: str | None = None) -> Ops:
+def resolve(kernels: str, platform: str | None = None,
+            matmul_tiles: tuple[int, int, int] | None = None) -> Ops:
   """The ops of `model.kernels` on `platform` ('cpu', 'gpu', 'tpu'; None: the one being
-  traced for)."""
+  traced for). matmul_tiles: megablox's (TM, TK, TN) on TPU (`configs.matmul_tiles`);
+  None: chosen for the shapes."""
   if kernels not in configs.KERNELS:
     raise ValueError(f'model.kernels must be one of {configs.KERNELS}, got {kernels!r}')
   platform = platform or pallas_kernels.backend()
@@ -154,7 +158,12 @@ def resolve(kernels: str, platform: str | None = None) -> Ops:
     kernels = 'pallas' if platform == 'tpu' else 'xla'
   if kernels == 'xla':
     return XLA
-  return PALLAS_TPU if platform == 'tpu' else PALLAS
+  if platform != 'tpu':
+    return PALLAS
+  if matmul_tiles is None:
+    return PALLAS_TPU
+  return dataclasses.replace(PALLAS_TPU, swiglu_ragged=functools.partial(
+      pallas_kernels.swiglu_ragged, impl='megablox', tiles=matmul_tiles))
 
 
 def resolve_attention(attention: str, platform: str | None = None) -> str:

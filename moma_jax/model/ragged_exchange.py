@@ -1,28 +1,33 @@
-"""Expert parallelism's row exchange with `jax.lax.ragged_all_to_all`: only used rows travel.
+"""Expert parallelism's row exchange: only used rows travel, both ways.
 
 Inside `jax.shard_map` over the 'expert' axis (moma_jax/model/expert_parallel.py), each
-device holds its routed rows in the 'buffer' layout: expert e's rows are the first
-group_sizes[e] of its C buffer rows. Here:
+device holds its routed rows in the ragged layout: expert after expert, expert e's
+group_sizes[e] rows right after expert e-1's, in S static rows (the routing spec's
+bound on the rows its groups can route, `RoutingSpec.ep_send_rows`). Here:
   1. every device learns every other's row counts (an all-gather of [X, E_x] integers);
-  2. it packs its used rows, expert after expert, and sends each device of the expert
-     axis the contiguous run for that device's experts (`ragged_all_to_all`), written
-     where the receiver expects it: after what lower-indexed devices sent it;
-  3. the receiver reorders what it got (source after source) into expert order, runs
-     `compute` over the rows and their counts, and sends the results back the same way;
-  4. the sender puts them back into its buffer layout, for the combine.
-XLA's CPU backend has no ragged all-to-all: there the dense exchange of whole buffers
-runs instead, and the tests drive this path on CPU with `emulated_ragged_all_to_all`,
-which computes what the collective is documented to compute.
+  2. for each local expert index i, it sends each device t of the expert axis the
+     contiguous run of its rows for t's expert i (`ragged_all_to_all`, E_x of them),
+     written where the receiver keeps that expert's rows: after its experts below i,
+     and after what lower-indexed devices sent for i, so the received rows are in
+     expert order as they arrive;
+  3. the receiver runs `compute` over them and their counts and sends the results
+     back the same way, so they land in the sender's ragged layout, ready for its
+     combine. No rows are reordered on either side.
+XLA's CPU backend has no ragged all-to-all: there `emulated_ragged_all_to_all` computes
+what the collective is documented to compute, from a dense all-to-all of whole runs, so
+the program is the same on every platform but for that one collective.
 
-Axis legend: X size of the 'expert' axis, E experts (all), E_x = E / X per device, C
-buffer rows per expert, S = E * C send rows, R received rows (static bound), D embed.
+Axis legend: X size of the 'expert' axis, E experts (all), E_x = E / X per device, S
+send rows, R received rows (static bound), D embed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import pallas_kernels
 from pallas_kernels import references
 
 EXPERT_AXIS = 'expert'
@@ -32,88 +37,110 @@ def _exclusive_cumsum(a, axis=-1):
   return jnp.cumsum(a, axis=axis) - a
 
 
-def received_order(counts, capacity: int, received_rows: int):
-  """Where each received buffer row goes in the expert-major received rows.
-
-  counts [X src, E_x]: rows source s sent expert e (its buffer's first counts[s, e] of
-  C rows). Returns dest [X, E_x, C] (row index in [0, R), R for empty buffer rows) and
-  sizes [E_x], the rows of each expert: expert e's rows follow expert e-1's, source by
-  source.
-  """
-  sizes = counts.sum(0).astype(jnp.int32)                                 # [E_x]
-  j = jnp.arange(capacity)
-  dest = (_exclusive_cumsum(sizes)[None, :, None] + _exclusive_cumsum(counts, 0)[..., None]
-          + j)                                                            # [X, E_x, C]
-  return jnp.where(j < counts[..., None], dest, received_rows), sizes
+def collective() -> Callable:
+  """The ragged all-to-all of the platform being traced for: the collective on TPU and
+  GPU, its emulation on CPU. Chosen in Python: a `lax.platform_dependent` conditional
+  holding collectives deadlocks XLA's CPU runtime (moma_jax/model/kernels.py)."""
+  if pallas_kernels.backend() in ('gpu', 'tpu'):
+    return jax.lax.ragged_all_to_all
+  return emulated_ragged_all_to_all
 
 
-def exchange(rows, group_sizes, *, x_size: int, received_rows: int,
-             compute: Callable, collective: Callable = jax.lax.ragged_all_to_all):
-  """rows [S, D] in the buffer layout, group_sizes [E] (used rows per expert) ->
-  the rows `compute` returned for them, [S, D] in the same layout (0 for unused rows).
+def _zeros_varying_like(like, num_rows: int, dtype):
+  """[num_rows, D] zeros typed as varying over the mesh axes `like` varies over: the
+  exchange chains its collectives through their output operand, whose type the
+  result takes."""
+  zeros = jnp.zeros((num_rows, like.shape[1]), dtype)
+  axes = tuple(sorted(jax.typeof(like).manual_axis_type.varying))
+  return jax.lax.pcast(zeros, axes, to='varying') if axes else zeros
 
-  compute(rows [R, D] expert-major, sizes [E_x]) -> [R, D]; collective: the ragged
-  all-to-all (or its emulation). R: received_rows, a bound on the rows one device's
-  experts receive.
-  """
-  s_rows, d = rows.shape
-  e = group_sizes.shape[0]
-  e_x, capacity = e // x_size, s_rows // e
+
+def _runs(every):
+  """From every[s, t, i] (rows source s sends local expert i of device t, [X, X, E_x]):
+  start[s, t, i], where those rows begin in source s's ragged layout, and lands[s, t,
+  i], where they land on device t: after t's experts below i, and after what lower
+  sources sent for i."""
+  x_size, _, e_x = every.shape
+  start = _exclusive_cumsum(every.reshape(x_size, x_size * e_x), 1).reshape(every.shape)
+  first = _exclusive_cumsum(every.sum(0), 1)                              # [X dst, E_x]
+  return start, first[None] + _exclusive_cumsum(every, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _move(rows, every, num_rows: int, other_rows: int, to_experts: bool, send: Callable):
+  """Rows to their experts' devices (to_experts) or back: [S, D] -> [R, D] or
+  [R, D] -> [S, D], `num_rows` out, one collective per local expert index. The two
+  directions are each other's transpose (the same rows, moved the other way), which is
+  their gradient: JAX's own differentiation of the collective's output operand, which
+  the chain passes through, loses its mesh-axis type."""
+  del other_rows
+  return _sent(rows, every, rows, num_rows, to_experts, send)
+
+
+def _sent(rows, every, like, num_rows: int, to_experts: bool, send: Callable):
+  """_move's rows, in [num_rows, D] typed as varying like `like`."""
+  e_x = every.shape[-1]
   me = jax.lax.axis_index(EXPERT_AXIS)
-  gs = group_sizes.astype(jnp.int32)
+  start, lands = _runs(every)
+  out = _zeros_varying_like(like, num_rows, rows.dtype)
+  for i in range(e_x):
+    if to_experts:
+      out = send(rows, out, start[me, :, i], every[me, :, i], lands[me, :, i],
+                 every[:, me, i], axis_name=EXPERT_AXIS)
+    else:
+      out = send(rows, out, lands[:, me, i], every[:, me, i], start[:, me, i],
+                 every[me, :, i], axis_name=EXPERT_AXIS)
+  return out
+
+
+def _move_fwd(rows, every, num_rows, other_rows, to_experts, send):
+  # rows[:0] keeps the input's mesh-axis type, which its gradient must have, for free.
+  return _move(rows, every, num_rows, other_rows, to_experts, send), (every, rows[:0])
+
+
+def _move_bwd(num_rows, other_rows, to_experts, send, residuals, ct):
+  every, like = residuals
+  return _sent(ct, every, like, other_rows, not to_experts, send), None
+
+
+_move.defvjp(_move_fwd, _move_bwd)
+
+
+def exchange(rows, group_sizes, *, x_size: int, received_rows: int, compute: Callable,
+             ragged_all_to_all: Callable | None = None):
+  """rows [S, D] in the ragged layout, group_sizes [E] (rows per expert) -> the rows
+  `compute` returned for them, [S, D] in the same layout (0 past sum(group_sizes)).
+
+  compute(rows [R, D] expert-major, sizes [E_x]) -> [R, D]. R: received_rows, a bound
+  on the rows one device's experts receive. ragged_all_to_all: the collective (None:
+  `collective()`).
+  """
+  send = ragged_all_to_all or collective()
+  s_rows = rows.shape[0]
+  e_x = group_sizes.shape[0] // x_size
+  me = jax.lax.axis_index(EXPERT_AXIS)
   # every[s, t, i]: rows source s sends local expert i of device t.
-  every = jax.lax.all_gather(gs.reshape(x_size, e_x), EXPERT_AXIS)       # [X, X, E_x]
-  per_pair = every.sum(-1)                                                # [X src, X dst]
-
-  # Send: used rows packed expert after expert; device t's experts form one run.
-  j = jnp.arange(capacity)
-  start = _exclusive_cumsum(gs)                                           # [E]
-  send_pos = jnp.where(j < gs[:, None], start[:, None] + j, s_rows).reshape(-1)  # [S]
-  packed = jnp.zeros((s_rows + 1, d), rows.dtype).at[send_pos].set(rows)[:s_rows]
-  send_offsets = start.reshape(x_size, e_x)[:, 0]
-  send_sizes = per_pair[me]
-  recv_sizes = per_pair[:, me]
-  # Where this device's run lands on device t: after the runs of devices below it.
-  out_offsets = _exclusive_cumsum(per_pair, 0)[me]
-  got = collective(packed, jnp.zeros((received_rows, d), rows.dtype), send_offsets,
-                   send_sizes, out_offsets, recv_sizes, axis_name=EXPERT_AXIS)
-
-  # Received source after source; compute wants expert after expert.
-  counts = every[:, me]                                                   # [X, E_x]
-  dest, sizes = received_order(counts, capacity, received_rows)           # [X, E_x, C]
-  recv_start = _exclusive_cumsum(recv_sizes)                              # [X]
-  src = recv_start[:, None, None] + _exclusive_cumsum(counts, 1)[..., None] + j
-  valid = dest < received_rows
-  src = jnp.where(valid, src, received_rows)
-  to_expert = jnp.full((received_rows + 1,), received_rows, jnp.int32).at[
-      dest.reshape(-1)].set(src.reshape(-1))[:received_rows]
-  to_source = jnp.full((received_rows + 1,), received_rows, jnp.int32).at[
-      src.reshape(-1)].set(dest.reshape(-1))[:received_rows]
-  take = references.gather_rows_reference      # index R (or S): a zero row
-  out = compute(take(got, to_expert), sizes)                              # [R, D]
-
-  # Back: each source's results to where its rows came from in its packed send rows.
-  back_offsets = _exclusive_cumsum(per_pair, 1)[:, me]
-  returned = collective(take(out, to_source), jnp.zeros((s_rows, d), out.dtype),
-                        recv_start, recv_sizes, back_offsets, send_sizes,
-                        axis_name=EXPERT_AXIS)
-  return take(returned, send_pos)                                         # [S, D]
+  every = jax.lax.all_gather(group_sizes.astype(jnp.int32).reshape(x_size, e_x),
+                             EXPERT_AXIS)                                 # [X, X, E_x]
+  got = _move(rows, every, received_rows, s_rows, True, send)             # [R, D]
+  out = compute(got, every[:, me].sum(0))                                 # [R, D]
+  return _move(out, every, s_rows, received_rows, False, send)            # [S, D]
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
                                recv_sizes, *, axis_name):
-  """`jax.lax.ragged_all_to_all`'s documented result, from an all-gather (for CPUs,
-  which lack the collective): device t receives from every device s the run
-  operand_s[input_offsets_s[t] : + send_sizes_s[t]] at output[output_offsets_s[t] :]."""
-  del recv_sizes
-  me = jax.lax.axis_index(axis_name)
-  operands = jax.lax.all_gather(operand, axis_name)                       # [X, S, D]
-  starts, sizes, dests = (jax.lax.all_gather(a, axis_name)[:, me]
-                          for a in (input_offsets, send_sizes, output_offsets))  # [X]
-  k = jnp.arange(output.shape[0])
-  for s in range(operands.shape[0]):
-    inside = (k >= dests[s]) & (k < dests[s] + sizes[s])
-    rows = jnp.take(operands[s], jnp.clip(starts[s] + k - dests[s], 0,
-                                          operand.shape[0] - 1), axis=0)
-    output = jnp.where(inside[:, None], rows, output)
-  return output
+  """`jax.lax.ragged_all_to_all`'s documented result, from a dense all-to-all (for
+  CPUs, which lack the collective): device t receives from every device s the run
+  operand_s[input_offsets_s[t] : + send_sizes_s[t]] at output[output_offsets_s[t] :].
+  Each run travels in a slot as long as the whole operand."""
+  x, s_rows = input_offsets.shape[0], operand.shape[0]
+  k = jnp.arange(s_rows)
+  index = jnp.where(k < send_sizes[:, None], input_offsets[:, None] + k, s_rows)  # [X, S]
+  slots = references.gather_rows_reference(operand, index.reshape(-1))
+  got = jax.lax.all_to_all(slots.reshape(x, s_rows, -1), axis_name, 0, 0)      # [X, S, D]
+  # Where each source's run starts here: its output_offsets[me].
+  starts = jax.lax.all_to_all(output_offsets.reshape(x, 1), axis_name, 0, 0)[:, 0]
+  r = output.shape[0]
+  where = jnp.where(k < recv_sizes[:, None], starts[:, None] + k, r)           # [X, S]
+  return jnp.concatenate([output, output[:1]]).at[where.reshape(-1)].set(
+      got.reshape(x * s_rows, -1))[:r]

@@ -72,11 +72,10 @@ class RoutingPlan:
   weight:      [R] float32 gate of each row; 0 for unused rows.
   group_sizes: [E] int32 rows of each expert (all groups), sum <= R.
   wanted:      [G, E] int32 rows each expert asked for in each group.
-  kept:        [G, E] int32 rows it got (wanted - kept were cut by a buffer).
+  kept:        [G, E] int32 rows it got (wanted - kept were cut by a buffer or limit).
   capacity:    static; None for the ragged layout (expert e's rows follow expert e-1's),
                else the rows each expert owns, R / E: expert e owns rows
-               [e*R/E, (e+1)*R/E) (capacity layout: C rows per group, R/E = G*C;
-               buffer layout: one buffer per expert shared by the groups).
+               [e*R/E, (e+1)*R/E) (capacity layout: C rows per group, R/E = G*C).
   num_tokens:  static N, tokens per group.
   rows_per_token: static S, the most rows one token occupies (the Pallas combine's
                inverse map needs it).
@@ -193,7 +192,8 @@ def token_choice(scores: jax.Array, valid: jax.Array, top_k: int, capacity: int)
 # group g; each layout is a way to choose it.
 # ----------------------------------------------------------------------------------
 def pack(selection: Selection, *, num_tokens: int, layout: str, rows: int = 0,
-         capacity: int = 0, per_group: bool = False, rows_per_token: int = 1) -> RoutingPlan:
+         capacity: int = 0, per_group: bool = False, rows_per_token: int = 1,
+         expert_limit: int | None = None) -> RoutingPlan:
   """Places each expert's wanted candidates into static rows.
 
   Args:
@@ -202,14 +202,15 @@ def pack(selection: Selection, *, num_tokens: int, layout: str, rows: int = 0,
     num_tokens: N, tokens per group (the dump index is G*N).
     layout: 'ragged': experts back to back, exactly the wanted rows (nothing cut while
       `rows` holds them, which callers guarantee); 'capacity': a buffer of `capacity`
-      rows per expert and group; wanted rows beyond it are cut; 'buffer': a buffer of
-      `capacity` rows per expert that groups fill in order (expert parallelism sends
-      these buffers between devices); rows beyond it are cut.
+      rows per expert and group; wanted rows beyond it are cut.
     rows: R, total rows of the ragged layout.
-    capacity: C, rows per expert and group ('capacity') or per expert ('buffer').
+    capacity: C, rows per expert and group ('capacity').
     per_group: ragged rows ordered by routing group first (group g owns rows
       [g*R/G, (g+1)*R/G)) instead of by expert; used by mixture-of-depths.
     rows_per_token: S, the most rows one token occupies.
+    expert_limit: ragged layout: at most this many rows per expert over all groups,
+      which fill them in group order (expert parallelism's `routing.ep_capacity_factor`);
+      the rest are cut. None: no limit.
   Returns:
     RoutingPlan over G*N flat tokens.
   """
@@ -223,14 +224,11 @@ def pack(selection: Selection, *, num_tokens: int, layout: str, rows: int = 0,
     kept = jnp.minimum(wanted, capacity)
     base = (jnp.arange(e)[None, :] * g + jnp.arange(g)[:, None]) * capacity
     total = e * g * capacity
-  elif layout == 'buffer':
-    want = jnp.minimum(wanted, k)
-    before = jnp.cumsum(want, axis=0) - want              # [G, E] rows of earlier groups
-    kept = jnp.clip(capacity - before, 0, want)
-    base = jnp.arange(e)[None, :] * capacity + before
-    total = e * capacity
   else:
     kept = jnp.minimum(wanted, k)
+    if expert_limit is not None:
+      before = jnp.cumsum(kept, axis=0) - kept            # [G, E] rows of earlier groups
+      kept = jnp.clip(expert_limit - before, 0, kept)
     if per_group:
       base = jnp.arange(g)[:, None] * (rows // g) + jnp.cumsum(kept, axis=1) - kept
     else:

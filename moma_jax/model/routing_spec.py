@@ -133,6 +133,12 @@ class RoutingSpec:
     return max(1, min(exact, math.ceil(self.ep_capacity_factor * groups
                                        * self.buffer_capacity(n, 1.0))))
 
+  def ep_send_rows(self, n: int, groups: int, capacity: int) -> int:
+    """S: static rows a device sends under expert parallelism, in the ragged layout, for
+    `groups` routing groups of N tokens when an expert takes at most C = `capacity`
+    rows from it: every row its groups can route (`ragged_rows`), at most E * C."""
+    return min(groups * self.ragged_rows(n), self.num_experts * capacity)
+
   def ep_received_rows(self, n: int, groups: int, buffers: int) -> int:
     """R_recv: rows one device's experts can receive under expert parallelism from the
     `groups` routing groups of N tokens that each of the X devices of its expert row

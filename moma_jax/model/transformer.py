@@ -24,6 +24,7 @@ from moma_jax.model import loss as loss_lib
 from moma_jax.model import remat
 from moma_jax.model import route_stats
 from moma_jax.model import routing_spec
+from moma_jax.model import scopes
 from moma_jax.model.routing_spec import RoutingSpec
 
 class Decoder(nn.Module):
@@ -67,7 +68,7 @@ class Decoder(nn.Module):
     x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name='final_norm')(x)
     # Untied output head (Chameleon); logits in float32 for the loss and z-loss.
     logits = Projection((m.vocab_size,), ('embed', 'vocab'), dtype=dtype,
-                        param_dtype=param_dtype, name='output')(x)
+                        param_dtype=param_dtype, name=scopes.OUTPUT)(x)
     return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
@@ -124,8 +125,9 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
       {'params': params}, batch['tokens'], batch['modality'], batch['segment_ids'],
       batch['positions'], deterministic=rng is None, rngs=rngs,
       mutable=['route_stats', 'aux_loss', aux_router.COLLECTION])
-  objective, metrics = loss_lib.next_token_loss(
-      logits, batch, m.modalities, model.z_loss)
+  with jax.named_scope(scopes.LOSS):
+    objective, metrics = loss_lib.next_token_loss(
+        logits, batch, m.modalities, model.z_loss)
   aux = jax.tree.leaves(state.get('aux_loss', {}))
   aux_total = sum(aux) / len(aux) if aux else jnp.float32(0)
   metrics['aux_loss'] = aux_total

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from moma_jax.model import route_stats
+from moma_jax.model import scopes
 from moma_jax.model import transformer
 from moma_jax.training import optimizer as optimizer_lib
 
@@ -50,11 +51,12 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
     value, metrics, grads = _gradients(model, config, state['params'], batch, rng, poison)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-    updates, opt = tx.update(grads, state['opt'], state['params'])
-    new = {'params': optax.apply_updates(state['params'], updates), 'opt': opt}
-    # The optimizer's own count of applied updates, which its schedule read.
-    count = optimizer_lib.update_count(state['opt'])
-    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    with jax.named_scope(scopes.OPTIMIZER):
+      updates, opt = tx.update(grads, state['opt'], state['params'])
+      new = {'params': optax.apply_updates(state['params'], updates), 'opt': opt}
+      # The optimizer's own count of applied updates, which its schedule read.
+      count = optimizer_lib.update_count(state['opt'])
+      state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     metrics.update(route_stats.router_grad_norms(grads))
     metrics.update(grad_norm=grad_norm, finite=finite, update_count=count)
     return state, metrics
