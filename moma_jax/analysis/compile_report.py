@@ -258,17 +258,17 @@ def format_step(r: dict[str, Any]) -> list[str]:
   lines += ['  FLOPs per chip:',
             f'    compiled {f["compiled"]:.4g}, analytic (flops.py) {f["analytic"]:.4g}, '
             f'ratio {ratio}; bytes accessed {human_bytes(f["bytes_accessed"])}']
-  parts = r['bytes_by_part']
-  lines.append('    by part of the step (reads and writes of each instruction; '
-               'unattributed: what the cost analysis counts beyond them):')
-  lines += [f'      {p:<12} {human_bytes(b):>10}  {b / max(f["bytes_accessed"], 1):6.1%}'
-            for p, b in parts.items()]
   if f.get('kernels_estimated'):
     lines.append(f'    of which {f["kernels_estimated"]:.4g} in splash attention, counted from '
                  'its blocks (XLA sees no FLOPs in it)')
   if r['uncounted']:
     lines.append('    not in the compiled FLOPs (no cost estimate): '
                  + ', '.join(sorted(set(r['uncounted']))))
+  parts = r['bytes_by_part']
+  lines.append('  bytes accessed by part of the step (reads and writes of each instruction; '
+               'unattributed: what the cost analysis counts beyond them):')
+  lines += [f'    {p:<12} {human_bytes(b):>10}  {b / max(f["bytes_accessed"], 1):6.1%}'
+            for p, b in parts.items()]
   lines.append('  collectives per step:' + ('' if r['collectives'] else ' none'))
   lines += [f'    {kind:<19} x{c["count"]:<4} {human_bytes(c["bytes"])}'
             for kind, c in r['collectives'].items()]
