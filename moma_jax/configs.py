@@ -16,6 +16,8 @@ Field reference (the names other parts rely on):
   model.kernels, model.attention
                    the backends of routing and attention, 'auto' per platform
                    (moma_jax/model/kernels.py).
+  model.matmul_tiles  megablox's tiles on TPU: 'auto' (chosen for the shapes,
+                   pallas_kernels/megablox_tiles.py) or 'TMxTKxTN' (`matmul_tiles()`).
   model.remat      what each layer keeps for the backward pass (moma_jax/model/remat.py).
   routing.*        routing group size and row layout (see moma_jax/model/routing.py).
   upcycle.*        from_workdir: a 1t1i MoMa run whose step `at_step` (> 0) a new run
