@@ -165,8 +165,7 @@ def apply_experts(rows, plan: routing.RoutingPlan, wi_0, wi_1, wo, ops=kernels.X
 
   rows [R, D]; wi_* [E, D, F]; wo [E, F, D] -> [R, D].
   ragged layout: a grouped matmul over the per-expert row counts (rows past their sum
-  come out zero). capacity and buffer layouts: rows are [E, R/E] blocks, one batched
-  matmul.
+  come out zero). capacity layout: rows are [E, R/E] blocks, one batched matmul.
   """
   with jax.named_scope(scopes.EXPERT_FFN):
     if plan.capacity is None:

@@ -107,16 +107,14 @@ def _move_bwd(num_rows, other_rows, to_experts, send, residuals, ct):
 _move.defvjp(_move_fwd, _move_bwd)
 
 
-def exchange(rows, group_sizes, *, x_size: int, received_rows: int, compute: Callable,
-             ragged_all_to_all: Callable | None = None):
+def exchange(rows, group_sizes, *, x_size: int, received_rows: int, compute: Callable):
   """rows [S, D] in the ragged layout, group_sizes [E] (rows per expert) -> the rows
   `compute` returned for them, [S, D] in the same layout (0 past sum(group_sizes)).
 
   compute(rows [R, D] expert-major, sizes [E_x]) -> [R, D]. R: received_rows, a bound
-  on the rows one device's experts receive. ragged_all_to_all: the collective (None:
-  `collective()`).
+  on the rows one device's experts receive. The collective is `collective()`'s.
   """
-  send = ragged_all_to_all or collective()
+  send = collective()
   s_rows = rows.shape[0]
   e_x = group_sizes.shape[0] // x_size
   me = jax.lax.axis_index(EXPERT_AXIS)
