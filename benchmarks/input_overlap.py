@@ -69,7 +69,7 @@ from moma_jax.data import pipeline  # noqa: E402
 from moma_jax.model import sharding  # noqa: E402
 from moma_jax.model import transformer  # noqa: E402
 from moma_jax.training import optimizer as optimizer_lib  # noqa: E402
-from moma_jax.training import state as train_state  # noqa: E402
+from moma_jax.runs import state as train_state  # noqa: E402
 from moma_jax.training import step as train_step  # noqa: E402
 from moma_jax.training import trainer  # noqa: E402
 

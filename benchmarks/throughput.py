@@ -37,7 +37,7 @@ from moma_jax import configs  # noqa: E402
 from moma_jax.model import sharding  # noqa: E402
 from moma_jax.model import transformer  # noqa: E402
 from moma_jax.training import optimizer as optimizer_lib  # noqa: E402
-from moma_jax.training import state as train_state  # noqa: E402
+from moma_jax.runs import state as train_state  # noqa: E402
 from moma_jax.training import step as train_step  # noqa: E402
 
 # (name, ffn, experts, MoD) in the paper's Table 2 order; its throughput vs dense (A100).
@@ -150,8 +150,8 @@ def main(argv=None) -> None:
   p.add_argument('--layout', default='capacity', choices=configs.LAYOUTS,
                  help="row layout of the sparse FFNs (docs/design.md §4): 'capacity' "
                       "cuts the rows past a static buffer per expert, 'ragged' is exact")
-  p.add_argument('--capacity_factor', type=float, default=1.0,
-                 help='routing.capacity_factor of the capacity layout (2.0 holds every '
+  p.add_argument('--buffer_factor', type=float, default=1.0,
+                 help='routing.buffer_factor of the capacity layout (2.0 holds every '
                       'row 4t4i and 1t1i can ask for at a 1/2 modality share)')
   p.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on GPU/TPU)')
   p.add_argument('--variants', default=','.join(v[0] for v in VARIANTS))
@@ -164,8 +164,8 @@ def main(argv=None) -> None:
   measured_peak = matmul_peak(jnp.dtype(args.dtype))
   peak = PEAK_FLOPS.get(device.device_kind) or measured_peak
   base = base_config(args.size, args.seq, args.batch)
-  base.routing.capacity_factor = args.capacity_factor
-  layout = (f'layout {args.layout}' + (f' (factor {args.capacity_factor})'
+  base.routing.buffer_factor = args.buffer_factor
+  layout = (f'layout {args.layout}' + (f' (factor {args.buffer_factor})'
                                         if args.layout == 'capacity' else ' (exact)'))
   against = ('it' if peak == measured_peak
              else f'the vendor peak {peak / 1e12:g} TFLOP/s')

@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # f = 2 (expected share 1/2 per modality), and for moe at f = 1 (one group of all
   # tokens). So nothing is cut: the paper's semantics, exactly (route/dropped/* = 0).
   c.routing.layout = 'capacity'
-  c.routing.capacity_factor = 1.0 if m.ffn == 'moe' else 2.0
+  c.routing.buffer_factor = 1.0 if m.ffn == 'moe' else 2.0
   c.data.name = 'mixture'
   c.data.mixture = MIXTURE
   c.data.options = f'moma_shapes:num_train={SHAPES_TRAIN}:num_validation=400'

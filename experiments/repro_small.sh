@@ -39,6 +39,6 @@ moma-compare --baseline "$RUNS/dense" --out "$RUNS/savings" \
 python "$HERE/repro_small_report.py" --runs "$RUNS" --figures "$HERE/../docs"
 echo "== throughput ($SECONDS s)"
 # Re-measured on every run of this script (a benchmark: the numbers vary a little).
-python "$HERE/../benchmarks/throughput.py" --seq 256 --batch 16 --capacity_factor 2.0 \
+python "$HERE/../benchmarks/throughput.py" --seq 256 --batch 16 --buffer_factor 2.0 \
     --steps 5 | tee "$RUNS/throughput.md"
 echo "== done in $SECONDS s"

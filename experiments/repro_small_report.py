@@ -38,7 +38,7 @@ from moma_jax.analysis import savings_report
 from moma_jax.data import pipeline
 from moma_jax.inference import aux_stage
 from moma_jax.inference import saved_run
-from moma_jax.training import evaluation
+from moma_jax.runs import evaluation
 
 SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'up_4t4i',
           'moe_8x_lr5e-4')

@@ -25,11 +25,14 @@ Field reference (the names other parts rely on):
 """
 from __future__ import annotations
 
+import json
 import re
-from typing import Collection, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import ml_collections
 from ml_collections import config_dict
+
+from moma_jax import renamed_fields
 
 FFN_KINDS = ('dense', 'moma', 'moe', 'topk')
 LAYOUTS = ('ragged', 'capacity')
@@ -47,6 +50,27 @@ class ConfigError(ValueError):
     self.field = field
 
 
+def first_difference(a: Mapping[str, Any] | ml_collections.ConfigDict,
+                     b: Mapping[str, Any] | ml_collections.ConfigDict,
+                     fields: Iterable[str]) -> str | None:
+  """The first of `fields` (dotted names; a block compares whole) on which configs `a`
+  and `b` (ConfigDicts or their plain dicts) differ, lists and tuples alike; a field
+  missing from either differs. None if they agree on all."""
+  def value(config, field):
+    node = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    for part in field.split('.'):
+      if not isinstance(node, Mapping) or part not in node:
+        return KeyError
+      node = node[part]
+    return json.dumps(node.to_dict() if isinstance(node, ml_collections.ConfigDict)
+                      else node, sort_keys=True)
+  for field in fields:
+    before, now = value(a, field), value(b, field)
+    if before is KeyError or before != now:
+      return field
+  return None
+
+
 def _model_defaults() -> ml_collections.ConfigDict:
   """`config.model`: the network, its experts and routers, kernels and dtypes."""
   m = ml_collections.ConfigDict()
@@ -62,7 +86,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.experts = (4, 4)
   m.capacity = config_dict.placeholder(tuple)
   m.top_k = 2                           # topk only
-  m.capacity_factor = 1.25              # topk only: per-expert buffer = cf * k * N / E
+  m.topk_capacity_factor = 1.25         # topk only: per-expert buffer = cf * k * N / E
   m.load_balance_weight = 0.01          # topk only
   m.router = 'sigmoid'
   m.router_noise = 'none'
@@ -94,11 +118,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.routing = ml_collections.ConfigDict(dict(
       group_size=8,
       layout='ragged',
-      capacity_factor=1.0,
+      buffer_factor=1.0,
       expected_fraction=config_dict.placeholder(tuple),
       # Expert parallelism's per-expert buffer: None = exact (nothing cut), or a factor
       # on the rows an expert expects (moma_jax/model/expert_parallel.py).
-      ep_capacity_factor=config_dict.placeholder(float),
+      ep_buffer_factor=config_dict.placeholder(float),
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -128,9 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
       # Evaluation reads at most this many batches per dataset (None: the whole split).
       eval_max_batches=config_dict.placeholder(int),
       # Batches made and placed on the devices ahead of the step (0: made when needed).
-      prefetch=2,
-      # Steps (1-based) whose loss is made NaN, to exercise the non-finite path.
-      nan_steps=()))
+      prefetch=2))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.upcycle = ml_collections.ConfigDict(dict(
@@ -283,8 +305,9 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
       _positive('model.top_k', m.top_k)
       if m.top_k > experts[0]:
         raise ConfigError('model.top_k', f'{m.top_k} exceeds the {experts[0]} experts')
-      if not m.capacity_factor > 0:
-        raise ConfigError('model.capacity_factor', f'must be > 0, got {m.capacity_factor}')
+      if not m.topk_capacity_factor > 0:
+        raise ConfigError('model.topk_capacity_factor',
+                          f'must be > 0, got {m.topk_capacity_factor}')
   if m.mod.enabled:
     _in_unit('model.mod.capacity', m.mod.capacity)
     _positive('model.mod.every', m.mod.every)
@@ -296,11 +319,11 @@ def _validate_routing(r: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   """ConfigError for `config.routing` values the model `m` cannot route by."""
   _positive('routing.group_size', r.group_size)
   _one_of('routing.layout', r.layout, LAYOUTS)
-  if not r.capacity_factor > 0:
-    raise ConfigError('routing.capacity_factor', f'must be > 0, got {r.capacity_factor}')
-  if r.ep_capacity_factor is not None and not r.ep_capacity_factor > 0:
-    raise ConfigError('routing.ep_capacity_factor', f'must be > 0 or None (exact), got '
-                      f'{r.ep_capacity_factor}')
+  if not r.buffer_factor > 0:
+    raise ConfigError('routing.buffer_factor', f'must be > 0, got {r.buffer_factor}')
+  if r.ep_buffer_factor is not None and not r.ep_buffer_factor > 0:
+    raise ConfigError('routing.ep_buffer_factor', f'must be > 0 or None (exact), got '
+                      f'{r.ep_buffer_factor}')
   if r.expected_fraction is not None:
     if len(r.expected_fraction) != len(m.modalities):
       raise ConfigError('routing.expected_fraction', 'needs one entry per modality')
@@ -310,6 +333,10 @@ def _validate_routing(r: ml_collections.ConfigDict, m: ml_collections.ConfigDict
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ConfigError (naming the field) if `config` cannot describe a model; returns it."""
+  try:
+    renamed_fields.refuse(renamed_fields.fields(config.to_dict()))
+  except renamed_fields.RenamedFieldError as e:
+    raise ConfigError(e.field, e.message) from None
   m, r = config.model, config.routing
   _validate_model(m)
   _validate_routing(r, m)

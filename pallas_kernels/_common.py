@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 # The platform a program is being built for, when that is not the machine's own: an
 # ahead-of-time compile for TPU, or a lowering for CUDA, on a CPU host
-# (moma_jax/analysis/aot.py). Read at trace time, so kernels choose their TPU or GPU path.
+# (moma_jax/compilation/aot.py). Read at trace time, so kernels choose their TPU or GPU path.
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar('pallas_target',
                                                                      default=None)
 _PLATFORM_BACKEND = {'cuda': 'gpu', 'rocm': 'gpu', 'gpu': 'gpu', 'tpu': 'tpu', 'cpu': 'cpu'}

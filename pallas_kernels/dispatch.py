@@ -2,7 +2,7 @@
 
 Axis legend: T tokens (all groups, flat), R rows, D embed, S rows per token (at most).
 
-`gather_rows(x, token_index)` equals `moma_jax.model.routing.gather_rows` —
+`gather_rows(x, token_index)` equals `gather_rows_reference` below,
 `jnp.take(x, token_index, axis=0, mode='fill', fill_value=0)`: an index in [0, T) reads
 that token, one in [-T, 0) wraps as in numpy, anything else (the routing plan's dump
 index T) gives a zero row.

@@ -100,6 +100,38 @@ def tiny_train_config(data_dir, variant='moma_4t4i', **train_overrides):
   return configs.validate(c)
 
 
+@pytest.fixture
+def nan_at_steps(monkeypatch):
+  """install(config, steps): the loss of those 1-based training steps becomes NaN.
+
+  The fault goes in through the model's objective (transformer.loss_fn), the seam the
+  training step calls: the patched objective knows its step by the router-noise key the
+  step hands it (step.noise_key), so the compiled step is the program's own.
+  """
+  import jax
+  import jax.numpy as jnp
+  from moma_jax.model import transformer
+  from moma_jax.training import step as step_lib
+
+  def install(config, steps):
+    assert config.train.grad_accum == 1, 'micro-batches fold their index into the key'
+    keys = jnp.stack([jax.random.key_data(step_lib.noise_key(config, jnp.int32(s)))
+                      for s in steps])
+    real = transformer.loss_fn
+
+    def loss_fn(model, params, batch, rng=None):
+      value, metrics = real(model, params, batch, rng)
+      if rng is None:                     # evaluation: no step, no fault
+        return value, metrics
+      hit = jnp.any(jnp.all(jax.random.key_data(rng) == keys, axis=-1))
+      factor = jnp.where(hit, jnp.float32(jnp.nan), jnp.float32(1))
+      return value * factor, {**metrics, 'loss': metrics['loss'] * factor}
+
+    monkeypatch.setattr(transformer, 'loss_fn', loss_fn)
+
+  return install
+
+
 @pytest.fixture(scope='session')
 def trained_run(data_setup, tmp_path_factory):
   """(config, workdir, metrics rows) of one tiny quickstart run shared by every test."""

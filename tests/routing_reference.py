@@ -61,7 +61,7 @@ def token_choice_lists(scores: np.ndarray, valid: np.ndarray, top_k: int,
 def plan_lists(plan: routing.RoutingPlan, num_groups: int, num_tokens: int) -> Lists:
   """Reads a fast RoutingPlan back as explicit lists[g][e]."""
   token_index = np.asarray(plan.token_index)
-  sizes = np.asarray(plan.group_sizes)
+  sizes = np.asarray(plan.rows_per_expert)
   e_count = sizes.shape[0]
   if plan.capacity is None:
     expert_of_row = np.searchsorted(np.cumsum(sizes), np.arange(token_index.shape[0]),

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moma_jax.cli import command
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import metrics_log
 
 SIZE = 1 << 19     # float32 values of the state's big array: 2 MiB

@@ -18,7 +18,7 @@ from conftest import tiny_train_config, train_usage_error
 from moma_jax.cli import train as train_cli
 from moma_jax.data import datasets
 from moma_jax.data import pipeline
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import trainer as train
 
 QUICKSTART = 'experiments/quickstart.py'

@@ -40,6 +40,14 @@ def moma_flops(*args):
     (['--config', f'{TABLE1}:dense_90m', '--config.model.widht=3'],
      "--config.model.widht: no such config field 'widht'"),
     (['--config', 'moma_jax/configs.py'], "has no attribute 'get_config'"),
+    (['--config', f'{TABLE1}:moe_8x_90m', '--config.routing.capacity_factor=2.0'],
+     'routing.capacity_factor: is now routing.buffer_factor: set that instead'),
+    (['--config', f'{TABLE1}:dense_90m', '--config.model.capacity_factor=2.0'],
+     'model.capacity_factor: is now model.topk_capacity_factor'),
+    (['--config', f'{TABLE1}:dense_90m', '--config.routing.ep_capacity_factor=2.0'],
+     'routing.ep_capacity_factor: is now routing.ep_buffer_factor'),
+    (['--config', f'{TABLE1}:dense_90m', '--config.train.nan_steps=(3,)'],
+     'train.nan_steps: was removed'),
     ([], '--config FILE[:ARG] is required'),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, expected):
@@ -127,3 +135,24 @@ def test_a_host_without_accelerators_starts_no_tpu_runtime(tmp_path):
       'moma-train: error: mesh: data=3 x fsdp=1 x expert=1 x tensor=1 is 3 devices, but '
       'there are 1'], result.stderr
 
+
+
+def test_renamed_fields_are_refused_in_experiment_files_and_read_in_saved_runs():
+  from moma_jax import configs
+  from moma_jax import renamed_fields
+  config = configs.default_config()
+  config.routing.capacity_factor = 2.0          # an experiment file written before
+  with pytest.raises(configs.ConfigError, match='routing.buffer_factor'):
+    configs.validate(config)
+  saved = configs.default_config().to_dict()
+  saved['model']['capacity_factor'] = saved['model'].pop('topk_capacity_factor') + 1
+  saved['routing']['capacity_factor'] = 3.0
+  del saved['routing']['buffer_factor']
+  saved['train']['nan_steps'] = [3]
+  upgraded = renamed_fields.upgrade_saved(saved)
+  assert upgraded['model']['topk_capacity_factor'] == 2.25
+  assert upgraded['routing']['buffer_factor'] == 3.0
+  assert 'nan_steps' not in upgraded['train'] and 'capacity_factor' not in upgraded['model']
+  assert saved['train']['nan_steps'] == [3]      # the argument is left as it was
+  assert renamed_fields.upgrade_saved(configs.default_config().to_dict()) == \
+      configs.default_config().to_dict()

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moma_jax.analysis import aot
+from moma_jax.compilation import aot
 import pallas_kernels
 # moma-aux's flags too: the suite runs the CLIs in one process, where flag names clash
 # unless each is its own (moma-aux --steps is an integer).
-from moma_jax.analysis import compile_report
+from moma_jax.compilation import compile_report
 from moma_jax.analysis import flops
 from moma_jax.analysis import hlo_parts
 from moma_jax.analysis import hlo_stats

@@ -9,6 +9,7 @@ import pytest
 from conftest import jit_vjp, tiny_config
 from moma_jax.model.block import Block
 from moma_jax.model.depth import DepthRoutedBlock
+from moma_jax.model import names
 from moma_jax.model import routing_spec
 import routing_reference as ref
 
@@ -54,20 +55,20 @@ def test_depth_block_equals_reference(variant):
 
   def block_apply(*args):
     return inner.apply({'params': params['block']}, *args,
-                       mutable=['route_stats', 'aux_loss', 'intermediates'])[0]
+                       mutable=list(names.ANALYSIS))[0]
 
   _, picks = ref.depth_block(block_apply, params['router'], x, mod, seg, pos, config, 2)
   cot = jax.random.normal(jax.random.key(1), x.shape)
 
   def fast(p, x):
     y, state = module.apply({'params': p}, x, mod, seg, pos,
-                            mutable=['route_stats', 'aux_loss', 'intermediates'])
+                            mutable=list(names.ANALYSIS))
     return y, state['intermediates']['plan'][0]
 
   def slow(p, x):
     def apply_block(*args):
       return inner.apply({'params': p['block']}, *args,
-                         mutable=['route_stats', 'aux_loss', 'intermediates'])[0]
+                         mutable=list(names.ANALYSIS))[0]
     return ref.depth_block(apply_block, p['router'], x, mod, seg, pos, config, 2, picks)[0], ()
 
   y, plan, grads = jit_vjp(fast, cot)(params, x)

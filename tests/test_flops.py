@@ -47,7 +47,7 @@ def small_config(ffn='dense', d=128, heads=2, layers=2, seq=32, experts=(4, 4), 
   c.data.seq_len = seq
   c.routing.group_size = 2
   c.routing.layout = 'capacity'
-  c.routing.capacity_factor = 1.0
+  c.routing.buffer_factor = 1.0
   return configs.validate(c)
 
 

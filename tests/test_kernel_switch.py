@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from moma_jax.model import names
 from moma_jax.model import transformer
 
 
@@ -33,7 +34,7 @@ def step_results(config):
         lambda p: transformer.loss_fn(model, p, batch), has_aux=True)(params)
     _, sown = model.apply({'params': params}, batch['tokens'], batch['modality'],
                           batch['segment_ids'], batch['positions'],
-                          mutable=['intermediates', 'route_stats', 'aux_loss'])
+                          mutable=list(names.ANALYSIS))
     return value, metrics, grads, sown['intermediates']
   return jax.device_get(run(params, batch))
 
@@ -118,9 +119,11 @@ def test_mixture_of_depths_picks_gathers_and_combines_through_the_switch():
   assert _pallas_kernel_names(config) == []
 
 
-def test_kernel_choice_is_resolved_per_platform():
+def test_kernel_choice_is_resolved_per_platform(monkeypatch):
+  import jax.numpy as jnp
   from moma_jax.model import kernels
   import pallas_kernels as pk
+  from pallas_kernels import library_matmul
   assert kernels.resolve('xla', 'gpu') is kernels.XLA
   assert kernels.resolve('auto', 'cpu') is kernels.XLA
   # On GPU a grouped matmul for the ragged SwiGLU (never ragged_dot), XLA for the rest.
@@ -133,8 +136,15 @@ def test_kernel_choice_is_resolved_per_platform():
   tpu = kernels.resolve('auto', 'tpu')
   assert tpu is kernels.resolve('pallas', 'tpu') and tpu.pallas
   # On TPU: megablox for the ragged matmul, the references for what has no Mosaic path.
-  assert tpu.swiglu_ragged.func is pk.swiglu_ragged
-  assert tpu.swiglu_ragged.keywords == {'impl': 'megablox'}
+  called = []
+  monkeypatch.setattr(library_matmul, 'swiglu_megablox',
+                      lambda rows, *args, **kwargs: called.append(rows.shape) or rows)
+  rows, sizes = jnp.ones((4, 8)), jnp.array([3, 1], jnp.int32)
+  w_in, w_out = jnp.ones((2, 8, 16)), jnp.ones((2, 16, 8))
+  tpu.swiglu_ragged(rows, sizes, w_in, w_in, w_out)
+  assert called == [(4, 8)]                   # the TPU's ragged SwiGLU is megablox's
+  kernels.XLA.swiglu_ragged(rows, sizes, w_in, w_in, w_out)
+  assert called == [(4, 8)]                   # and the reference path is not
   for op in ('select', 'gather', 'swiglu_blocks', 'combine'):
     assert getattr(tpu, op) is getattr(kernels.XLA, op), op
   with pk.target_backend('tpu'):

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from test_model import random_batch
 from moma_jax.data import pipeline
 from moma_jax.model import transformer
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import optimizer as optimizer_lib
 from moma_jax.training import prefetch
 from moma_jax.training.step import make_train_step

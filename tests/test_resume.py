@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config, train_usage_error
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import metrics_log
 from moma_jax.training import trainer as train
 
@@ -38,7 +38,8 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from conftest import tiny_train_config
 from moma_jax import configs
-from moma_jax.training import checkpoint, metrics_log, trainer as train
+from moma_jax.runs import checkpoint
+from moma_jax.training import metrics_log, trainer as train
 
 data_dir, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 

@@ -14,7 +14,7 @@ import pytest
 
 from moma_jax import configs
 from moma_jax.model import sharding
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import metrics_log
 
 from conftest import tiny_train_config

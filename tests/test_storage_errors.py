@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from moma_jax import run_dir
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import metrics_log
 
 SCRIPT = os.path.join(os.path.dirname(__file__), 'storage_run.py')

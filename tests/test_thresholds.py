@@ -11,7 +11,7 @@ from moma_jax.model import aux_router
 from moma_jax.model import param_names
 from moma_jax.model import routing_spec
 from moma_jax.model import transformer
-from moma_jax.training import evaluation
+from moma_jax.runs import evaluation
 
 
 def test_quantile_thresholds_leave_the_capacity_above():

@@ -194,6 +194,6 @@ def test_model_loss_gradients_and_plans_equal_with_ragged_dot(monkeypatch):
     np.testing.assert_allclose(grads[key], ref_grads[key], atol=2e-5 * scale, rtol=0,
                                err_msg=key)
   assert plans.keys() == ref_plans.keys()
-  assert sum(k.endswith('group_sizes') for k in plans) == 2       # a plan per layer
+  assert sum(k.endswith('rows_per_expert') for k in plans) == 2       # a plan per layer
   for key in plans:
     np.testing.assert_array_equal(plans[key], ref_plans[key], err_msg=key)

@@ -20,7 +20,7 @@ from conftest import tiny_train_config, train_usage_error
 from moma_jax.analysis import flops
 from moma_jax.cli import train as train_cli
 from moma_jax import run_dir
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import metrics_log
 from moma_jax.training import step as train_step
 from moma_jax.training import trainer as train
@@ -207,9 +207,10 @@ def test_sigterm_in_a_subprocess_saves_and_exits_0(trained_run, tmp_path):
 # ----------------------------------------------------------------------------------
 # Non-finite losses
 # ----------------------------------------------------------------------------------
-def test_nan_is_skipped_and_counted(data_setup, tmp_path):
-  config = tiny_train_config(data_setup[0].data.data_dir, steps=6, nan_steps=(3,),
-                             eval_every=100, ckpt_every=100)
+def test_nan_is_skipped_and_counted(data_setup, tmp_path, nan_at_steps):
+  config = tiny_train_config(data_setup[0].data.data_dir, steps=6, eval_every=100,
+                             ckpt_every=100)
+  nan_at_steps(config, [3])
   progress = train.train(config, str(tmp_path / 'run'))
   assert progress['nonfinite_skipped'] == 1 and progress['step'] == 6
   rows = training_rows(metrics_log.read_rows(str(tmp_path / 'run')))
@@ -217,11 +218,11 @@ def test_nan_is_skipped_and_counted(data_setup, tmp_path):
   assert rows[1]['nonfinite_skipped'] == 0 and all(np.isfinite(r['loss']) for r in rows[3:])
 
 
-def test_persistent_nan_stops_with_exit_1(data_setup, tmp_path, capsys):
+def test_persistent_nan_stops_with_exit_1(data_setup, tmp_path, capsys, nan_at_steps):
   config = tiny_train_config(data_setup[0].data.data_dir)
+  nan_at_steps(config, [2, 3, 4, 5])
   argv = ['moma-train', f'--config={QUICKSTART}', f'--workdir={tmp_path / "run"}',
-          *_tiny_flags(config), '--config.train.steps=8', '--config.train.max_nonfinite=3',
-          '--config.train.nan_steps=(2, 3, 4, 5)']
+          *_tiny_flags(config), '--config.train.steps=8', '--config.train.max_nonfinite=3']
   with pytest.raises(SystemExit) as exit_info:
     train_cli.run(argv)
   assert exit_info.value.code == 1
@@ -303,7 +304,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_setup):
     step = train_step.make_train_step(model, tx, config)
     state, metrics = step({'params': params, 'opt': tx.init(params)},
                           {k: jax.numpy.asarray(v) for k, v in batch.items()},
-                          jax.numpy.int32(1), jax.numpy.float32(1))
+                          jax.numpy.int32(1))
     results.append((state['params'], metrics))
   (p1, m1), (p2, m2) = results
   for key in ('tokens', 'tokens/text', 'tokens/image'):

@@ -13,7 +13,7 @@ import sys
 from conftest import train_usage_error
 from test_resume import Child, assert_same_run, committed
 from test_train import _tiny_flags
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import trainer as train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))

@@ -19,14 +19,15 @@ from moma_jax.analysis import flops
 from moma_jax import configs
 from moma_jax.data import pipeline
 from moma_jax.inference import saved_run
+from moma_jax.runs import saved
 from moma_jax.model import routing_spec
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax import run_dir
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import metrics_log
 from moma_jax.training import optimizer as optimizer_lib
-from moma_jax.training import state as train_state
+from moma_jax.runs import state as train_state
 from moma_jax.training import trainer as train
 from moma_jax.training import upcycle
 
@@ -187,7 +188,7 @@ def test_the_sharded_start_equals_the_host_path_bit_for_bit(upcycled_run):
 def test_check_source_reads_no_array(source_run, upcycled_run, monkeypatch):
   """The trainer checks the source before it writes anything, from files alone."""
   config = upcycled_run['config']
-  monkeypatch.setattr(saved_run, 'restore_params', lambda *a, **k: pytest.fail('read'))
+  monkeypatch.setattr(saved, 'restore_params', lambda *a, **k: pytest.fail('read'))
   upcycle.check_source(config)
   bad = configs.validate(config.copy_and_resolve_references())
   bad.upcycle.at_step = 7

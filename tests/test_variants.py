@@ -133,7 +133,7 @@ def test_repro_small_variants(arg, fields, mod_depth):
   # The MoD models are as deep as matches the dense model's FLOPs per token.
   dense = repro.get_config('dense')
   assert c.model.num_layers == (flops.mod_layers_matching(dense) if mod_depth else 4)
-  assert c.routing.capacity_factor == (1.0 if fields[0] == 'moe' else 2.0)
+  assert c.routing.buffer_factor == (1.0 if fields[0] == 'moe' else 2.0)
   seed = int(arg.partition('seed=')[2] or 0) if arg else 0
   assert c.train.seed == c.data.seed == seed
 

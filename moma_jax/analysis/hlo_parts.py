@@ -2,7 +2,7 @@
 
 XLA's cost analysis gives one total ('bytes accessed'). Here the optimized HLO
 (`compiled.as_text()`) is split by the part of the step each top-level instruction
-belongs to, read from the scope its `op_name` names (moma_jax/model/scopes.py):
+belongs to, read from the scope its `op_name` names (moma_jax/model/names.py):
 
   ffn          the FFN matmuls: a dense block's SwiGLU, the experts' grouped matmuls
   attention    attention: projections, QK-norm, RoPE, the attention kernels
@@ -31,15 +31,15 @@ from __future__ import annotations
 import re
 
 from moma_jax.analysis import hlo_stats
-from moma_jax.model import scopes
+from moma_jax.model import names
 
 PARTS = ('ffn', 'attention', 'routing', 'output', 'optimizer', 'collectives', 'rest')
 # The part of an op_name: the first rule one of its segments meets.
-_RULES = (('ffn', (scopes.EXPERT_FFN, scopes.DENSE_FFN)),
-          ('attention', (scopes.ATTENTION,)),
-          ('routing', (scopes.EXPERTS, scopes.ROUTING)),
-          ('output', (scopes.OUTPUT, scopes.LOSS)),
-          ('optimizer', (scopes.OPTIMIZER,)))
+_RULES = (('ffn', (names.EXPERT_FFN, names.DENSE_FFN)),
+          ('attention', (names.ATTENTION,)),
+          ('routing', (names.EXPERTS, names.ROUTING)),
+          ('output', (names.OUTPUT, names.LOSS)),
+          ('optimizer', (names.OPTIMIZER,)))
 _FREE = frozenset(('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant',
                    'after-all', 'partition-id', 'replica-id', 'while', 'conditional',
                    'call', 'call-start', 'call-done', 'opt-barrier', 'add-dependency'))
@@ -56,8 +56,8 @@ def part_of(op_name: str) -> str:
   scope entered first inside a transformation shows wrapped in it
   ('transpose(jvp(loss))'): segments are read unwrapped."""
   segments = {_unwrapped(s) for s in op_name.split('/')}
-  for part, names in _RULES:
-    if segments.intersection(names):
+  for part, scope_names in _RULES:
+    if segments.intersection(scope_names):
       return part
   return 'rest'
 

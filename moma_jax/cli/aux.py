@@ -40,7 +40,9 @@ from moma_jax.data import pipeline
 from moma_jax.inference import aux_stage
 from moma_jax.inference import aux_store
 from moma_jax.inference import saved_run
+from moma_jax.runs import saved
 from moma_jax.inference import thresholds
+from moma_jax.model import names
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax import run_dir
@@ -94,10 +96,10 @@ def table(result: dict, modalities) -> str:
     lines.append(f'{label:<10}{_fmt(v[0], 16, 3)}{_fmt(v[1], 12, 3)}{_fmt(v[2], 16, 3)}')
   lines.append(f'{"routers":<10}{"accuracy":>16}{"balanced":>12}{"precision":>16}'
                f'{"recall":>10}   (threshold 0.5, vs teacher-forced)')
-  kinds = [(m, f'/{m}') for m in modalities] + [
-      (name, f'/{kind}') for kind, name in (('all', 'experts'), ('depth', 'MoD'))]
-  for label, suffix in kinds:
-    v = [result.get(f'aux_router/{r}{suffix}')
+  kinds = [(m, m) for m in modalities] + [
+      (name, kind) for kind, name in (('all', 'experts'), ('depth', 'MoD'))]
+  for label, kind in kinds:
+    v = [result.get(names.aux_router_metric(r, kind))
          for r in ('accuracy', 'balanced_accuracy', 'precision', 'recall')]
     if all(x is None for x in v):
       continue        # moma's groups have per-modality rates; moe and MoD their own kind
@@ -121,8 +123,9 @@ def _stage(run, model, config, tok, log) -> tuple[object, dict]:
 
     def on_row(step, row):
       log.write(step, row)
-      print(f'  step {step:>5}/{STEPS.value}  loss {row["aux_router/loss"]:.4f}  '
-            f'balanced accuracy {row["aux_router/balanced_accuracy"]:.3f}',
+      loss, accuracy = (row[names.aux_router_metric(s)] for s in ('loss', 'balanced_accuracy'))
+      print(f'  step {step:>5}/{STEPS.value}  loss {loss:.4f}  '
+            f'balanced accuracy {accuracy:.3f}',
             file=sys.stderr, flush=True)
     fresh = aux_stage.init_aux_params(model, SEED.value, run.mesh)
     aux = aux_stage.train_routers(model, aux_store.merge(run.params, fresh), config, tok,
@@ -157,14 +160,14 @@ def main(mesh_overrides: dict[str, int]) -> None:
   if CALIBRATION_TOKENS.value < 1:
     raise cli.UsageError(f'--calibration_tokens must be >= 1, got '
                          f'{CALIBRATION_TOKENS.value}')
-  config = saved_run.read_config(os.path.abspath(os.path.expanduser(WORKDIR.value)))
+  config = saved.read_config(os.path.abspath(os.path.expanduser(WORKDIR.value)))
   if not configs.looks_ahead(config.model):
     raise cli.UsageError(f'{WORKDIR.value}: a {config.model.ffn} model without mixture-of-'
                          'depths routes causally already; it needs no auxiliary routers')
   # One writer per run directory: not beside a trainer still writing RUN (released
   # when `run` returns: run_lock.scope()).
   run_lock.hold(os.path.expanduser(WORKDIR.value), PROG, enabled=jax.process_index() == 0)
-  mesh = saved_run.mesh_for(WORKDIR.value, mesh_overrides)
+  mesh = saved.mesh_for(WORKDIR.value, mesh_overrides)
   run = saved_run.load(WORKDIR.value, with_aux_routers=False, mesh=mesh)
   done = aux_store.read_result(run.workdir)
   mods = list(config.model.modalities)

@@ -40,6 +40,7 @@ from ml_collections import config_dict
 from ml_collections.config_flags import config_flags
 
 from moma_jax import configs
+from moma_jax import renamed_fields
 from moma_jax.cli import backends
 from moma_jax.usage import UsageError
 
@@ -153,6 +154,9 @@ def parse(argv: Sequence[str], prog: str) -> config_dict.ConfigDict:
       # config_flags would defer this and report it later, in several lines.
       raise UsageError(f'--config: no such config file {value.split(":", 1)[0]!r}'
                        if value else '--config needs a value, FILE[:ARG]')
+    overridden = {m.group(1) for a in argv
+                  if (m := re.match(rf'-{{1,2}}{CONFIG_FLAG}\.([\w.]+)', a))}
+    renamed_fields.refuse(sorted(overridden))
     with warnings.catch_warnings():
       # config_flags loads the file with importlib's deprecated load_module().
       warnings.simplefilter('ignore', DeprecationWarning)
@@ -170,8 +174,6 @@ def parse(argv: Sequence[str], prog: str) -> config_dict.ConfigDict:
       raise UsageError(f'get_config() of --config={FLAGS[CONFIG_FLAG].config_filename} '
                        f'returned {type(config).__name__}, not a ConfigDict')
     if config.get('runlocal'):
-      overridden = {m.group(1) for a in argv
-                    if (m := re.match(rf'-{{1,2}}{CONFIG_FLAG}\.([\w.]+)', a))}
       configs.shrink_for_cpu(config, keep=overridden)
     return configs.validate(config)
   except Exception as e:  # pylint: disable=broad-except

@@ -39,12 +39,13 @@ FLOPs (recomputation and padded rows show there), bytes accessed and the estimat
 step.
 
 --json prints one JSON object: {'config', 'topology', 'platform', 'steps': [per step,
-moma_jax/analysis/compile_report.py's fields]} or, with --variants, --remat or --tiles,
+moma_jax/compilation/compile_report.py's fields]} or, with --variants, --remat or --tiles,
 {'variants' | 'remat' | 'matmul_tiles': [...]}.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import sys
@@ -53,8 +54,8 @@ from typing import Sequence
 from absl import flags
 import ml_collections
 
-from moma_jax.analysis import aot
-from moma_jax.analysis import compile_report
+from moma_jax.compilation import aot
+from moma_jax.compilation import compile_report
 from moma_jax.cli import command as cli
 from moma_jax import configs
 
@@ -108,13 +109,14 @@ def _describe(config: ml_collections.ConfigDict, target: aot.Target) -> str:
           f'mesh {mesh}')
 
 
-def main(config: ml_collections.ConfigDict) -> None:
+def main(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+  """argv: the whole command line, which --variants parses again once per variant."""
   steps = [s.strip() for s in BUILD.value if s.strip()]
   for s in steps:
     if s not in aot.STEPS:
       raise cli.UsageError(f'--build: unknown step {s!r}; one of {", ".join(aot.STEPS)}')
   if VARIANTS.value:
-    return _variants(config)
+    return _variants(argv)
   for field, flag in SWEEPS.items():
     values = [v.strip() for v in flag.value if v.strip()]
     if values:
@@ -156,9 +158,9 @@ def _argv_with_config(argv: Sequence[str], value: str) -> list[str]:
   return out
 
 
-def _variants(config: ml_collections.ConfigDict) -> None:
-  del config  # each variant is parsed afresh, with the same overrides
-  argv, base = list(_ARGV), cli.config_argument()
+def _variants(argv: Sequence[str]) -> None:
+  """Each variant parsed afresh from the command line, with the same overrides."""
+  base = cli.config_argument()
   if PLATFORM.value != 'tpu':
     raise cli.UsageError('--variants compiles, so it needs --platform tpu')
   rows = []
@@ -275,13 +277,11 @@ def _sweep(config: ml_collections.ConfigDict, field: str, values: list[str]) -> 
   print('\n'.join(lines), flush=True)
 
 
-_ARGV: list[str] = []
-
-
 def run(argv: Sequence[str] | None = None) -> None:
   """Console script entry point (`moma-compile`); argv[0] is the program name."""
-  _ARGV[:] = list(sys.argv if argv is None else argv)
-  cli.run_main(main, _ARGV, prog=PROG, usage=__doc__, host_devices=False)
+  argv = list(sys.argv if argv is None else argv)
+  cli.run_main(functools.partial(main, argv=argv), argv, prog=PROG, usage=__doc__,
+               host_devices=False)
 
 
 if __name__ == '__main__':

@@ -36,10 +36,11 @@ from moma_jax.data import pipeline
 from moma_jax.inference import aux_stage
 from moma_jax.inference import aux_store
 from moma_jax.inference import saved_run
+from moma_jax.runs import saved
 from moma_jax.inference import thresholds
 from moma_jax.model import sharding
 from moma_jax import run_dir
-from moma_jax.training import evaluation
+from moma_jax.runs import evaluation
 
 PROG = 'moma-eval'
 WORKDIR = cli.define_once(flags.DEFINE_string, 'workdir', None,
@@ -77,7 +78,7 @@ def main(mesh_overrides: dict[str, int]) -> None:
     raise cli.UsageError('--workdir DIR is required')
   if MAX_BATCHES.value is not None and MAX_BATCHES.value < 0:
     raise cli.UsageError(f'--max_batches must be >= 0, got {MAX_BATCHES.value}')
-  mesh = saved_run.mesh_for(WORKDIR.value, mesh_overrides)
+  mesh = saved.mesh_for(WORKDIR.value, mesh_overrides)
   run = saved_run.load(WORKDIR.value, STEP.value, mesh=mesh)
   config = run.config
   if MAX_BATCHES.value is not None:

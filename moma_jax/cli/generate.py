@@ -39,6 +39,7 @@ from moma_jax.data import pipeline
 from moma_jax.inference import figures as generate_figures
 from moma_jax.inference import generate
 from moma_jax.inference import saved_run
+from moma_jax.runs import saved
 from moma_jax.inference import thresholds
 from moma_jax import run_dir
 
@@ -132,13 +133,13 @@ def main(mesh_overrides: dict[str, int]) -> None:
     raise cli.UsageError('--task text_to_image needs --image-out FILE.png')
   if task == 'caption' and not (IMAGE.value or VALIDATION_IMAGES.value > 0):
     raise cli.UsageError('--task caption needs --image FILE.png or --validation_images N')
-  config = saved_run.read_config(WORKDIR.value)
+  config = saved.read_config(WORKDIR.value)
   tok = pipeline.load_tokenizers(config)
   if task == 'caption' and VALIDATION_IMAGES.value > 0:
     # The data first: a bad shard is the first thing to fix, before the model loads.
     data_checks.check(config, tok, (config.data.eval_split,))
   # Causal decoding routes token by token: the prompts need not hold routing groups.
-  mesh = saved_run.mesh_for(WORKDIR.value, mesh_overrides, whole_groups=False)
+  mesh = saved.mesh_for(WORKDIR.value, mesh_overrides, whole_groups=False)
   run = saved_run.load(WORKDIR.value, causal_thresholds=THRESHOLDS.value, mesh=mesh)
   gen = generate.Generator(run, tok)
   kw = dict(temperature=TEMPERATURE.value, top_p=TOP_P.value, seed=SEED.value)

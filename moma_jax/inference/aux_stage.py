@@ -39,12 +39,12 @@ from moma_jax.data import pipeline
 from moma_jax.inference import aux_store
 from moma_jax.inference import thresholds
 from moma_jax.model import aux_router
-from moma_jax.model import param_names
+from moma_jax.model import names
 from moma_jax.model import routing_spec
 from moma_jax.model import sharding
 from moma_jax.model import transformer
-from moma_jax.training import evaluation
-from moma_jax.training import state as train_state
+from moma_jax.runs import evaluation
+from moma_jax.runs import state as train_state
 
 
 # Mixed validation batches per dataset when `train.eval_max_batches` is None.
@@ -82,13 +82,13 @@ def make_aux_train_step(model: transformer.Decoder, tx):
   (an argument, not a compile-time constant) stay fixed."""
   def objective(aux, main, batch):
     _, metrics = transformer.loss_fn(model, aux_store.merge(main, aux), batch)
-    return metrics['aux_router/loss'], metrics
+    return metrics[names.aux_router_metric('loss')], metrics
 
   @jax.jit
   def step(main, aux, opt, batch):
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(aux, main, batch)
     updates, opt = tx.update(grads, opt, aux)
-    keys = [k for k in metrics if k.startswith('aux_router/')]
+    keys = [k for k in metrics if names.is_aux_router_metric(k)]
     return optax.apply_updates(aux, updates), opt, {k: metrics[k] for k in keys}
   return step
 
@@ -134,10 +134,10 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
     return aux_router.totals(state[aux_router.COLLECTION])
 
   total: dict[str, dict[str, float]] = {}
-  names = pipeline.mixture(config)
+  datasets = pipeline.mixture(config)
   per = config.train.eval_max_batches or VALIDATION_BATCHES_PER_DATASET
   batches = _rows(config, tok, split=config.data.eval_split)
-  for _ in range(per * len(names)):
+  for _ in range(per * len(datasets)):
     for kind, c in jax.device_get(counts(params, put(next(batches)))).items():
       slot = total.setdefault(kind, dict.fromkeys(aux_router.COUNTS, 0.0))
       for key in aux_router.COUNTS:
@@ -176,19 +176,18 @@ def usage_of(config: ml_collections.ConfigDict, measured: dict[str, Any]) -> flo
   experts = {name: [] for name in m.modalities}
   picked = {name: [] for name in ('all', *m.modalities)}
   for i, is_mod in enumerate(layers):
-    inside = (f'layer_{i}', param_names.MOD_BLOCK) if is_mod else (f'layer_{i}',)
-    routers = ['/'.join((*inside, param_names.EXPERTS, param_names.aux_router(g.name)))
+    routers = [names.RouterSite(i, g.name, inside_mod=is_mod)
                for g in routing_spec.from_config(config).groups]
-    routers = [r for r in routers if f'share/{r}' in measured]
-    depth = f'layer_{i}/{param_names.aux_router()}'
-    picked['all'].append(measured[f'share/{depth}'][0] if is_mod else 1.0)
+    routers = [r for r in routers if names.share(r) in measured]
+    depth = names.RouterSite(i)
+    picked['all'].append(measured[names.share(depth)][0] if is_mod else 1.0)
     for name in m.modalities:
-      picked[name].append(measured[f'share/{depth}/{name}'][0] if is_mod else 1.0)
+      picked[name].append(measured[names.share(depth, name)][0] if is_mod else 1.0)
       if not routers:
         experts[name].append(None)
         continue
-      runs = max(measured[f'eligible/{r}/{name}'] for r in routers)   # tokens in the block
-      took = sum(sum(measured[f'taken/{r}/{name}']) for r in routers)
+      runs = max(measured[names.eligible(r, name)] for r in routers)   # tokens in the block
+      took = sum(sum(measured[names.taken(r, name)]) for r in routers)
       experts[name].append(took / max(runs, 1))
   return flops.Usage(experts={k: tuple(v) for k, v in experts.items()},
                      picked={k: tuple(v) for k, v in picked.items()})

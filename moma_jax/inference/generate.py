@@ -34,7 +34,7 @@ import numpy as np
 from moma_jax import configs
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import vocab as vocab_lib
-from moma_jax.model import expert_parallel
+from moma_jax.model import mesh as mesh_lib
 from moma_jax.model import sharding
 
 
@@ -184,8 +184,8 @@ class Generator:
   def _rows(self, b: int) -> NamedSharding:
     """Where [B, ...] inputs and the cache live: rows over the batch axes when they
     divide B, else whole on every device."""
-    split = b % expert_parallel.batch_shards(self.mesh) == 0
-    return NamedSharding(self.mesh, P(expert_parallel.batch_axes(self.mesh) if split
+    split = b % mesh_lib.batch_shards(self.mesh) == 0
+    return NamedSharding(self.mesh, P(mesh_lib.batch_axes(self.mesh) if split
                                       else None))
 
   def _sample_on_mesh(self, prompts, max_new_tokens, temperature, top_p, seed, text_only,

@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from moma_jax.model import aux_router
+from moma_jax.model import names
 from moma_jax.model import param_names
 from moma_jax.model import routing_spec
 from moma_jax.model import transformer
@@ -53,8 +54,7 @@ def router_paths(params) -> list[Path]:
 
 def _stage_key(path: Path) -> tuple[int, int]:
   """(layer, nesting): a MoD layer's router comes before the routers inside its block."""
-  layer = next((int(p.split('_')[-1]) for p in path if p.startswith('layer_')), -1)
-  return layer, len(path)
+  return names.RouterSite.of(path).order
 
 
 def capacity(spec: routing_spec.RoutingSpec, path: Path) -> float:
@@ -181,16 +181,16 @@ def measure(model: transformer.Decoder, params, batches: Sequence[Mapping[str, j
   """
   out: dict[str, Any] = {}
   for path, r in _pooled(_records(model), params, batches).items():
-    name = '/'.join(path)
+    site = names.RouterSite.of(path)
     eligible = r['eligible'].any(-1)                                        # [T]
     taken = (r['margins'] > 0) & eligible[:, None]                          # [T, E]
-    out[f'share/{name}'] = (taken.sum(0) / max(eligible.sum(), 1)).tolist()
+    out[names.share(site)] = (taken.sum(0) / max(eligible.sum(), 1)).tolist()
     for i, mod in enumerate(modalities):
       of_mod = r['modality'] == i
       count = int((eligible & of_mod).sum())
-      out[f'eligible/{name}/{mod}'] = count
-      out[f'taken/{name}/{mod}'] = (taken & of_mod[:, None]).sum(0).tolist()
-      out[f'share/{name}/{mod}'] = ((taken & of_mod[:, None]).sum(0) / max(count, 1)).tolist()
+      out[names.eligible(site, mod)] = count
+      out[names.taken(site, mod)] = (taken & of_mod[:, None]).sum(0).tolist()
+      out[names.share(site, mod)] = ((taken & of_mod[:, None]).sum(0) / max(count, 1)).tolist()
   return out
 
 

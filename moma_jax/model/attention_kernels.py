@@ -39,9 +39,7 @@ import numpy as np
 import pallas_kernels
 from jax.sharding import PartitionSpec as P
 
-from moma_jax.model import expert_parallel
-
-TENSOR_AXIS = 'tensor'
+from moma_jax.model import mesh as mesh_lib
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -100,10 +98,13 @@ def _splash_kernel(t: int, heads: int, block: int, interpret: bool):
                             interpret=interpret), sa.SegmentIds
 
 
+# The splash kernel's blocks: the TPU's 128 lanes, in interpret mode too.
+SPLASH_BLOCK = 128
+
+
 def _splash(q, k, v, segment_ids):
   b, t, h, kd = q.shape
-  # The kernel's blocks are multiples of the TPU's 128 lanes, in interpret mode too.
-  block, tp = 128, -(-t // 128) * 128
+  block, tp = SPLASH_BLOCK, -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
   kernel, segment_ids_t = _splash_kernel(tp, h, block, pallas_kernels.backend() != 'tpu')
   q = q / jnp.sqrt(jnp.asarray(kd, q.dtype))
   q, k, v, seg = (_pad_length(a, tp) for a in (q, k, v, segment_ids.astype(jnp.int32)))
@@ -147,7 +148,6 @@ def _tokamax(q, k, v, segment_ids):
                                        is_causal=True, implementation=TOKAMAX_GPU)
 
 
-SPLASH_BLOCK = 128
 SPLASH_KERNEL_PREFIX = 'splash_mha'
 
 
@@ -158,7 +158,7 @@ def splash_flops(sequences: int, length: int, heads: int, head_dim: int,
   length / 128), diagonal blocks whole; segment masks are dynamic and skip nothing),
   each 2 matmuls of 2 * 128 * 128 * K forward and 5 in the fused backward (q k^T and
   do v^T recomputed, then dv, dk, dq). XLA's cost analysis sees no FLOPs in these
-  kernels, so `moma-compile` adds this count (moma_jax/analysis/compile_report.py)."""
+  kernels, so `moma-compile` adds this count (moma_jax/compilation/compile_report.py)."""
   nb = -(-length // SPLASH_BLOCK)
   matmuls = 2 + (5 if backward else 0)
   return float(sequences * heads * nb * (nb + 1) // 2 * matmuls * 2 * SPLASH_BLOCK**2
@@ -174,11 +174,11 @@ def attend(q, k, v, segment_ids, backend: str) -> jax.Array:
   'xla', 'splash', 'flash', 'cudnn', 'tokamax', as resolved for the platform) ->
   [B, T, H, K]."""
   fn = _KERNELS[backend]
-  if backend == 'xla' or not expert_parallel.is_sharded():
+  if backend == 'xla' or not mesh_lib.is_sharded():
     return fn(q, k, v, segment_ids)
   mesh = jax.sharding.get_abstract_mesh()
-  batch = expert_parallel.batch_axes(mesh)
-  heads = TENSOR_AXIS if mesh.shape.get(TENSOR_AXIS, 1) > 1 else None
+  batch = mesh_lib.batch_axes(mesh)
+  heads = mesh_lib.TENSOR if mesh.shape.get(mesh_lib.TENSOR, 1) > 1 else None
   qkv = P(batch, None, heads, None)
   # Pallas outputs carry no varying-axes annotation, which the check needs.
   return jax.shard_map(fn, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv,

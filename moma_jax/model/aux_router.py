@@ -22,16 +22,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
+from moma_jax.model import names
 from moma_jax.model.layers import default_kernel_init
 
-COLLECTION = 'aux_router'
+COLLECTION = names.AUX_ROUTER_SCORES
 # What causal mode records of each router's decisions, to calibrate and measure them.
-DECISIONS = 'aux_decisions'
+DECISIONS = names.AUX_DECISIONS
 THRESHOLD = 'threshold'
 # Counts each router sows (summed over its eligible tokens and outputs).
 COUNTS = ('bce_sum', 'count', 'tp', 'fp', 'fn', 'tn')
@@ -78,7 +79,10 @@ class AuxRouter(nn.Module):
     over layers by `summarize`.
     """
     mask = jnp.broadcast_to(eligible, logits.shape)
-    bce = optax.sigmoid_binary_cross_entropy(logits, target.astype(jnp.float32))
+    # Binary cross-entropy on the logits, written with log-sigmoids so that it stays
+    # finite for logits of any size.
+    t = target.astype(jnp.float32)
+    bce = -(t * jax.nn.log_sigmoid(logits) + (1 - t) * jax.nn.log_sigmoid(-logits))
     pred = logits > 0
     sums = {
         'bce_sum': jnp.where(mask, bce, 0).sum(),
@@ -107,7 +111,8 @@ def totals(sown) -> dict[str, dict[str, jax.Array]]:
   """{router kind ('text', 'image', 'all', 'depth'): {count: sum over layers}} from the
   sown values."""
   kinds: dict[str, dict[str, jax.Array]] = {}
-  for path, value in _leaves_by_path(sown or {}):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(sown or {}))
+  for path, value in ((p, v) for p, values in flat.items() for v in values):
     kind, key = path[-1].rsplit('/', 1)         # sown as '{kind}/{count}'
     slot = kinds.setdefault(kind, dict.fromkeys(COUNTS, jnp.float32(0)))
     slot[key] = slot[key] + value
@@ -119,9 +124,9 @@ def rates(kinds: dict[str, dict[str, Any]]) -> dict[str, Any]:
   routers (micro-averaged) and '.../{kind}' per kind, from `totals` (arrays or floats)."""
   if not kinds:
     return {}
-  out = _rates({k: sum(c[k] for c in kinds.values()) for k in COUNTS}, '')
+  out = _rates({k: sum(c[k] for c in kinds.values()) for k in COUNTS}, None)
   for kind, c in sorted(kinds.items()):
-    out.update(_rates(c, f'/{kind}'))
+    out.update(_rates(c, kind))
   return out
 
 
@@ -130,7 +135,7 @@ def summarize(sown) -> dict[str, jax.Array]:
   return rates(totals(sown))
 
 
-def _rates(c: dict[str, Any], suffix: str) -> dict[str, Any]:
+def _rates(c: dict[str, Any], kind: str | None) -> dict[str, Any]:
   safe = lambda a, b: a / jnp.maximum(b, 1)
   positives, negatives = c['tp'] + c['fn'], c['tn'] + c['fp']
   recall = safe(c['tp'], positives)
@@ -139,18 +144,9 @@ def _rates(c: dict[str, Any], suffix: str) -> dict[str, Any]:
   # token) it is the recall, not half of it.
   balanced = jnp.where(negatives == 0, recall,
                        jnp.where(positives == 0, specificity, (recall + specificity) / 2))
-  return {f'aux_router/loss{suffix}': safe(c['bce_sum'], c['count']),
-          f'aux_router/accuracy{suffix}': safe(c['tp'] + c['tn'], c['count']),
-          f'aux_router/balanced_accuracy{suffix}': balanced,
-          f'aux_router/precision{suffix}': safe(c['tp'], c['tp'] + c['fp']),
-          f'aux_router/recall{suffix}': recall}
-
-
-def _leaves_by_path(tree, prefix=()):
-  """(path of keys, value) of every sown value; flax stores sown values as tuples."""
-  if isinstance(tree, tuple):
-    for value in tree:
-      yield prefix, value
-    return
-  for key, sub in tree.items():
-    yield from _leaves_by_path(sub, (*prefix, key))
+  values = {'loss': safe(c['bce_sum'], c['count']),
+            'accuracy': safe(c['tp'] + c['tn'], c['count']),
+            'balanced_accuracy': balanced,
+            'precision': safe(c['tp'], c['tp'] + c['fp']),
+            'recall': recall}
+  return {names.aux_router_metric(stat, kind): v for stat, v in values.items()}

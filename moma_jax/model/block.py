@@ -19,9 +19,8 @@ import ml_collections
 from moma_jax import configs
 from moma_jax.model.experts import RoutedExperts
 from moma_jax.model.layers import MLP, Attention, RMSNorm, constrain
-from moma_jax.model import param_names
 from moma_jax.model import remat
-from moma_jax.model import scopes
+from moma_jax.model import names
 from moma_jax.model.routing_spec import RoutingSpec
 
 
@@ -48,7 +47,7 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     post = m.norm == 'post'
     attn = Attention(m.num_heads, attention=m.attention, decode=self.decode,
-                     cache_len=m.max_len, name=scopes.ATTENTION, **kw)
+                     cache_len=m.max_len, name=names.ATTENTION, **kw)
     attn_norm = RMSNorm(name='attention_norm', **kw)
     ffn_norm = RMSNorm(name='ffn_norm', **kw)
     if post:
@@ -58,14 +57,14 @@ class Block(nn.Module):
     h = constrain(h, ('batch', 'length', 'embed'))
     u = h if post else ffn_norm(h)
     if m.ffn == 'dense':
-      f = MLP(configs.ffn_hidden(m), name=scopes.DENSE_FFN, **kw)(u)
+      f = MLP(configs.ffn_hidden(m), name=names.DENSE_FFN, **kw)(u)
     else:
       b, t, d = u.shape
       # Causal routing looks at one token at a time: any grouping gives the same result.
       s = 1 if self.causal else self.rows_per_group
       # [B, T, D] -> [G, N, D]: a routing group is S consecutive rows of the batch.
       f = RoutedExperts(self.config, self.spec, aux_routers=self.aux_routers,
-                        causal=self.causal, name=scopes.EXPERTS, **kw)(
+                        causal=self.causal, name=names.EXPERTS, **kw)(
           u.reshape(b // s, s * t, d), modality.reshape(b // s, s * t),
           (segment_ids > 0).reshape(b // s, s * t), deterministic).reshape(b, t, d)
     f = remat.name(f, remat.FFN_OUT)

@@ -22,7 +22,7 @@ from moma_jax.model.block import Block
 from moma_jax.model import kernels
 from moma_jax.model import param_names
 from moma_jax.model import routing
-from moma_jax.model import scopes
+from moma_jax.model import names
 from moma_jax.model.routing_spec import RoutingSpec
 
 
@@ -78,7 +78,7 @@ class DepthRoutedBlock(nn.Module):
     g, n = b // s, s * l
     w = self.param(param_names.MOD_ROUTER, nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
-    with jax.named_scope(scopes.ROUTING):
+    with jax.named_scope(names.ROUTING):
       logits = jnp.einsum('bld,d->bl', x.astype(jnp.float32), w.astype(jnp.float32))
     valid = segment_ids > 0
     block = Block(self.config, self.spec, rows_per_group=1, dtype=self.dtype,
@@ -103,11 +103,11 @@ class DepthRoutedBlock(nn.Module):
                  modality)
       out = block(x, modality, jnp.where(picked, segment_ids, 0), positions, deterministic)
       r = jnp.where(picked, jax.nn.sigmoid(logits), 0.0)[..., None]
-      self.sow('route_stats', 'mod/picked', picked.sum() / jnp.maximum(valid.sum(), 1))
+      self.sow(names.ROUTE_STATS, 'mod/picked', picked.sum() / jnp.maximum(valid.sum(), 1))
       return x + (r * (out - x)).astype(x.dtype)
     ops = kernels.resolve(self.config.kernels,
                           matmul_tiles=configs.matmul_tiles(self.config))
-    with jax.named_scope(scopes.ROUTING):
+    with jax.named_scope(names.ROUTING):
       plan = depth_plan(jax.nn.sigmoid(logits).reshape(g, n), modality.reshape(g, n),
                         valid.reshape(g, n), self.spec, ops)
       # Sequences of one group share a row after picking: give each (sequence, segment)
@@ -117,16 +117,16 @@ class DepthRoutedBlock(nn.Module):
       x_p = plan.dispatch(x.reshape(g, n, d), ops)                          # [G, P, D]
       mod_p, seg_p, pos_p = (plan.take(a.reshape(g, n))
                              for a in (modality, seg_key, positions))        # [G, P]
-    self.sow('intermediates', 'plan', plan)
+    self.sow(names.INTERMEDIATES, 'plan', plan)
     out = block(x_p, mod_p, seg_p, pos_p, deterministic)
     # Picked tokens get x + r * (block(x) - x); the plan's weight is r.
-    with jax.named_scope(scopes.ROUTING):
+    with jax.named_scope(names.ROUTING):
       y = x.reshape(g, n, d) + plan.combine(out - x_p, ops).astype(x.dtype)
     if aux is not None:
       picked = jnp.zeros(g * n + 1, bool).at[plan.token_index].set(True)[:g * n]
       aux.score(aux_logits.reshape(g, n, 1), picked.reshape(g, n, 1),
                 valid.reshape(g, n, 1), 'depth')
-    self.sow('route_stats', 'mod/picked', plan.kept.sum() / jnp.maximum(valid.sum(), 1))
-    self.sow('route_stats', 'mod/router_logit_mean',
+    self.sow(names.ROUTE_STATS, 'mod/picked', plan.kept.sum() / jnp.maximum(valid.sum(), 1))
+    self.sow(names.ROUTE_STATS, 'mod/router_logit_mean',
              jnp.where(valid, logits, 0).sum() / jnp.maximum(valid.sum(), 1))
     return y.reshape(b, l, d)

@@ -18,7 +18,7 @@ runs, so they do not depend on the mesh. Here, inside `jax.shard_map`, every dev
 With an `expert` axis of size 1 no rows cross devices: each device runs the
 single-device path (`routing.layout`) on its own groups.
 
-C, `buffer_rows`: with `routing.ep_capacity_factor = None` (exact) every row a shard's
+C, `buffer_rows`: with `routing.ep_buffer_factor = None` (exact) every row a shard's
 groups can ask of one expert, so results equal the single-device ones; with a factor f,
 ceil(f * rows an expert expects from the shard), which may cut rows.
 
@@ -29,34 +29,17 @@ device sends, F hidden.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 from moma_jax.model import kernels
+from moma_jax.model import mesh as mesh_lib
 from moma_jax.model import ragged_exchange
 from moma_jax.model import routing
-from moma_jax.model import scopes
+from moma_jax.model import names
 
-BATCH_AXES = ('data', 'fsdp', 'expert')   # mesh axes that split the batch
-EXPERT_AXIS = ragged_exchange.EXPERT_AXIS
-
-
-def is_sharded() -> bool:
-  """Whether the computation is being traced under a mesh of more than one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and mesh.size > 1
-
-
-def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh's axes that split the batch, outermost first."""
-  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-
-
-def batch_shards(mesh) -> int:
-  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def routed_ffn(x, selection: routing.Selection, weights, *, local_ffn: Callable,
@@ -74,11 +57,11 @@ def routed_ffn(x, selection: routing.Selection, weights, *, local_ffn: Callable,
   Returns y [G_all, N, D] and kept [G_all, E].
   """
   mesh = jax.sharding.get_abstract_mesh()
-  spec = P(batch_axes(mesh))
-  shards = batch_shards(mesh)
+  spec = P(mesh_lib.batch_axes(mesh))
+  shards = mesh_lib.batch_shards(mesh)
   if x.shape[0] % shards:
     raise ValueError(f'{x.shape[0]} routing groups do not split over {shards} batch shards')
-  x_size = mesh.shape.get(EXPERT_AXIS, 1)
+  x_size = mesh.shape.get(mesh_lib.EXPERT, 1)
   if x_size == 1:
     def body(x, selection, *w):
       y, kept, _ = local_ffn(x, selection, w)
@@ -94,7 +77,7 @@ def routed_ffn(x, selection: routing.Selection, weights, *, local_ffn: Callable,
     def body(x, selection, *w):
       return exchange(x, selection, w, x_size=x_size, rows_per_token=rows_per_token,
                       ops=ops, **sizes)
-    w_spec = P(EXPERT_AXIS)
+    w_spec = P(mesh_lib.EXPERT)
   # pallas_call outputs carry no varying-axes annotation, which the check needs.
   return jax.shard_map(body, in_specs=(spec, spec) + (w_spec,) * 3, out_specs=(spec, spec),
                        check_vma=not ops.pallas)(x, selection, *weights)
@@ -117,10 +100,10 @@ def exchange(x, selection: routing.Selection, weights, *, capacity: int, send_ro
   rows = plan.dispatch(x.reshape(g * n, d), ops)                        # [S, D]
 
   def compute(rows_in, sizes):
-    with jax.named_scope(scopes.EXPERT_FFN):
+    with jax.named_scope(names.EXPERT_FFN):
       return ops.swiglu_ragged(rows_in, sizes, *weights)
 
-  returned = ragged_exchange.exchange(rows, plan.group_sizes, x_size=x_size,
+  returned = ragged_exchange.exchange(rows, plan.rows_per_expert, x_size=x_size,
                                       received_rows=received_rows, compute=compute)
   y = plan.combine(returned, ops)
   return y.reshape(g, n, d), plan.kept

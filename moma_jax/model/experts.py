@@ -26,11 +26,12 @@ from moma_jax.model import causal_experts
 from moma_jax.model import expert_parallel
 from moma_jax.model import kernels
 from moma_jax.model.layers import default_kernel_init
+from moma_jax.model import mesh as mesh_lib
 from moma_jax.model import param_names
 from moma_jax.model import route_stats
 from moma_jax.model import routers
 from moma_jax.model import routing
-from moma_jax.model import scopes
+from moma_jax.model import names
 from moma_jax.model.routing_spec import RoutingSpec
 
 
@@ -39,9 +40,9 @@ class RoutedExperts(nn.Module):
 
   x [G, N, D], modality [G, N] int, valid [G, N] bool -> y [G, N, D].
   config: the model's config block; spec: its routing sizes.
-  Sows per-layer routing statistics into the 'route_stats' collection
+  Sows per-layer routing statistics into the `names.ROUTE_STATS` collection
   (moma_jax/model/route_stats.py), the token-choice load-balancing loss into
-  'aux_loss', and into 'intermediates' what each expert took ('selection': candidates
+  `names.BALANCE_LOSS`, and into `names.INTERMEDIATES` what each expert took ('selection': candidates
   idx, gate [G, E, K] in stacked order and kept [G, E], the same on every mesh) and, on
   one device, the routing plan ('plan').
 
@@ -96,7 +97,7 @@ class RoutedExperts(nn.Module):
       if spec.token_choice:
         selection, balance = routers.TokenChoice(spec.top_k, spec.topk_capacity(n))(
             scores, eligible)
-        self.sow('aux_loss', 'load_balance', balance)
+        self.sow(names.BALANCE_LOSS, 'load_balance', balance)
       else:
         selection = routers.ExpertChoice(group.capacity, ops.select)(scores, eligible)
         if aux is not None:
@@ -115,19 +116,19 @@ class RoutedExperts(nn.Module):
       selection = routing.Selection.stack(parts, spec.order)               # [G, E, K]
       y, kept = self._routed(x_in, selection, weights, ops)
       # What each expert took, whatever the mesh: candidates past `kept` are not taken.
-      self.sow('intermediates', 'selection',
+      self.sow(names.INTERMEDIATES, 'selection',
                dict(idx=selection.idx, gate=selection.gate, kept=kept))
       stats = route_stats.expert_stats(selection, kept, per_group, spec, modality, valid,
                                        m.modalities)
     for key, value in stats.items():
-      self.sow('route_stats', key, value)
+      self.sow(names.ROUTE_STATS, key, value)
     return y.astype(x_in.dtype)
 
   def _routed(self, x, selection, weights, ops):
     """y [G, N, D] and kept [G, E] of the stacked selection, on this device's mesh."""
     spec = self.spec
     g, n, _ = x.shape
-    if expert_parallel.is_sharded():
+    if mesh_lib.is_sharded():
       # The capacity layout's cut applies under expert parallelism too.
       if spec.layout == 'capacity':
         selection = selection.cap(spec.buffer_capacity(n))
@@ -139,7 +140,7 @@ class RoutedExperts(nn.Module):
           received_rows=functools.partial(spec.ep_received_rows, n),
           rows_per_token=spec.rows_per_token, ops=ops)
     y, kept, plan = local_ffn(x, selection, weights, spec=spec, ops=ops)
-    self.sow('intermediates', 'plan', plan)
+    self.sow(names.INTERMEDIATES, 'plan', plan)
     return y, kept
 
 
@@ -167,9 +168,9 @@ def apply_experts(rows, plan: routing.RoutingPlan, wi_0, wi_1, wo, ops=kernels.X
   ragged layout: a grouped matmul over the per-expert row counts (rows past their sum
   come out zero). capacity layout: rows are [E, R/E] blocks, one batched matmul.
   """
-  with jax.named_scope(scopes.EXPERT_FFN):
+  with jax.named_scope(names.EXPERT_FFN):
     if plan.capacity is None:
-      return ops.swiglu_ragged(rows, plan.group_sizes, wi_0, wi_1, wo)
+      return ops.swiglu_ragged(rows, plan.rows_per_expert, wi_0, wi_1, wo)
     e = wi_0.shape[0]
     blocks = rows.reshape(e, -1, rows.shape[-1])                        # [E, R/E, D]
     return ops.swiglu_blocks(blocks, wi_0, wi_1, wo).reshape(rows.shape)

@@ -5,7 +5,7 @@ runs the same five operations, through the routing plan (moma_jax/model/routing.
   select(scores [G, N, E], eligible [G, N, E|1], K) -> idx, gate [G, E, K]
   gather(x [T, D], token_index [R], S) -> rows [R, D]         (index T: a zero row)
   swiglu_blocks(rows [E, C, D], wi_0, wi_1 [E, D, F], wo [E, F, D]) -> [E, C, D]
-  swiglu_ragged(rows [R, D], group_sizes [E], wi_0, wi_1, wo) -> [R, D]
+  swiglu_ragged(rows [R, D], rows_per_expert [E], wi_0, wi_1, wo) -> [R, D]
   combine(out [R, D], weight [R], token_index [R], T, S) -> y [T, D]
 (S: the most rows one token occupies, which the Pallas combine's inverse map needs.)
 
@@ -90,7 +90,7 @@ class Ops:
   pallas: bool
 
 
-def _swiglu_ragged_xla(rows, group_sizes, wi_0, wi_1, wo):
+def _swiglu_ragged_xla(rows, rows_per_expert, wi_0, wi_1, wo):
   """The ragged SwiGLU reference, as blocks and tiles on CPU; `ragged_dot` for any other
   platform a program is traced for (`pallas_kernels.target_backend`). Chosen in Python,
   not by `jax.lax.platform_dependent`: its conditional would hold the layer's collectives
@@ -98,8 +98,8 @@ def _swiglu_ragged_xla(rows, group_sizes, wi_0, wi_1, wo):
   with the program's other collectives, in different orders on different devices, which
   deadlocks (fsdp=2 x expert=2 x tensor=2 on 8 CPU devices)."""
   if pallas_kernels.backend() in ('gpu', 'tpu'):
-    return references.swiglu_ragged_reference(rows, group_sizes, wi_0, wi_1, wo)
-  return tiled_swiglu.swiglu_tiled(rows, group_sizes, wi_0, wi_1, wo)
+    return references.swiglu_ragged_reference(rows, rows_per_expert, wi_0, wi_1, wo)
+  return tiled_swiglu.swiglu_tiled(rows, rows_per_expert, wi_0, wi_1, wo)
 
 
 XLA = Ops(
@@ -134,10 +134,10 @@ def gpu_grouped_matmul() -> str:
   return 'tokamax' if _tokamax_on_gpu() else 'triton'
 
 
-def _swiglu_ragged_gpu(rows, group_sizes, wi_0, wi_1, wo):
+def _swiglu_ragged_gpu(rows, rows_per_expert, wi_0, wi_1, wo):
   """The ragged SwiGLU on `gpu_grouped_matmul()`, chosen when the model is traced."""
   impl = 'tokamax' if gpu_grouped_matmul() == 'tokamax' else 'pallas'
-  return pallas_kernels.swiglu_ragged(rows, group_sizes, wi_0, wi_1, wo, impl=impl)
+  return pallas_kernels.swiglu_ragged(rows, rows_per_expert, wi_0, wi_1, wo, impl=impl)
 
 
 AUTO_GPU = dataclasses.replace(XLA, name='auto_gpu', pallas=True,

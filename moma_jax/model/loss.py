@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from moma_jax.model import names
+
 
 def next_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array],
                     modalities: Sequence[str], z_loss: float):
@@ -31,11 +33,12 @@ def next_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array],
   count = mask.sum()
   denom = jnp.maximum(count, 1)
   zl = jnp.where(mask, lse ** 2, 0.0).sum() / denom
-  metrics = {'loss': jnp.where(mask, ce, 0.0).sum() / denom, 'z_loss': zl,
-             'tokens': count}
+  metrics = {names.LOSS_METRIC: jnp.where(mask, ce, 0.0).sum() / denom, names.Z_LOSS: zl,
+             names.TOKENS: count}
   target_mod = batch['modality'][:, 1:]
   for i, name in enumerate(modalities):
     m = mask & (target_mod == i)
-    metrics[f'loss/{name}'] = jnp.where(m, ce, 0.0).sum() / jnp.maximum(m.sum(), 1)
-    metrics[f'tokens/{name}'] = m.sum()
-  return metrics['loss'] + z_loss * zl, metrics
+    metrics[names.per_modality(names.LOSS_METRIC, name)] = (
+        jnp.where(m, ce, 0.0).sum() / jnp.maximum(m.sum(), 1))
+    metrics[names.per_modality(names.TOKENS, name)] = m.sum()
+  return metrics[names.LOSS_METRIC] + z_loss * zl, metrics

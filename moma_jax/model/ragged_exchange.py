@@ -2,7 +2,7 @@
 
 Inside `jax.shard_map` over the 'expert' axis (moma_jax/model/expert_parallel.py), each
 device holds its routed rows in the ragged layout: expert after expert, expert e's
-group_sizes[e] rows right after expert e-1's, in S static rows (the routing spec's
+rows_per_expert[e] rows right after expert e-1's, in S static rows (the routing spec's
 bound on the rows its groups can route, `RoutingSpec.ep_send_rows`). Here:
   1. every device learns every other's row counts (an all-gather of [X, E_x] integers);
   2. for each local expert index i, it sends each device t of the expert axis the
@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from pallas_kernels import references
 
-EXPERT_AXIS = 'expert'
-
+from moma_jax.model import mesh as mesh_lib
 
 def _exclusive_cumsum(a, axis=-1):
   return jnp.cumsum(a, axis=axis) - a
@@ -81,16 +80,16 @@ def _move(rows, every, num_rows: int, other_rows: int, to_experts: bool, send: C
 def _sent(rows, every, like, num_rows: int, to_experts: bool, send: Callable):
   """_move's rows, in [num_rows, D] typed as varying like `like`."""
   e_x = every.shape[-1]
-  me = jax.lax.axis_index(EXPERT_AXIS)
+  me = jax.lax.axis_index(mesh_lib.EXPERT)
   start, lands = _runs(every)
   out = _zeros_varying_like(like, num_rows, rows.dtype)
   for i in range(e_x):
     if to_experts:
       out = send(rows, out, start[me, :, i], every[me, :, i], lands[me, :, i],
-                 every[:, me, i], axis_name=EXPERT_AXIS)
+                 every[:, me, i], axis_name=mesh_lib.EXPERT)
     else:
       out = send(rows, out, lands[:, me, i], every[:, me, i], start[:, me, i],
-                 every[me, :, i], axis_name=EXPERT_AXIS)
+                 every[me, :, i], axis_name=mesh_lib.EXPERT)
   return out
 
 
@@ -107,20 +106,20 @@ def _move_bwd(num_rows, other_rows, to_experts, send, residuals, ct):
 _move.defvjp(_move_fwd, _move_bwd)
 
 
-def exchange(rows, group_sizes, *, x_size: int, received_rows: int, compute: Callable):
-  """rows [S, D] in the ragged layout, group_sizes [E] (rows per expert) -> the rows
-  `compute` returned for them, [S, D] in the same layout (0 past sum(group_sizes)).
+def exchange(rows, rows_per_expert, *, x_size: int, received_rows: int, compute: Callable):
+  """rows [S, D] in the ragged layout, rows_per_expert [E] (rows per expert) -> the rows
+  `compute` returned for them, [S, D] in the same layout (0 past sum(rows_per_expert)).
 
   compute(rows [R, D] expert-major, sizes [E_x]) -> [R, D]. R: received_rows, a bound
   on the rows one device's experts receive. The collective is `collective()`'s.
   """
   send = collective()
   s_rows = rows.shape[0]
-  e_x = group_sizes.shape[0] // x_size
-  me = jax.lax.axis_index(EXPERT_AXIS)
+  e_x = rows_per_expert.shape[0] // x_size
+  me = jax.lax.axis_index(mesh_lib.EXPERT)
   # every[s, t, i]: rows source s sends local expert i of device t.
-  every = jax.lax.all_gather(group_sizes.astype(jnp.int32).reshape(x_size, e_x),
-                             EXPERT_AXIS)                                 # [X, X, E_x]
+  every = jax.lax.all_gather(rows_per_expert.astype(jnp.int32).reshape(x_size, e_x),
+                             mesh_lib.EXPERT)                                 # [X, X, E_x]
   got = _move(rows, every, received_rows, s_rows, True, send)             # [R, D]
   out = compute(got, every[:, me].sum(0))                                 # [R, D]
   return _move(out, every, s_rows, received_rows, False, send)            # [S, D]

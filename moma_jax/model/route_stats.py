@@ -15,33 +15,20 @@ of group i, K candidate slots.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
+import flax
 import jax
 import jax.numpy as jnp
 
+from moma_jax.model import names
 from moma_jax.model import param_names
 from moma_jax.model import routing
 from moma_jax.model.routing_spec import RoutingSpec
 
-_LAYER = re.compile(r'layer_(\d+)')
-
-
-def _walk(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _walk(value, prefix + (key,))
-    else:
-      yield prefix + (key,), value
-
-
-def _layer_of(path: tuple[str, ...]) -> int:
-  for part in path:
-    hit = _LAYER.fullmatch(part)
-    if hit:
-      return int(hit.group(1))
-  return -1
+def _walk(tree: Mapping[str, Any]):
+  """(path of keys, leaf) of a nested dict (sown values are tuples: leaves here)."""
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
 
 
 def summarize(route_stats: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -50,15 +37,15 @@ def summarize(route_stats: Mapping[str, Any]) -> dict[str, jax.Array]:
   out = {}
   for path, value in _walk(route_stats):
     value = value[0] if isinstance(value, tuple) else value  # sow keeps a tuple
-    layer = _layer_of(path)
+    layer = names.layer_index(path)
     inside_mod = param_names.MOD_BLOCK in path[:-1]
     prefix = 'mod/' if inside_mod and not path[-1].startswith('mod/') else ''
     stat = prefix + path[-1]
-    out[f'route/layer{layer}/{stat}'] = value
+    out[names.route(stat, layer)] = value
     per_stat.setdefault(stat, []).append(value)
   for stat, values in per_stat.items():
     if all(v.shape == values[0].shape for v in values):
-      out[f'route/{stat}'] = jnp.mean(jnp.stack(values), axis=0)
+      out[names.route(stat)] = jnp.mean(jnp.stack(values), axis=0)
   return out
 
 
@@ -72,10 +59,10 @@ def router_grad_norms(grads: Mapping[str, Any]) -> dict[str, jax.Array]:
     if name is None:
       continue
     norm = jnp.sqrt(jnp.sum(jnp.square(value.astype(jnp.float32))))
-    out[f'route/layer{_layer_of(path)}/grad_norm/{name}'] = norm
+    out[names.route(f'{names.GRAD_NORM}/{name}', names.layer_index(path))] = norm
     per_name.setdefault(name, []).append(norm)
   for name, values in per_name.items():
-    out[f'route/grad_norm/{name}'] = jnp.mean(jnp.stack(values))
+    out[names.route(f'{names.GRAD_NORM}/{name}')] = jnp.mean(jnp.stack(values))
   return out
 
 

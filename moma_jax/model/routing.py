@@ -70,7 +70,7 @@ class RoutingPlan:
 
   token_index: [R] int32, flat token id g*N + n; G*N for unused rows.
   weight:      [R] float32 gate of each row; 0 for unused rows.
-  group_sizes: [E] int32 rows of each expert (all groups), sum <= R.
+  rows_per_expert: [E] int32 rows of each expert (all groups), sum <= R.
   wanted:      [G, E] int32 rows each expert asked for in each group.
   kept:        [G, E] int32 rows it got (wanted - kept were cut by a buffer or limit).
   capacity:    static; None for the ragged layout (expert e's rows follow expert e-1's),
@@ -84,7 +84,7 @@ class RoutingPlan:
   """
   token_index: jax.Array
   weight: jax.Array
-  group_sizes: jax.Array
+  rows_per_expert: jax.Array
   wanted: jax.Array
   kept: jax.Array
   capacity: int | None = flax.struct.field(pytree_node=False, default=None)
@@ -209,7 +209,7 @@ def pack(selection: Selection, *, num_tokens: int, layout: str, rows: int = 0,
       [g*R/G, (g+1)*R/G)) instead of by expert; used by mixture-of-depths.
     rows_per_token: S, the most rows one token occupies.
     expert_limit: ragged layout: at most this many rows per expert over all groups,
-      which fill them in group order (expert parallelism's `routing.ep_capacity_factor`);
+      which fill them in group order (expert parallelism's `routing.ep_buffer_factor`);
       the rest are cut. None: no limit.
   Returns:
     RoutingPlan over G*N flat tokens.
@@ -246,7 +246,7 @@ def pack(selection: Selection, *, num_tokens: int, layout: str, rows: int = 0,
   weight = jnp.zeros((total + 1,), jnp.float32).at[dest].set(
       jnp.where(use, gate, 0.0).reshape(-1).astype(jnp.float32))[:total]
   return RoutingPlan(token_index=token_index, weight=weight,
-                     group_sizes=kept.sum(0).astype(jnp.int32), wanted=wanted, kept=kept,
+                     rows_per_expert=kept.sum(0).astype(jnp.int32), wanted=wanted, kept=kept,
                      capacity=None if layout == 'ragged' else total // e,
                      num_tokens=num_tokens, rows_per_token=rows_per_token,
                      per_group=per_group)

@@ -57,10 +57,10 @@ class RoutingSpec:
   order: tuple[int, ...]
   group_size: int                           # sequences per routing group
   layout: str                               # 'ragged' | 'capacity'
-  capacity_factor: Fraction                 # routing.capacity_factor
-  ep_capacity_factor: float | None          # routing.ep_capacity_factor (None: exact)
+  buffer_factor: Fraction                   # routing.buffer_factor
+  ep_buffer_factor: float | None            # routing.ep_buffer_factor (None: exact)
   top_k: int                                # token choice only
-  topk_factor: Fraction                     # token choice's model.capacity_factor
+  topk_capacity_factor: Fraction            # model.topk_capacity_factor
   mod_capacity: Fraction                    # c_d of mixture-of-depths layers
   mod_per_modality: bool                    # mod.modality_aware
   num_modalities: int
@@ -84,7 +84,7 @@ class RoutingSpec:
   def topk_capacity(self, n: int) -> int:
     """Token choice: tokens an expert keeps per group, ceil(cf * k * N / E), at most N."""
     e = self.groups[0].experts
-    return min(n, ceil_frac(self.topk_factor * self.top_k / e, n))
+    return min(n, ceil_frac(self.topk_capacity_factor * self.top_k / e, n))
 
   def candidates(self, n: int) -> tuple[int, ...]:
     """K_i per group: candidate slots of each expert, min(N, ceil(c_i * N)) for expert
@@ -109,11 +109,11 @@ class RoutingSpec:
     """Rows per expert and group in the capacity layout (the largest over groups).
 
     Expert choice: ceil(factor * c_i * expected share of group i's tokens * N), factor
-    `routing.capacity_factor` unless given.
+    `routing.buffer_factor` unless given.
     """
     if self.token_choice:
       return self.topk_capacity(n)
-    factor = self.capacity_factor if factor is None else as_fraction(factor)
+    factor = self.buffer_factor if factor is None else as_fraction(factor)
     best = 1
     for g in self.groups:
       best = max(best, min(n, ceil_frac(factor * g.capacity * g.share, n)))
@@ -123,14 +123,14 @@ class RoutingSpec:
     """C: rows a device sends each expert under expert parallelism, for `groups`
     routing groups of N tokens whose experts have K candidate slots each.
 
-    `ep_capacity_factor` None: all G*K (exact, nothing cut); a factor f:
+    `ep_buffer_factor` None: all G*K (exact, nothing cut); a factor f:
     ceil(f * G * the rows an expert expects per group) (the capacity layout's rule at
     factor 1), at most G*K.
     """
     exact = groups * min(k, self.buffer_capacity(n) if self.layout == 'capacity' else k)
-    if self.ep_capacity_factor is None:
+    if self.ep_buffer_factor is None:
       return exact
-    return max(1, min(exact, math.ceil(self.ep_capacity_factor * groups
+    return max(1, min(exact, math.ceil(self.ep_buffer_factor * groups
                                        * self.buffer_capacity(n, 1.0))))
 
   def ep_send_rows(self, n: int, groups: int, capacity: int) -> int:
@@ -214,8 +214,8 @@ def from_config(config: ml_collections.ConfigDict) -> RoutingSpec:
       ffn=m.ffn, groups=groups, slots=slots,
       order=tuple(int(i) for i in np.argsort(np.asarray(flat, np.int64))) if flat else (),
       group_size=int(r.group_size), layout=r.layout,
-      capacity_factor=as_fraction(r.capacity_factor),
-      ep_capacity_factor=r.ep_capacity_factor, top_k=int(m.top_k),
-      topk_factor=as_fraction(m.capacity_factor),
+      buffer_factor=as_fraction(r.buffer_factor),
+      ep_buffer_factor=r.ep_buffer_factor, top_k=int(m.top_k),
+      topk_capacity_factor=as_fraction(m.topk_capacity_factor),
       mod_capacity=as_fraction(m.mod.capacity), mod_per_modality=bool(m.mod.modality_aware),
       num_modalities=len(m.modalities), expected_fractions=shares)

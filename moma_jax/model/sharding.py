@@ -36,17 +36,16 @@ import ml_collections
 import numpy as np
 
 from moma_jax import configs
-from moma_jax.model import expert_parallel
+from moma_jax.model import mesh as mesh_lib
 from moma_jax.model import routing_spec
 
-AXES = ('data', 'fsdp', 'expert', 'tensor')
 RULES = (
-    ('batch', expert_parallel.BATCH_AXES),
-    ('embed', 'fsdp'),
-    ('expert', 'expert'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('vocab', 'tensor'),
+    ('batch', mesh_lib.BATCH_AXES),
+    ('embed', mesh_lib.FSDP),
+    ('expert', mesh_lib.EXPERT),
+    ('mlp', mesh_lib.TENSOR),
+    ('heads', mesh_lib.TENSOR),
+    ('vocab', mesh_lib.TENSOR),
     ('length', None),
     ('kv', None),
 )
@@ -60,7 +59,7 @@ PRESETS = {
 
 def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
   """{axis: size} with -1 resolved; ConfigError('mesh', ...) if it cannot be laid out."""
-  sizes = {a: config.mesh[a] for a in AXES}
+  sizes = {a: config.mesh[a] for a in mesh_lib.AXES}
   for a, v in sizes.items():
     if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
       raise configs.ConfigError(f'mesh.{a}', f'must be a positive integer or -1, got {v!r}')
@@ -94,7 +93,7 @@ def check(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
                                 f'group (model.experts={tuple(m.experts)})')
   if not whole_groups:
     return
-  shards = math.prod(sizes[a] for a in expert_parallel.BATCH_AXES)
+  shards = math.prod(sizes[a] for a in mesh_lib.BATCH_AXES)
   groups = t.batch_size // t.grad_accum // config.routing.group_size
   if groups % shards:
     raise configs.ConfigError(
@@ -111,18 +110,18 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None,
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(config, len(devices))
   check(config, sizes, whole_groups)
-  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+  return jax.make_mesh(tuple(sizes[a] for a in mesh_lib.AXES), mesh_lib.AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.AXES), devices=devices)
 
 
 def one_device_mesh() -> jax.sharding.Mesh:
   """Every axis of size 1, on this process's first device (loading a run to look at)."""
-  return jax.make_mesh((1,) * len(AXES), AXES, axis_types=(jax.sharding.AxisType.Auto,) *
-                       len(AXES), devices=jax.local_devices()[:1])
+  return jax.make_mesh((1,) * len(mesh_lib.AXES), mesh_lib.AXES, axis_types=(jax.sharding.AxisType.Auto,) *
+                       len(mesh_lib.AXES), devices=jax.local_devices()[:1])
 
 
 def describe(mesh: jax.sharding.Mesh) -> str:
-  return ' x '.join(f'{a}={mesh.shape[a]}' for a in AXES)
+  return ' x '.join(f'{a}={mesh.shape[a]}' for a in mesh_lib.AXES)
 
 
 def axis_rules():
@@ -168,7 +167,7 @@ def state_shardings(mesh: jax.sharding.Mesh, make_boxed_state, *args) -> tuple[A
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Batches [B, L]: rows over the batch axes."""
-  return NamedSharding(mesh, P(expert_parallel.batch_axes(mesh)))
+  return NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
 
 
 def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

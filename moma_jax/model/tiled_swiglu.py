@@ -1,9 +1,9 @@
 """The expert SwiGLU of ragged rows on CPU: exact, near a dense matmul's speed.
 
-  swiglu_tiled(rows [R, D], group_sizes [E], wi_0, wi_1 [E, D, F], wo [E, F, D]) -> [R, D]
+  swiglu_tiled(rows [R, D], rows_per_expert [E], wi_0, wi_1 [E, D, F], wo [E, F, D]) -> [R, D]
 
 computes what `jax.lax.ragged_dot` computes for the ragged layout (expert e's
-group_sizes[e] rows follow expert e-1's; rows past sum(group_sizes) come out zero), in
+rows_per_expert[e] rows follow expert e-1's; rows past sum(rows_per_expert) come out zero), in
 values and gradients. XLA's CPU `ragged_dot` runs every expert over all R rows (E times
 the work: 8 to 11x a plain matmul over the same rows, measured here).
 
@@ -63,20 +63,20 @@ def block_rows(rows: int, experts: int) -> int:
   return max(8, -(-(rows // experts) // 8) * 8)
 
 
-def segments(group_sizes):
+def segments(rows_per_expert):
   """(start [E], size [E]) int32 of each expert's rows."""
-  sizes = group_sizes.astype(jnp.int32)
+  sizes = rows_per_expert.astype(jnp.int32)
   return jnp.cumsum(sizes) - sizes, sizes
 
 
-def block_indices(group_sizes, rows: int, block: int):
+def block_indices(rows_per_expert, rows: int, block: int):
   """Where the blocks' rows come from and go to.
 
   to_block [E*C]: the row of block slot e*C + j (expert e's j-th row), R where expert e
   has no j-th row (a gather then reads zeros). from_block [R]: the block slot of each
   row, E*C for rows that are not in a block (past their expert's first C, or unused).
   """
-  start, size = segments(group_sizes)
+  start, size = segments(rows_per_expert)
   e = size.shape[0]
   j = jnp.arange(block, dtype=jnp.int32)
   to_block = jnp.where(j < size[:, None], start[:, None] + j, rows).reshape(-1)
@@ -88,14 +88,14 @@ def block_indices(group_sizes, rows: int, block: int):
   return to_block, from_block
 
 
-def tile_plan(group_sizes, rows: int, tile: int, skip: int = 0):
+def tile_plan(rows_per_expert, rows: int, tile: int, skip: int = 0):
   """The tiles of each expert's rows past its first `skip`: expert [I], first row [I],
   end row [I] and the number in use (traced).
 
   I = floor((R + E (T - 1)) / T) static slots, of which the first `count` are in use:
   tile i covers rows [first[i], end[i]) of expert[i], 0 < end - first <= T.
   """
-  start, size = segments(group_sizes)
+  start, size = segments(rows_per_expert)
   e = size.shape[0]
   start, size = start + jnp.minimum(size, skip), jnp.maximum(size - skip, 0)
   slots = (rows + e * (tile - 1)) // tile
@@ -127,17 +127,17 @@ def _masked_write(a, s, mask, value):
   return jax.lax.dynamic_update_slice_in_dim(a, new, s, 0)
 
 
-def _forward(rows, group_sizes, wi_0, wi_1, wo, block, tile):
+def _forward(rows, rows_per_expert, wi_0, wi_1, wo, block, tile):
   """out [R, D] and the blocks' pre-activations a = x wi_0, b = x wi_1 [E, C, F]."""
   r, d = rows.shape
-  e = group_sizes.shape[0]
-  to_block, from_block = block_indices(group_sizes, r, block)
+  e = rows_per_expert.shape[0]
+  to_block, from_block = block_indices(rows_per_expert, r, block)
   x = _take(rows, to_block).reshape(e, block, d)                     # [E, C, D]
   a = jnp.einsum('ecd,edf->ecf', x, wi_0)
   b = jnp.einsum('ecd,edf->ecf', x, wi_1)
   y = jnp.einsum('ecf,efd->ecd', jax.nn.silu(a) * b, wo)
   out = _take(y.reshape(e * block, d), from_block)                   # [R, D]
-  expert, first, end, count = tile_plan(group_sizes, r, tile, skip=block)
+  expert, first, end, count = tile_plan(rows_per_expert, r, tile, skip=block)
 
   def body(i, out):
     k = expert[i]
@@ -164,13 +164,13 @@ def _swiglu_grads(x, dy, a, b, w0, w1, wo, batch: str):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _swiglu_tiled(rows, group_sizes, wi_0, wi_1, wo, block, tile):
-  return _forward(rows, group_sizes, wi_0, wi_1, wo, block, tile)[0]
+def _swiglu_tiled(rows, rows_per_expert, wi_0, wi_1, wo, block, tile):
+  return _forward(rows, rows_per_expert, wi_0, wi_1, wo, block, tile)[0]
 
 
-def _swiglu_tiled_fwd(rows, group_sizes, wi_0, wi_1, wo, block, tile):
-  out, a, b = _forward(rows, group_sizes, wi_0, wi_1, wo, block, tile)
-  return out, (rows, group_sizes, wi_0, wi_1, wo, a, b)
+def _swiglu_tiled_fwd(rows, rows_per_expert, wi_0, wi_1, wo, block, tile):
+  out, a, b = _forward(rows, rows_per_expert, wi_0, wi_1, wo, block, tile)
+  return out, (rows, rows_per_expert, wi_0, wi_1, wo, a, b)
 
 
 def _swiglu_tiled_bwd(block, tile, residuals, dout):
@@ -178,15 +178,15 @@ def _swiglu_tiled_bwd(block, tile, residuals, dout):
   so they add nothing to the weights): dh = dout wo^T, da = dh * b * silu'(a),
   db = dh * silu(a), dx = da wi_0^T + db wi_1^T, dwi_0 = x^T da, dwi_1 = x^T db,
   dwo = h^T dout."""
-  rows, group_sizes, wi_0, wi_1, wo, a, b = residuals
+  rows, rows_per_expert, wi_0, wi_1, wo, a, b = residuals
   r, d = rows.shape
-  e = group_sizes.shape[0]
-  to_block, from_block = block_indices(group_sizes, r, block)
+  e = rows_per_expert.shape[0]
+  to_block, from_block = block_indices(rows_per_expert, r, block)
   x = _take(rows, to_block).reshape(e, block, d)
   dy = _take(dout, to_block).reshape(e, block, d)
   dx, d0, d1, d_o = _swiglu_grads(x, dy, a, b, wi_0, wi_1, wo, 'e')
   dx = _take(dx.reshape(e * block, d), from_block)                   # [R, D]
-  expert, first, end, count = tile_plan(group_sizes, r, tile, skip=block)
+  expert, first, end, count = tile_plan(rows_per_expert, r, tile, skip=block)
 
   def body(i, carry):
     dx, d0, d1, d_o = carry
@@ -211,15 +211,15 @@ def _varies_over(a) -> frozenset:
   return mat.varying if mat is not None else getattr(t, 'vma', frozenset())
 
 
-def swiglu_tiled(rows, group_sizes, wi_0, wi_1, wo, block: int | None = None,
+def swiglu_tiled(rows, rows_per_expert, wi_0, wi_1, wo, block: int | None = None,
                  tile: int | None = None):
   """SwiGLU of each ragged row with its expert's weights (module docstring).
 
-  rows [R, D]; group_sizes [E] int, sum <= R; wi_* [E, D, F]; wo [E, F, D] -> [R, D].
+  rows [R, D]; rows_per_expert [E] int, sum <= R; wi_* [E, D, F]; wo [E, F, D] -> [R, D].
   block: C >= 1 rows per expert in the blocks, default `block_rows(R, E)`;
   tile: T rows per overflow tile, default `tile_rows(R, E)`.
   """
-  r, e = rows.shape[0], group_sizes.shape[0]
+  r, e = rows.shape[0], rows_per_expert.shape[0]
   if r == 0:
     return jnp.zeros_like(rows)
   block = block_rows(r, e) if block is None else block
@@ -230,7 +230,7 @@ def swiglu_tiled(rows, group_sizes, wi_0, wi_1, wo, block: int | None = None,
   # and a loop's carry must vary as its body's results do: marking all operands alike
   # here, outside the custom_vjp, lets autodiff sum the weight gradients over those
   # axes (pcast's transpose), as it does for a matmul.
-  args = (rows, group_sizes, wi_0, wi_1, wo)
+  args = (rows, rows_per_expert, wi_0, wi_1, wo)
   axes = tuple(sorted(frozenset().union(*(_varies_over(a) for a in args))))
   vary = lambda a: (jax.lax.pcast(a, tuple(x for x in axes if x not in _varies_over(a)),
                                   to='varying')

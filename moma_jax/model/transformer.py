@@ -24,7 +24,7 @@ from moma_jax.model import loss as loss_lib
 from moma_jax.model import remat
 from moma_jax.model import route_stats
 from moma_jax.model import routing_spec
-from moma_jax.model import scopes
+from moma_jax.model import names
 from moma_jax.model.routing_spec import RoutingSpec
 
 class Decoder(nn.Module):
@@ -63,12 +63,12 @@ class Decoder(nn.Module):
         cls = nn.remat(cls, static_argnums=(5,), policy=remat.policy(m.remat))
       x = cls(self.config, self.spec, rows_per_group=self.spec.group_size, dtype=dtype,
               param_dtype=param_dtype, aux_routers=self.aux_routers, causal=self.causal,
-              decode=self.decode, name=f'layer_{i}')(
+              decode=self.decode, name=names.layer(i))(
                   x, modality, segment_ids, positions, deterministic)
     x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name='final_norm')(x)
     # Untied output head (Chameleon); logits in float32 for the loss and z-loss.
     logits = Projection((m.vocab_size,), ('embed', 'vocab'), dtype=dtype,
-                        param_dtype=param_dtype, name=scopes.OUTPUT)(x)
+                        param_dtype=param_dtype, name=names.OUTPUT)(x)
     return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
@@ -116,7 +116,7 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
   objective = cross-entropy + z_loss * logsumexp^2 + load_balance_weight * balance
   losses (token choice) + the auxiliary routers' binary cross-entropy (their inputs
   are stop-gradient, so it trains them alone). metrics: 'loss', 'loss/{modality}',
-  'tokens/...', 'z_loss', 'aux_loss', `route/...` statistics and `aux_router/...`
+  'tokens/...', 'z_loss', 'balance_loss', `route/...` statistics and `aux_router/...`
   accuracies. Pass `rng` for training (router noise).
   """
   m = model.config
@@ -124,16 +124,16 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
   logits, state = model.apply(
       {'params': params}, batch['tokens'], batch['modality'], batch['segment_ids'],
       batch['positions'], deterministic=rng is None, rngs=rngs,
-      mutable=['route_stats', 'aux_loss', aux_router.COLLECTION])
-  with jax.named_scope(scopes.LOSS):
+      mutable=[names.ROUTE_STATS, names.BALANCE_LOSS, names.AUX_ROUTER_SCORES])
+  with jax.named_scope(names.LOSS):
     objective, metrics = loss_lib.next_token_loss(
         logits, batch, m.modalities, model.z_loss)
-  aux = jax.tree.leaves(state.get('aux_loss', {}))
-  aux_total = sum(aux) / len(aux) if aux else jnp.float32(0)
-  metrics['aux_loss'] = aux_total
-  metrics.update(route_stats.summarize(state.get('route_stats', {})))
-  metrics.update(aux_router.summarize(state.get(aux_router.COLLECTION, {})))
-  objective = objective + m.load_balance_weight * aux_total
-  if 'aux_router/loss' in metrics:
-    objective = objective + metrics['aux_router/loss']
+  balance = jax.tree.leaves(state.get(names.BALANCE_LOSS, {}))
+  balance = sum(balance) / len(balance) if balance else jnp.float32(0)
+  metrics[names.BALANCE_LOSS] = balance
+  metrics.update(route_stats.summarize(state.get(names.ROUTE_STATS, {})))
+  metrics.update(aux_router.summarize(state.get(names.AUX_ROUTER_SCORES, {})))
+  objective = objective + m.load_balance_weight * balance
+  if names.aux_router_metric('loss') in metrics:
+    objective = objective + metrics[names.aux_router_metric('loss')]
   return objective, metrics

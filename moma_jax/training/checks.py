@@ -13,17 +13,12 @@ from typing import Any
 import ml_collections
 
 from moma_jax import configs
+from moma_jax import renamed_fields
 from moma_jax import run_dir
 from moma_jax import usage
 
 # Fields that must agree with the run already in a workdir for it to be resumed.
 _RESUME_KEYS = ('model', 'data.seq_len', 'train.batch_size', 'routing.group_size')
-
-
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  for part in dotted.split('.'):
-    config = config[part]
-  return config
 
 
 def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -63,17 +58,7 @@ def resume_mismatch(before: dict[str, Any], now: dict[str, Any]) -> str | None:
   """The first of `_RESUME_KEYS` on which two plain configs (`to_plain`) differ, or None.
 
   Used on a workdir's `config.json` and on each checkpoint's saved config alike."""
-  before, now = ml_collections.ConfigDict(before), ml_collections.ConfigDict(now)
-  plain = lambda v: json.dumps(v.to_dict() if isinstance(v, ml_collections.ConfigDict)
-                               else v, sort_keys=True)
-  for key in _RESUME_KEYS:
-    try:
-      saved = _get(before, key)
-    except (KeyError, AttributeError):
-      return key
-    if plain(saved) != plain(_get(now, key)):
-      return key
-  return None
+  return configs.first_difference(renamed_fields.upgrade_saved(before), now, _RESUME_KEYS)
 
 
 def check_workdir(workdir: str | None, config: ml_collections.ConfigDict) -> str:

@@ -33,9 +33,10 @@ import numpy as np
 
 from moma_jax.analysis import flops
 from moma_jax.data import pipeline
+from moma_jax.model import names
 from moma_jax.model import sharding
 from moma_jax.model import transformer
-from moma_jax.training import evaluation
+from moma_jax.runs import evaluation
 from moma_jax.training import metrics_log
 from moma_jax.training import optimizer as optimizer_lib
 from moma_jax.training import prefetch
@@ -190,7 +191,6 @@ class Loop:
     # (the update's in-step value may differ from it in the last float32 bit).
     self.schedule = optimizer_lib.learning_rate(config)
     self.flops_per_token = {m: job.report.train[m] for m in self.mods}
-    self.nan_steps = set(self.t.nan_steps or ())
     # 1-based steps [first, last] to trace; none if profile_steps is 0.
     self.trace = (progress.step + 2, progress.step + 1 + profile_steps) if profile_steps \
         else None
@@ -237,8 +237,7 @@ class Loop:
     """Dispatches step `step` (it runs asynchronously); returns its metrics' arrays."""
     if self.trace and step == self.trace[0]:
       jax.profiler.start_trace(os.path.join(self.job.workdir, PROFILE_DIR))
-    poison = jnp.float32(np.nan if step in self.nan_steps else 1.0)
-    self.state, metrics = self.train_step(self.state, batch, jnp.int32(step), poison)
+    self.state, metrics = self.train_step(self.state, batch, jnp.int32(step))
     if self.trace and step == self.trace[1]:
       jax.block_until_ready(self.state)
       jax.profiler.stop_trace()
@@ -269,20 +268,21 @@ class Loop:
   def write_row(self, done: _Launched) -> None:
     host = jax.device_get({k: v for k, v in done.metrics.items() if k != 'finite'})
     # A modality without targets in this batch has no loss (not a loss of 0).
-    absent = {f'loss/{m}' for m in self.mods if not host[f'tokens/{m}']}
+    absent = {names.per_modality(names.LOSS_METRIC, m) for m in self.mods
+              if not host[names.per_modality(names.TOKENS, m)]}
     steps, self.last_row = done.step - self.last_row, done.step
     timing = self.clock.row(steps, self.interval_tokens)
     self.interval_tokens = 0
     p = self.progress
-    row = {'train_flops': p.train_flops, 'tokens': p.tokens,
-           **{f'batch_tokens/{m}': host[f'tokens/{m}'] for m in self.mods},
-           **{k: v for k, v in host.items() if k == 'loss' or (k.startswith(
-               ('loss/', 'route/', 'aux_router/')) and k not in absent)},
+    row = {'train_flops': p.train_flops, names.TOKENS: p.tokens,
+           **{names.per_modality(names.BATCH_TOKENS, m):
+              host[names.per_modality(names.TOKENS, m)] for m in self.mods},
+           **{k: v for k, v in host.items() if k == names.LOSS_METRIC or (
+               k.startswith(names.ROW_PREFIXES) and k not in absent)},
            'tokens_per_sec': timing.pop('tokens_per_sec'),
            'lr': float(self.schedule(int(host['update_count']))),
-           'grad_norm': host['grad_norm'], 'z_loss': host['z_loss'],
-           'aux_loss': host['aux_loss'], 'nonfinite_skipped': p.nonfinite_skipped,
-           **timing}
+           **{k: host[k] for k in (names.GRAD_NORM, names.Z_LOSS, names.BALANCE_LOSS)},
+           'nonfinite_skipped': p.nonfinite_skipped, **timing}
     row = self.log.write(done.step, row)
     waiting = row['time/data_wait'] / max(row['time/step'] * steps, 1e-9)
     self.log.progress(done.step, row['loss'], row['tokens_per_sec'], waiting)

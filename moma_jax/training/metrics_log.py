@@ -164,13 +164,6 @@ class MetricsLog:
           f'{tokens_per_sec:9.0f} tokens/s  data wait {100 * data_wait:3.0f}%  ETA {eta}',
           file=sys.stderr, flush=True)
 
-  def flush(self) -> None:
-    if self.enabled:
-      with self._storage(self.path):
-        self._file.flush()
-      with self._storage(self._tb.path):
-        self._tb.flush()
-
   def close(self) -> None:
     """Flushes and closes both files (each even when the other fails). A storage
     failure is raised unless one was raised already or another error is on its way out

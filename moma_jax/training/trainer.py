@@ -45,12 +45,12 @@ from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax import run_dir
 from moma_jax import run_lock
-from moma_jax.training import checkpoint as ckpt_lib
+from moma_jax.runs import checkpoint as ckpt_lib
 from moma_jax.training import checks as train_checks
 from moma_jax.training import loop as loop_lib
 from moma_jax.training import optimizer as optimizer_lib
 from moma_jax.training import progress as progress_lib
-from moma_jax.training import state as train_state
+from moma_jax.runs import state as train_state
 from moma_jax.training import upcycle
 
 PROG, PROFILE_DIR = loop_lib.PROG, loop_lib.PROFILE_DIR

@@ -36,7 +36,6 @@ Axis legend: E experts of all groups (stacked), D embed, F SwiGLU hidden.
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -46,11 +45,11 @@ import ml_collections
 import numpy as np
 
 from moma_jax import configs
-from moma_jax.inference import saved_run
 from moma_jax.model import param_names
 from moma_jax.model import routing_spec
 from moma_jax.model import sharding
 from moma_jax.model import transformer
+from moma_jax.runs import saved
 
 FIELD = 'upcycle.from_workdir'
 # Model fields that shape the parameters the target copies from the source.
@@ -76,20 +75,19 @@ def check_compatible(source: ml_collections.ConfigDict, target: ml_collections.C
                               'MoMa run (model.ffn=moma, one expert per modality)')
   if t.ffn != 'moma':
     raise configs.ConfigError(FIELD, f'upcycling makes a MoMa model, got model.ffn={t.ffn}')
-  plain = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
   for name in _SAME_MODEL:
-    if plain(s[name]) != plain(t[name]):
-      raise configs.ConfigError(FIELD, f'{where} has model.{name}={s[name]!r}, this run '
-                                f'{t[name]!r}; upcycling keeps every non-expert shape')
+    if configs.first_difference(source, target, [f'model.{name}']) is None:
+      continue
+    raise configs.ConfigError(FIELD, f'{where} has model.{name}={s[name]!r}, this run '
+                              f'{t[name]!r}; upcycling keeps every non-expert shape')
   for label, a, b in [('model.ffn_hidden', configs.ffn_hidden(s), configs.ffn_hidden(t)),
                       ('mixture-of-depths layers', configs.mod_layers(s),
                        configs.mod_layers(t)),
                       ('train.batch_size', source.train.batch_size, target.train.batch_size)]:
     if a != b:
       raise configs.ConfigError(FIELD, f'{where} has {label} {a}, this run {b}')
-  data = lambda c: json.dumps({k: v for k, v in c.data.to_dict().items()
-                               if k not in _DATA_FREE}, sort_keys=True)
-  if data(source) != data(target):
+  data = {*source.data.keys(), *target.data.keys()} - set(_DATA_FREE)
+  if configs.first_difference(source, target, sorted(f'data.{k}' for k in data)):
     raise configs.ConfigError(FIELD, f'{where} trained on other data (data.* differs); its '
                               'data position carries over only to the same data stream')
 
@@ -159,7 +157,7 @@ def check_source(config: ml_collections.ConfigDict) -> None:
   Raises run_dir.RunDirError (no such run or step) or ConfigError (a source that does
   not fit: `check_compatible`)."""
   u = config.upcycle
-  workdir, source, step = saved_run.locate(u.from_workdir, u.at_step)
+  workdir, source, step = saved.locate(u.from_workdir, u.at_step)
   check_compatible(source, config, where=f'{workdir} (step {step})')
 
 
@@ -183,18 +181,19 @@ def initial_state(config: ml_collections.ConfigDict, tx, model: transformer.Deco
   than its shards.
   """
   u = config.upcycle
-  source = saved_run.load(u.from_workdir, u.at_step, with_aux_routers=False, mesh=mesh)
-  check_compatible(source.config, config, where=f'{source.workdir} (step {source.step})')
+  workdir, source, step, source_params, source_progress = saved.read_params(
+      u.from_workdir, u.at_step, mesh)
+  check_compatible(source, config, where=f'{workdir} (step {step})')
   params_sh = state_shardings['params']
   with sharding.outside_mesh():
     fresh = jax.jit(lambda rng: nn.unbox(transformer.init_boxed(model, rng)),
                     out_shardings=params_sh)(jax.random.key(config.train.seed))
   # The fresh arrays are donated: each is the buffer of the parameter that replaces it.
-  grow = jax.jit(functools.partial(upcycle_params, source=source.config, target=config),
+  grow = jax.jit(functools.partial(upcycle_params, source=source, target=config),
                  out_shardings=params_sh, donate_argnames='fresh_params')
-  params = grow(source.params, fresh_params=fresh)
+  params = grow(source_params, fresh_params=fresh)
   opt = jax.jit(tx.init, out_shardings=state_shardings['opt'])(params)
-  progress = dict(step=0, train_flops=float(source.progress['train_flops']),
-                  tokens=int(source.progress['tokens']), nonfinite_skipped=0,
-                  nonfinite_in_a_row=0, data=source.progress['data'])
+  progress = dict(step=0, train_flops=float(source_progress['train_flops']),
+                  tokens=int(source_progress['tokens']), nonfinite_skipped=0,
+                  nonfinite_in_a_row=0, data=source_progress['data'])
   return {'params': params, 'opt': opt}, progress

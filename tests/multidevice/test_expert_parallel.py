@@ -15,10 +15,11 @@ from jax.sharding import PartitionSpec as P
 
 from moma_jax.cli import train as train_cli
 from moma_jax import configs
+from moma_jax.model import names
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax.training import optimizer as optimizer_lib
-from moma_jax.training import state as train_state
+from moma_jax.runs import state as train_state
 from moma_jax.training import step as train_step
 from moma_jax.training import trainer as train
 
@@ -74,11 +75,11 @@ def batches(config, count):
   return out
 
 
-def run(name, mesh_shape, ep_capacity_factor=None, kernels='xla'):
+def run(name, mesh_shape, ep_buffer_factor=None, kernels='xla'):
   """Step-1 loss, gradients, routing selections and statistics, then STEPS training
   losses."""
   config = model_config(name, mesh_shape)
-  config.routing.ep_capacity_factor = ep_capacity_factor
+  config.routing.ep_buffer_factor = ep_buffer_factor
   config.model.kernels = kernels
   devices = jax.devices() if mesh_shape else jax.devices()[:1]
   if not mesh_shape:
@@ -98,7 +99,7 @@ def run(name, mesh_shape, ep_capacity_factor=None, kernels='xla'):
           lambda p: transformer.loss_fn(model, p, batch), has_aux=True)(params)
       _, sown = model.apply({'params': params}, batch['tokens'], batch['modality'],
                             batch['segment_ids'], batch['positions'],
-                            mutable=['intermediates', 'route_stats', 'aux_loss'])
+                            mutable=list(names.ANALYSIS))
       return value, grads, sown['intermediates'], metrics
     value, grads, inter, metrics = jax.jit(first)(state['params'], put(data[0]))
     step = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
@@ -229,7 +230,7 @@ def test_bad_mesh_exits_2_with_one_line(overrides, message, tmp_path, capsys):
 def test_a_smaller_expert_buffer_cuts_rows_and_counts_them(results):
   exact = results('moe_8x', 'data=2 x expert=4')
   assert exact['metrics']['route/dropped/all'] == 0
-  cut = run('moe_8x', MESHES['data=2 x expert=4'], ep_capacity_factor=0.5)
+  cut = run('moe_8x', MESHES['data=2 x expert=4'], ep_buffer_factor=0.5)
   assert 0.3 < cut['metrics']['route/dropped/all'] < 0.7
   assert np.isfinite(cut['loss']) and cut['loss'] != exact['loss']
 

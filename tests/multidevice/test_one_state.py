@@ -15,7 +15,7 @@ from moma_jax import configs
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax.training import optimizer as optimizer_lib
-from moma_jax.training import state as train_state
+from moma_jax.runs import state as train_state
 from moma_jax.training import trainer as train
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason='needs 8 devices')

@@ -17,11 +17,12 @@ import moma_jax
 from moma_jax import configs
 from moma_jax.cli import eval as eval_cli
 from moma_jax.cli import generate as generate_cli
-from moma_jax.inference import saved_run
+from moma_jax.runs import saved
+from moma_jax.model import mesh as mesh_lib
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax.training import optimizer as optimizer_lib
-from moma_jax.training import state as train_state
+from moma_jax.runs import state as train_state
 from moma_jax.training import trainer as train
 from moma_jax.training import upcycle
 
@@ -54,7 +55,7 @@ def test_load_on_fsdp_reads_the_parameters_sharded_and_no_optimizer_state(source
     return original(self, infos, args)
   monkeypatch.setattr(type_handlers.ArrayHandler, 'deserialize', deserialize)
   before = sum(a.nbytes for a in jax.live_arrays())
-  run = moma_jax.load(workdir, mesh=saved_run.mesh_for(workdir, FSDP))
+  run = moma_jax.load(workdir, mesh=saved.mesh_for(workdir, FSDP))
   leaves = jax.tree.leaves(run.params)
   assert sum(a.nbytes for a in jax.live_arrays()) - before == sum(a.nbytes for a in leaves)
   assert read and all(name.startswith('params.') for name in read), read[:5]
@@ -106,7 +107,7 @@ def test_upcycled_start_on_fsdp_equals_the_one_device_start(source, data_setup):
   c.upcycle.from_workdir, c.upcycle.at_step = source[1], 2
   starts = []
   for devices, mesh in ((jax.devices()[:1], dict(data=1)), (jax.devices(), FSDP)):
-    c.mesh.update({**{a: 1 for a in sharding.AXES}, **mesh})
+    c.mesh.update({**{a: 1 for a in mesh_lib.AXES}, **mesh})
     config = configs.validate(c)
     mesh = sharding.make_mesh(config, devices)
     model, tx = transformer.build(config), optimizer_lib.optimizer(config)

@@ -34,12 +34,12 @@ import pallas_kernels
 
 from moma_jax import configs
 from moma_jax.inference import generate
-from moma_jax.model import expert_parallel
+from moma_jax.model import mesh as mesh_lib
 from moma_jax.model import sharding
 from moma_jax.model import transformer
-from moma_jax.training import evaluation
+from moma_jax.runs import evaluation
 from moma_jax.training import optimizer as optimizer_lib
-from moma_jax.training import state as train_state
+from moma_jax.runs import state as train_state
 from moma_jax.training import step as train_step
 from moma_jax import usage
 
@@ -145,8 +145,8 @@ def cuda_target(config: ml_collections.ConfigDict, chip: str | None = None) -> T
   a lowering only needs the mesh's shape, and one device has no collectives to place).
   """
   del config
-  mesh = jax.make_mesh((1,) * len(sharding.AXES), sharding.AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.AXES),
+  mesh = jax.make_mesh((1,) * len(mesh_lib.AXES), mesh_lib.AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.AXES),
                        devices=jax.devices()[:1])
   return Target('cuda', mesh, chip, 'one device')
 
@@ -166,7 +166,7 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
   """The step `name` ('train', 'eval' or 'decode') with its abstract arguments on
   `target.mesh`, built as moma-train, the evaluator and moma-generate build it.
 
-  train: train_step.make_train_step(state, batch [B, L], step, poison), the trainer's own.
+  train: train_step.make_train_step(state, batch [B, L], step), the trainer's own.
   eval: evaluation.make_eval_step(params, batch [B, L]).
   decode: one new token for each of B rows against a KV cache of S slots
     (generate.decode_step). A model whose routing looks ahead (expert choice, MoD)
@@ -180,8 +180,7 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
     tx = optimizer_lib.optimizer(config)
     abstract, state_sh = train_state.layout(model, tx, mesh)
     fn = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
-    args = (abstract, abstract_batch(config, batch_sh), _scalar(jnp.int32, mesh),
-            _scalar(jnp.float32, mesh))
+    args = (abstract, abstract_batch(config, batch_sh), _scalar(jnp.int32, mesh))
     return BuiltStep(name, fn, args, config.train.batch_size * config.data.seq_len)
   if name == 'eval':
     model = transformer.build(config)
@@ -196,8 +195,8 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
     decoder = model.clone(causal=True, decode=True)
     b = config.train.batch_size
     # Rows over the batch axes where they divide B; the cache's rows likewise.
-    rows = (expert_parallel.batch_axes(mesh)
-            if b % expert_parallel.batch_shards(mesh) == 0 else None)
+    rows = (mesh_lib.batch_axes(mesh)
+            if b % mesh_lib.batch_shards(mesh) == 0 else None)
     place = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(
         mesh, P(rows) if s.ndim else P()))
     cache = jax.tree.map(place, generate.cache_shapes(decoder, b))

@@ -1,6 +1,6 @@
 """One step compiled for a target, measured: the rows `moma-compile` prints.
 
-`measure(config, target, step)` builds the step from abstract inputs (moma_jax/analysis/aot.py),
+`measure(config, target, step)` builds the step from abstract inputs (moma_jax/compilation/aot.py),
 compiles it (TPU) or lowers it (CUDA), and returns a plain dict (JSON-ready), per chip:
   memory      bytes: state (parameters + optimizer state; decode: parameters + KV
               cache), arguments, outputs, temporaries, code, aliased, total (see
@@ -34,7 +34,7 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 
-from moma_jax.analysis import aot
+from moma_jax.compilation import aot
 from moma_jax.analysis import chips
 from moma_jax.analysis import flops
 from moma_jax.analysis import hlo_parts
