@@ -198,7 +198,7 @@ def test_swiglu_capacity(dtype):
   e, c, d, f = 3, 20, 24, 40                 # none a multiple of the 16-wide tiles
   rows = normal(rng, (e, c, d), dtype)
   w = _weights(rng, e, d, f, dtype)
-  plan = routing.RoutingPlan(token_index=None, weight=None, group_sizes=None, wanted=None,
+  plan = routing.RoutingPlan(token_index=None, weight=None, rows_per_expert=None, wanted=None,
                              kept=None, capacity=c)
   y, grads = jit_vjp(lambda x, *w: pk.swiglu_capacity(x, *w, tiles=SMALL_TILES), rows, *w)
   ref_y, ref_grads = jit_vjp(
@@ -220,7 +220,7 @@ def test_swiglu_ragged(dtype):
   gs = jnp.asarray(RAGGED_SIZES, jnp.int32)
   rows = normal(rng, (r, d), dtype)
   w = _weights(rng, len(RAGGED_SIZES), d, f, dtype)
-  plan = routing.RoutingPlan(token_index=None, weight=None, group_sizes=gs, wanted=None,
+  plan = routing.RoutingPlan(token_index=None, weight=None, rows_per_expert=gs, wanted=None,
                              kept=None)
   y, grads = jit_vjp(lambda x, *w: pk.swiglu_ragged(x, gs, *w, tiles=SMALL_TILES), rows, *w)
   ref_y, ref_grads = jit_vjp(lambda x, *w: experts.apply_experts(x, plan, *w), rows, *w)
@@ -296,7 +296,7 @@ def test_routed_ffn_pipeline_equals_xla_path():
                         rows=rows_total, rows_per_token=e)
     if kernels:
       rows = pk.gather_rows(x, plan.token_index, rows_per_token=e, tiles=ROW_TILES)
-      out = pk.swiglu_ragged(rows, plan.group_sizes, *w, tiles=SMALL_TILES)
+      out = pk.swiglu_ragged(rows, plan.rows_per_expert, *w, tiles=SMALL_TILES)
       return pk.combine_rows(out, plan.weight, plan.token_index, g * n, e, tiles=ROW_TILES)
     rows = plan.dispatch(x, XLA)
     return plan.combine(experts.apply_experts(rows, plan, *w), XLA)

@@ -94,7 +94,7 @@ def test_the_state_is_donated_and_a_checkpoint_started_before_the_next_step_hold
   params, _ = transformer.init(model, jax.random.key(0))
   step = make_train_step(model, tx, config)
   batch = {k: jnp.asarray(v) for k, v in random_batch(config).items()}
-  run = lambda state, i: step(state, batch, jnp.int32(i), jnp.float32(1))
+  run = lambda state, i: step(state, batch, jnp.int32(i))
   given = {'params': params, 'opt': tx.init(params)}
   state, _ = run(given, 1)
   assert all(a.is_deleted() for a in jax.tree.leaves(given))   # donated: buffers reused

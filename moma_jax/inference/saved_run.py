@@ -11,8 +11,9 @@
 Only the parameters are read: the checkpoint's optimizer moments stay on disk. They are
 placed on `mesh` by the training rules (moma_jax/model/sharding.py: embed over 'fsdp',
 experts over 'expert', mlp/heads/vocab over 'tensor'), so each device reads and holds
-its shards only; without a mesh, on this process's first device. `mesh_for` builds the
-mesh of the `--config.mesh.*` flags of moma-eval, moma-aux and moma-generate.
+its shards only; without a mesh, on this process's first device. The reading itself
+(config, checkpoint list, parameters) is moma_jax/runs/saved.py's, whose `mesh_for`
+builds the mesh of the `--config.mesh.*` flags of moma-eval, moma-aux and moma-generate.
 
 The directory holds `config.json` and `checkpoints/` as `moma-train` writes them, and
 `aux_router/` once `moma-aux` has trained post-hoc auxiliary routers on that checkpoint:
