@@ -7,6 +7,11 @@
   design    every "design §N" citation names a numbered heading of docs/design.md
   replace   os.replace in one place only: run_dir.atomic_path, which every whole-file
             write goes through
+  packages  imports follow docs/design.md's package table; the model imports no optax
+  mesh      axis names are declared only in moma_jax/model/mesh.py
+  names     keys between modules are built only by moma_jax/model/names.py, and text
+            is parsed only where its format is owned
+  state     no module changes its module-level names at run time
 """
 import ast
 import functools
