@@ -477,7 +477,8 @@ _KEY_PREFIXES = ('layer_', 'share/', 'eligible/', 'taken/', 'route/', 'aux_route
                  'aux_decisions')
 # Modules that parse text with `re` or str.split/rsplit/partition, and what they parse.
 _PARSERS = {
-    'moma_jax/configs.py': 'dotted field paths and tile specs of the user\'s config',
+    'moma_jax/configs/': 'dotted field paths, tile specs, mixtures and dataset options of '
+                         'the user\'s config',
     'moma_jax/renamed_fields.py': 'dotted field paths of the config',
     'moma_jax/variants.py': 'variant names of experiment files',
     'moma_jax/run_dir.py': 'OS error text of storage libraries',

@@ -39,7 +39,7 @@ def moma_flops(*args):
      'flag --config.model.d_model=big: invalid literal'),
     (['--config', f'{TABLE1}:dense_90m', '--config.model.widht=3'],
      "--config.model.widht: no such config field 'widht'"),
-    (['--config', 'moma_jax/configs.py'], "has no attribute 'get_config'"),
+    (['--config', 'moma_jax/configs/model.py'], "has no attribute 'get_config'"),
     (['--config', f'{TABLE1}:moe_8x_90m', '--config.routing.capacity_factor=2.0'],
      'routing.capacity_factor: is now routing.buffer_factor: set that instead'),
     (['--config', f'{TABLE1}:dense_90m', '--config.model.capacity_factor=2.0'],

@@ -56,14 +56,14 @@ def test_seed_and_bad_arguments():
 def test_dataset_options_parse_and_reject():
   c = configs.default_config()
   c.data.options = 'moma_shapes:num_train=100:num_validation=20; moma_digits:num_train=5'
-  assert pipeline.dataset_options(c) == {
+  assert configs.dataset_options(c.data) == {
       'moma_shapes': {'num_train': 100, 'num_validation': 20},
       'moma_digits': {'num_train': 5}}
   for bad in ('moma_shapes:num_train', 'moma_shapes:num_train=x', ':num_train=1',
               'moma_shapes:num_train=1;moma_shapes:num_train=2'):
     c.data.options = bad
     with pytest.raises(configs.ConfigError, match='data.options'):
-      pipeline.dataset_options(c)
+      configs.dataset_options(c.data)
 
 
 def test_dataset_options_reach_the_pipeline(data_setup):

@@ -16,6 +16,7 @@ import time
 
 from absl import flags
 
+from moma_jax import configs
 from moma_jax.cli import command as cli
 from moma_jax.data import checks as data_checks
 from moma_jax.data import datasets
@@ -31,7 +32,7 @@ USER_ERRORS = (*pipeline.DATA_ERRORS, OSError)
 def build(config) -> None:
   root = pipeline.data_dir(config)
   print(f'data directory: {root}')
-  names = [name for name, _ in pipeline.mixture(config)]
+  names = [name for name, _ in configs.mixture(config.data)]
   for name in names:
     start = time.perf_counter()
     sizes = {split: len(datasets.data_source(name, root, split))

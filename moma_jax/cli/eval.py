@@ -130,7 +130,7 @@ def main(mesh_overrides: dict[str, int]) -> None:
           ('overall', f'flops/{prefix}'),
           *((m, f'flops/{prefix}/{m}') for m in config.model.modalities)))
       print(f'{CAUSAL_LABELS[prefix]} (forward MFLOPs per token as routed: {flops})')
-    print(table(metrics, [n for n, _ in pipeline.mixture(config)],
+    print(table(metrics, [n for n, _ in configs.mixture(config.data)],
                 list(config.model.modalities), prefix))
   if CAUSAL.value and not calibrated and configs.looks_ahead(config.model):
     print(f'(no compute-matched thresholds for step {run.step}: moma-aux --workdir '

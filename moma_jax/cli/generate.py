@@ -31,6 +31,7 @@ import sys
 from absl import flags
 import numpy as np
 
+from moma_jax import configs
 from moma_jax.cli import command as cli
 from moma_jax.cli import distributed
 from moma_jax.data import checks as data_checks
@@ -99,11 +100,11 @@ def _read_image(path: str, shape) -> np.ndarray:
 def _validation_images(config, count: int):
   """(images, true captions) of the first `count` validation examples of the run's
   image datasets."""
-  names = [n for n, _ in pipeline.mixture(config) if datasets.KIND.get(n) == 'image_text']
+  names = [n for n, _ in configs.mixture(config.data) if datasets.KIND.get(n) == 'image_text']
   if not names:
     raise cli.UsageError('--validation_images: the run\'s data has no image dataset')
   src = datasets.data_source(names[0], pipeline.data_dir(config), config.data.eval_split,
-                             **pipeline.dataset_options(config).get(names[0], {}))
+                             **configs.dataset_options(config.data).get(names[0], {}))
   count = min(count, len(src))
   examples = [src[i] for i in range(count)]
   caption = lambda c: c.decode('utf-8') if isinstance(c, bytes) else str(c)

@@ -26,6 +26,7 @@ from array_record.python import array_record_module
 import ml_collections
 import numpy as np
 
+from moma_jax import configs
 from moma_jax.data import datasets
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import pipeline
@@ -84,8 +85,8 @@ def check(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
   never writes. splits: default the training and the evaluation split."""
   splits = splits or tuple(dict.fromkeys(('train', config.data.eval_split)))
   rng = np.random.default_rng(0)
-  for name, _ in pipeline.mixture(config):
-    options = pipeline.dataset_options(config).get(name, {})
+  for name, _ in configs.mixture(config.data):
+    options = configs.dataset_options(config.data).get(name, {})
     builder = datasets.prepare(name, pipeline.data_dir(config), **options)
     _check_features(name, builder)
     for split in splits:

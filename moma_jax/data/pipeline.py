@@ -20,7 +20,6 @@ Evaluation runs once over a validation split per dataset, every process making a
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -48,46 +47,6 @@ DATA_ERRORS = (datasets.DatasetError, docs_lib.DocumentError, vocab_lib.Vocabula
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.expanduser(config.data.data_dir or DEFAULT_DATA_DIR)
-
-
-def mixture(config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
-  """[(dataset name, weight)] from `data.name` or, for 'mixture', `data.mixture`."""
-  if config.data.name != 'mixture':
-    return [(config.data.name, 1.0)]
-  out = []
-  for item in (config.data.mixture or '').split(','):
-    name, _, weight = item.strip().partition(':')
-    try:
-      w = float(weight) if weight else 1.0
-    except ValueError:
-      w = -1.0
-    if not name or not w > 0:
-      raise configs.ConfigError('data.mixture', f'expected "name:weight,..." with positive '
-                                f'weights, got {config.data.mixture!r}')
-    out.append((name, w))
-  return out
-
-
-def dataset_options(config: ml_collections.ConfigDict) -> dict[str, dict[str, int]]:
-  """{dataset name: builder options} from `data.options`
-  ('moma_shapes:num_train=100000:num_validation=400;moma_digits:...'); integer values."""
-  out = {}
-  for item in (config.data.options or '').split(';'):
-    if not item.strip():
-      continue
-    name, *pairs = item.strip().split(':')
-    opts = {}
-    for pair in pairs:
-      key, _, value = pair.partition('=')
-      if not key.strip() or not re.fullmatch(r'\s*\d+\s*', value):
-        raise configs.ConfigError('data.options', f'expected "name:key=integer[:...];...", '
-                                  f'got {config.data.options!r}')
-      opts[key.strip()] = int(value)
-    if not name.strip() or name.strip() in out:
-      raise configs.ConfigError('data.options', f'expected one "name:key=integer[:...]" '
-                                f'per dataset, got {config.data.options!r}')
-    out[name.strip()] = opts
-  return out
 
 
 # ----------------------------------------------------------------------------------
@@ -132,7 +91,7 @@ def _vq_tokenizer(config) -> VQTokenizer:
 def _fit_datasets(config) -> list[str]:
   """The image datasets the codebook is fitted on: those in use, in mixture order (the
   embedded image datasets when the mixture has none)."""
-  names = [n for n, _ in mixture(config) if datasets.KIND.get(n) == 'image_text']
+  names = [n for n, _ in configs.mixture(config.data) if datasets.KIND.get(n) == 'image_text']
   names = names or [n for n, k in datasets.KIND.items() if k == 'image_text']
   return list(dict.fromkeys(names))
 
@@ -162,7 +121,7 @@ class DatasetDocuments(Sequence):
     self.name, self.split, self.tok = name, split, tok
     self.data_dir = data_dir(config)
     self.source = datasets.data_source(name, self.data_dir, split,
-                                       **dataset_options(config).get(name, {}))
+                                       **configs.dataset_options(config.data).get(name, {}))
     self.plan = None
     if datasets.KIND.get(name) == 'image_text':
       self.plan = docs_lib.plan_documents(len(self.source), config.data.formats,
@@ -264,7 +223,7 @@ def train_iterator(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
   split: the same mixture of that split (e.g. to measure routing on mixed validation
   batches, as training sees them)."""
   parts, weights = [], []
-  for k, (name, weight) in enumerate(mixture(config)):
+  for k, (name, weight) in enumerate(configs.mixture(config.data)):
     docs = DatasetDocuments(config, name, split, tok)
     parts.append(grain.MapDataset.source(docs).shuffle(seed=config.data.seed + k).repeat())
     weights.append(weight)

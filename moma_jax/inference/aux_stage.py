@@ -134,7 +134,7 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
     return aux_router.totals(state[aux_router.COLLECTION])
 
   total: dict[str, dict[str, float]] = {}
-  datasets = pipeline.mixture(config)
+  datasets = configs.mixture(config.data)
   per = config.train.eval_max_batches or VALIDATION_BATCHES_PER_DATASET
   batches = _rows(config, tok, split=config.data.eval_split)
   for _ in range(per * len(datasets)):

@@ -59,13 +59,9 @@ PRESETS = {
 
 def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
   """{axis: size} with -1 resolved; ConfigError('mesh', ...) if it cannot be laid out."""
+  configs.mesh_block.validate(config.mesh)
   sizes = {a: config.mesh[a] for a in mesh_lib.AXES}
-  for a, v in sizes.items():
-    if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
-      raise configs.ConfigError(f'mesh.{a}', f'must be a positive integer or -1, got {v!r}')
   free = [a for a, v in sizes.items() if v == -1]
-  if len(free) > 1:
-    raise configs.ConfigError('mesh', f'at most one axis may be -1, got {", ".join(free)}')
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if free:
     if device_count % fixed:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moma_jax import configs
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import pipeline
 from moma_jax.model import transformer
@@ -78,7 +79,7 @@ def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
   `prefix` ('eval', or 'eval_causal' for a causal-mode model)."""
   keys = _keys(config.model.modalities)
   total, count, out = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), {}
-  for name, _ in pipeline.mixture(config):
+  for name, _ in configs.mixture(config.data):
     batches = pipeline.eval_batches(config, tok, name, jax.process_index(),
                                     jax.process_count())
     batches = map(put, itertools.islice(batches, config.train.eval_max_batches))

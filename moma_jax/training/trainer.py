@@ -70,7 +70,6 @@ def _my_rows(position: dict[str, Any], batch_size: int) -> dict[str, Any]:
 # ==================================================================================
 def _set_up(config, workdir: str, label: str) -> loop_lib.Job:
   configs.validate(config)
-  train_checks.check_train_config(config)
   mesh = sharding.make_mesh(config)
   workdir = train_checks.check_workdir(workdir, config)
   tok = pipeline.load_tokenizers(config)
