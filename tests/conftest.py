@@ -119,8 +119,8 @@ def nan_at_steps(monkeypatch):
                       for s in steps])
     real = transformer.loss_fn
 
-    def loss_fn(model, params, batch, rng=None):
-      value, metrics = real(model, params, batch, rng)
+    def loss_fn(model, params, batch, rng=None, z_loss=0.0):
+      value, metrics = real(model, params, batch, rng, z_loss)
       if rng is None:                     # evaluation: no step, no fault
         return value, metrics
       hit = jnp.any(jnp.all(jax.random.key_data(rng) == keys, axis=-1))

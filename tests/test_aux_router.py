@@ -92,7 +92,7 @@ def test_post_hoc_stage_leaves_the_model_alone_and_loads_with_it(post_hoc):
     assert result[key] == pytest.approx(last_eval[key], rel=1e-5), key
   before = saved_run.load(run_dir, with_aux_routers=False)
   after = saved_run.load(run_dir)
-  assert not before.model.aux_routers and after.model.aux_routers
+  assert not before.model.mode.aux_routers and after.model.mode.aux_routers
   main, aux = aux_store.split(after.params)
   jax.tree.map(np.testing.assert_array_equal, main, before.params)
   assert jax.tree.leaves(aux)

@@ -46,7 +46,7 @@ def _logits(model, params, batch, tokens=None):
 @pytest.mark.parametrize('kind', ['moma_4t4i', 'moe_8x', 'mod_moma_4t4i'])
 def test_causal_mode_never_looks_ahead(kind):
   model, params, batch = _setup(kind)
-  causal = model.clone(causal=True)
+  causal = model.in_mode(causal=True)
   changed = batch['tokens'].at[:, CHANGED].set((batch['tokens'][:, CHANGED] + 1) % 700)
   before, state = _logits(causal, params, batch)
   after, _ = _logits(causal, params, batch, changed)
@@ -67,8 +67,8 @@ def test_causal_mode_never_looks_ahead(kind):
 @pytest.mark.parametrize('kind', ['dense', 'moma_4t4i', 'mod_moma_4t4i'])
 def test_kv_cache_decoding_equals_the_full_causal_pass(kind):
   model, params, batch = _setup(kind)
-  full, _ = _logits(model.clone(causal=True), params, batch)
-  decoder = model.clone(causal=True, decode=True)
+  full, _ = _logits(model.in_mode(causal=True), params, batch)
+  decoder = model.in_mode(causal=True, decode=True)
   prompt = 5
   cut = lambda a, i, j: a[:, i:j]
   cache = decoder.init(jax.random.key(0), *(cut(batch[k], 0, prompt) for k in (
@@ -87,6 +87,6 @@ def test_kv_cache_decoding_equals_the_full_causal_pass(kind):
 
 def test_causal_expert_choice_without_aux_routers_is_refused():
   c = tiny_config()
-  model = transformer.build(c, aux_routers=False).clone(causal=True)
+  model = transformer.build(c, aux_routers=False).in_mode(causal=True)
   with pytest.raises(ValueError, match='auxiliary routers'):
     transformer.init(model, jax.random.key(0))

@@ -60,7 +60,7 @@ def test_kv_cache_samples_are_the_full_causal_pass_argmax(thresholds, request):
   image = rng.integers(0, 255, gen.tok.image_shape, dtype=np.uint8)
   prompts = [gen.image_prompt(image), gen.text_prompt('a small red'), gen.text_prompt('a')]
   samples = gen.sample(prompts, max_new_tokens=12, temperature=0.0)
-  causal = gen.run.model.clone(causal=True)
+  causal = gen.run.model.in_mode(causal=True)
   checked = 0
   for s in samples:
     ids = s.tokens

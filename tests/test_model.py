@@ -181,3 +181,39 @@ def test_remat_policies_keep_loss_and_gradients(remat):
     assert named, saved
   else:
     assert not named, named
+
+
+def test_run_mode_is_one_record_that_in_mode_changes():
+  """The decoder and every layer take one RunMode; decoding needs causal routing."""
+  from moma_jax.model.run_mode import RunMode
+  with pytest.raises(ValueError, match='needs causal mode'):
+    RunMode(decode=True)
+  model = transformer.build(tiny_config(), aux_routers=True)
+  decoder = model.in_mode(causal=True, decode=True)
+  assert decoder.mode == RunMode(aux_routers=True, causal=True, decode=True)
+  assert model.mode == RunMode(aux_routers=True)            # in_mode makes a new decoder
+  assert (decoder.config, decoder.spec) == (model.config, model.spec)
+
+
+def test_training_step_weights_the_z_loss_by_train_z_loss():
+  """train.z_loss reaches the objective through the training step (the model does not
+  carry it): the step's gradient norm at weight w is that of loss_fn's objective at w."""
+  import optax
+  from moma_jax.training import optimizer as optimizer_lib
+  from moma_jax.training import step as step_lib
+  config = tiny_config(ffn='dense')
+  config.train.batch_size = B
+  model = transformer.build(config)
+  params, _ = transformer.init(model, jax.random.key(0))
+  batch = random_batch(config)
+  norms = {}
+  for w in (0.0, 0.5):
+    config.train.z_loss = w
+    tx = optimizer_lib.optimizer(config)
+    fresh = jax.tree.map(jnp.copy, params)              # the step donates its state
+    _, metrics = step_lib.make_train_step(model, tx, config)(
+        {'params': fresh, 'opt': tx.init(fresh)}, batch, jnp.int32(1))
+    g = jax.grad(lambda p: transformer.loss_fn(model, p, batch, z_loss=w)[0])(params)
+    norms[w] = float(optax.global_norm(g))
+    np.testing.assert_allclose(float(metrics['grad_norm']), norms[w], rtol=1e-5)
+  assert abs(norms[0.5] - norms[0.0]) > 1e-3 * norms[0.0]

@@ -83,7 +83,7 @@ def test_perfect_routers_make_calibrated_causal_routing_teacher_forced(ffn, expe
 
   loss = lambda m, p: transformer.loss_fn(m, p, batch)[1]     # metrics: 'loss' is the CE
   teacher = loss(model, calibrated)
-  causal = model.clone(causal=True)
+  causal = model.in_mode(causal=True)
   matched_metrics = loss(causal, calibrated)
   half = loss(causal, thresholds.at_half(calibrated))
   for key in ('loss', 'loss/text', 'loss/image'):

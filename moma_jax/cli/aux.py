@@ -111,7 +111,7 @@ def table(result: dict, modalities) -> str:
 def _stage(run, model, config, tok, log) -> tuple[object, dict]:
   """(parameters with the trained and calibrated routers, the result): the stage on
   `run`'s mesh (called under it)."""
-  joint = run.model.aux_routers
+  joint = run.model.mode.aux_routers
   params = run.params
   # Batches [B, L]: each process reads its rows, placed over the mesh's batch axes.
   batch_sh = sharding.batch_sharding(run.mesh)
@@ -179,7 +179,7 @@ def main(mesh_overrides: dict[str, int]) -> None:
 
   tok = pipeline.load_tokenizers(config)
   data_checks.check(config, tok)       # before anything is written
-  joint = run.model.aux_routers
+  joint = run.model.mode.aux_routers
   model = run.model if joint else transformer.build(config, aux_routers=True)
   try:
     os.makedirs(aux_store.directory(run.workdir), exist_ok=True)

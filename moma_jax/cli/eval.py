@@ -86,7 +86,7 @@ def main(mesh_overrides: dict[str, int]) -> None:
   model = run.model
   calibrated = False
   if CAUSAL.value:
-    if configs.looks_ahead(config.model) and not model.aux_routers:
+    if configs.looks_ahead(config.model) and not model.mode.aux_routers:
       done = aux_store.read_result(run.workdir)
       if done is not None:
         raise cli.UsageError(f'--causal: the auxiliary routers of {run.workdir} were '

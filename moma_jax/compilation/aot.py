@@ -192,7 +192,7 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
   if name == 'decode':
     model = transformer.build(config, aux_routers=configs.looks_ahead(config.model) or None)
     params = train_state.abstract_params(model, mesh)
-    decoder = model.clone(causal=True, decode=True)
+    decoder = model.in_mode(causal=True, decode=True)
     b = config.train.batch_size
     # Rows over the batch axes where they divide B; the cache's rows likewise.
     rows = (mesh_lib.batch_axes(mesh)

@@ -208,7 +208,7 @@ def causal_modes(model: transformer.Decoder, params, config: ml_collections.Conf
   'flops/...' and 'usage/...' of each, measured on `held_out` (default
   `held_out_batches`; `evaluate_modes`)."""
   out: dict[str, Any] = {}
-  step = evaluation.make_eval_step(model.clone(causal=True), config.model.modalities)
+  step = evaluation.make_eval_step(model.in_mode(causal=True), config.model.modalities)
   modes = [('eval_causal', thresholds.at_half(params))]
   if calibrated:
     modes.append(('eval_causal_calibrated', params))
@@ -217,7 +217,7 @@ def causal_modes(model: transformer.Decoder, params, config: ml_collections.Conf
   for mode, p in modes:
     out.update(evaluation.evaluate(step, p, config, tok, put=put, prefix=mode))
     measured = (thresholds.measure(model, p, held_out, config.model.modalities)
-                if model.aux_routers else {})
+                if model.mode.aux_routers else {})
     out.update({f'usage/{mode}/{k}': v for k, v in measured.items()})
     for k, v in flops.measured_forward(config, usage_of(config, measured)).items():
       out[f'flops/{mode}' + ('' if k == 'overall' else f'/{k}')] = v
@@ -254,7 +254,7 @@ def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.Co
               for k, v in report.forward.items()})
   held_out = held_out_batches(config, tok, put)
   out.update(causal_modes(model, params, config, tok, held_out=held_out, put=put))
-  causal_step = evaluation.make_eval_step(model.clone(causal=True), mods)
+  causal_step = evaluation.make_eval_step(model.in_mode(causal=True), mods)
   for mode, step, p in (('eval', teacher_step, params),
                         ('eval_causal', causal_step, thresholds.at_half(params)),
                         ('eval_causal_calibrated', causal_step, params)):

@@ -4,7 +4,7 @@
     out = gen.sample([prompt_ids, ...], max_new_tokens=80, temperature=1.0, top_p=0.9,
                      seed=0)
 
-The model decodes token by token (`Decoder(causal=True, decode=True)`): expert choice and
+The model decodes token by token (`Decoder.in_mode(causal=True, decode=True)`): expert choice and
 mixture-of-depths are replaced by the auxiliary routers' decisions, so a routed model
 needs them (`moma-aux`, or joint training). Prompts of different lengths are padded on
 the left with segment 0, which attention never looks at, so all rows fill the cache in
@@ -109,7 +109,7 @@ class Generator:
 
   def __init__(self, run, tok: docs_lib.Tokenizers):
     config = run.config
-    if configs.looks_ahead(config.model) and not run.model.aux_routers:
+    if configs.looks_ahead(config.model) and not run.model.mode.aux_routers:
       raise GenerationError(f'{run.workdir}: a {config.model.ffn} model'
                             f'{" with mixture-of-depths" if config.model.mod.enabled else ""}'
                             ' decodes through auxiliary routers; train them first: '
@@ -118,7 +118,7 @@ class Generator:
     self.vocab = tok.vocab
     self.max_len = config.model.max_len
     self.codes_per_image = tok.image.codes_per_image
-    self.model = run.model.clone(causal=True, decode=True)
+    self.model = run.model.in_mode(causal=True, decode=True)
     self.mesh = run.mesh
     self._step = functools.partial(decode_step(self.model), run.params)
     # The drawn ids [B] whole on every device: each process reads them all.

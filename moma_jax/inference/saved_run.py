@@ -17,8 +17,8 @@ builds the mesh of the `--config.mesh.*` flags of moma-eval, moma-aux and moma-g
 
 The directory holds `config.json` and `checkpoints/` as `moma-train` writes them, and
 `aux_router/` once `moma-aux` has trained post-hoc auxiliary routers on that checkpoint:
-the loaded model then carries them (`run.model.aux_routers`), so that
-`run.model.clone(causal=True)` decodes causally, at threshold 0.5 unless
+the loaded model then carries them (`run.model.mode.aux_routers`), so that
+`run.model.in_mode(causal=True)` decodes causally, at threshold 0.5 unless
 `causal_thresholds='calibrated'` asks for the stage's compute-matched thresholds
 (moma_jax/inference/thresholds.py). Reading never changes the directory.
 """
@@ -76,6 +76,6 @@ def load(workdir: str, step: int | None = None, with_aux_routers: bool = True,
   if causal_thresholds == thresholds.CALIBRATED and not staged:
     raise run_dir.RunDirError(f'{workdir} has no calibrated causal thresholds for step '
                               f'{step}: moma-aux --workdir {workdir}')
-  if model.aux_routers and causal_thresholds == thresholds.HALF:
+  if model.mode.aux_routers and causal_thresholds == thresholds.HALF:
     params = thresholds.at_half(params)
   return SavedRun(workdir, config, model, params, step, progress, mesh)

@@ -118,7 +118,7 @@ Records = dict[Path, dict[str, np.ndarray]]
 def _records(model: transformer.Decoder) -> Callable[[Any, Mapping[str, jax.Array]], Records]:
   """(params, batch) -> {router path: {'logits', 'margins' [T, E], 'eligible' [T, R],
   'modality' [T]}}: what each auxiliary router decided in causal mode (T tokens)."""
-  causal = model.clone(causal=True)
+  causal = model.in_mode(causal=True)
 
   @jax.jit
   def run(params, batch):

@@ -13,40 +13,30 @@ N = S * T tokens per routing group (S rows per group).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
-import ml_collections
 
 from moma_jax import configs
 from moma_jax.model.experts import RoutedExperts
 from moma_jax.model.layers import MLP, Attention, RMSNorm, constrain
 from moma_jax.model import remat
 from moma_jax.model import names
-from moma_jax.model.routing_spec import RoutingSpec
+from moma_jax.model.run_mode import DecoderPart
 
 
-class Block(nn.Module):
+class Block(DecoderPart):
   """x [B, T, D] -> [B, T, D]; routed FFNs see routing groups of `rows_per_group` rows.
 
   modality [B, T] int, segment_ids [B, T] (0 = padding), positions [B, T].
-  config: the model's config block; spec: its routing sizes.
-  aux_routers, causal: see `RoutedExperts`; decode: attention through a KV cache of
-  `model.max_len` slots (`Attention`).
+  config, spec, mode: `DecoderPart` (moma_jax/model/run_mode.py); in decode mode
+  attention goes through a KV cache of `model.max_len` slots (`Attention`).
   """
-  config: ml_collections.FrozenConfigDict
-  spec: RoutingSpec
-  rows_per_group: int
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  aux_routers: bool = False
-  causal: bool = False
-  decode: bool = False
+  rows_per_group: int = 1
 
   @nn.compact
   def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
     m = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     post = m.norm == 'post'
-    attn = Attention(m.num_heads, attention=m.attention, decode=self.decode,
+    attn = Attention(m.num_heads, attention=m.attention, decode=self.mode.decode,
                      cache_len=m.max_len, name=names.ATTENTION, **kw)
     attn_norm = RMSNorm(name='attention_norm', **kw)
     ffn_norm = RMSNorm(name='ffn_norm', **kw)
@@ -61,10 +51,9 @@ class Block(nn.Module):
     else:
       b, t, d = u.shape
       # Causal routing looks at one token at a time: any grouping gives the same result.
-      s = 1 if self.causal else self.rows_per_group
+      s = 1 if self.mode.causal else self.rows_per_group
       # [B, T, D] -> [G, N, D]: a routing group is S consecutive rows of the batch.
-      f = RoutedExperts(self.config, self.spec, aux_routers=self.aux_routers,
-                        causal=self.causal, name=names.EXPERTS, **kw)(
+      f = RoutedExperts(self.config, self.spec, self.mode, name=names.EXPERTS)(
           u.reshape(b // s, s * t, d), modality.reshape(b // s, s * t),
           (segment_ids > 0).reshape(b // s, s * t), deterministic).reshape(b, t, d)
     f = remat.name(f, remat.FFN_OUT)

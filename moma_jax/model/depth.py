@@ -14,7 +14,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from moma_jax import configs
 from moma_jax.model import aux_router
@@ -24,6 +23,7 @@ from moma_jax.model import param_names
 from moma_jax.model import routing
 from moma_jax.model import names
 from moma_jax.model.routing_spec import RoutingSpec
+from moma_jax.model.run_mode import DecoderPart
 
 
 def depth_plan(scores, modality, valid, spec: RoutingSpec, ops: kernels.Ops = kernels.XLA):
@@ -52,24 +52,18 @@ def depth_plan(scores, modality, valid, spec: RoutingSpec, ops: kernels.Ops = ke
       weight=jnp.take_along_axis(plan.weight.reshape(g, p), order, -1).reshape(-1))
 
 
-class DepthRoutedBlock(nn.Module):
+class DepthRoutedBlock(DecoderPart):
   """A mixture-of-depths block. Same signature as `Block`: x [B, L, D] -> [B, L, D].
 
-  config: the model's config block; spec: its routing sizes. The picking, gathering and
-  scattering follow `model.kernels` (moma_jax/model/kernels.py), as the FFN inside does.
-  aux_routers: an auxiliary router learns which tokens the layer picks. causal: a token
+  config, spec, mode: `DecoderPart` (moma_jax/model/run_mode.py). The picking,
+  gathering and scattering follow `model.kernels` (moma_jax/model/kernels.py), as the
+  FFN inside does. mode.aux_routers: an auxiliary router learns which tokens the layer
+  picks. mode.causal: a token
   runs the block when its auxiliary router says so (logit > 0), weighted by the main
   router; the block runs on every position, and tokens that skip it are masked out of
   its attention (segment 0), so the result equals running the picked tokens alone.
   """
-  config: ml_collections.FrozenConfigDict
-  spec: RoutingSpec
-  rows_per_group: int
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  aux_routers: bool = False
-  causal: bool = False
-  decode: bool = False
+  rows_per_group: int = 1
 
   @nn.compact
   def __call__(self, x, modality, segment_ids, positions, deterministic: bool = True):
@@ -81,11 +75,10 @@ class DepthRoutedBlock(nn.Module):
     with jax.named_scope(names.ROUTING):
       logits = jnp.einsum('bld,d->bl', x.astype(jnp.float32), w.astype(jnp.float32))
     valid = segment_ids > 0
-    block = Block(self.config, self.spec, rows_per_group=1, dtype=self.dtype,
-                  param_dtype=self.param_dtype, aux_routers=self.aux_routers,
-                  causal=self.causal, decode=self.decode, name=param_names.MOD_BLOCK)
+    block = Block(self.config, self.spec, self.mode, rows_per_group=1,
+                  name=param_names.MOD_BLOCK)
     aux = None
-    if self.aux_routers:
+    if self.mode.aux_routers:
       # A modality-aware layer picks c_d of each modality: a threshold per modality.
       per_mod = self.spec.mod_per_modality
       aux = aux_router.AuxRouter(1, self.param_dtype,
@@ -93,7 +86,7 @@ class DepthRoutedBlock(nn.Module):
                                  name=param_names.aux_router())
       aux_logits, aux_margins = aux(x, modality if per_mod else None)       # [B, L, 1]
       aux_logits, aux_margins = aux_logits[..., 0], aux_margins[..., 0]     # [B, L]
-    if self.causal:
+    if self.mode.causal:
       if aux is None:
         raise ValueError('causal mode of mixture-of-depths needs the auxiliary routers')
       picked = valid & (aux_margins > 0)

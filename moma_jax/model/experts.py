@@ -18,7 +18,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from moma_jax import configs
 from moma_jax.model import aux_router
@@ -33,9 +32,10 @@ from moma_jax.model import routers
 from moma_jax.model import routing
 from moma_jax.model import names
 from moma_jax.model.routing_spec import RoutingSpec
+from moma_jax.model.run_mode import DecoderPart
 
 
-class RoutedExperts(nn.Module):
+class RoutedExperts(DecoderPart):
   """A sparse SwiGLU FFN: routers, expert choice or token choice, grouped matmul.
 
   x [G, N, D], modality [G, N] int, valid [G, N] bool -> y [G, N, D].
@@ -46,16 +46,11 @@ class RoutedExperts(nn.Module):
   idx, gate [G, E, K] in stacked order and kept [G, E], the same on every mesh) and, on
   one device, the routing plan ('plan').
 
-  aux_routers: each group has an auxiliary router (moma_jax/model/aux_router.py) that
-  learns the group's decisions. causal: no token looks at another (`CausalChoice`,
+  config, spec, mode: `DecoderPart` (moma_jax/model/run_mode.py). mode.aux_routers:
+  each group has an auxiliary router (moma_jax/model/aux_router.py) that learns the
+  group's decisions. mode.causal: no token looks at another (`CausalChoice`,
   moma_jax/model/causal_experts.py).
   """
-  config: ml_collections.FrozenConfigDict
-  spec: RoutingSpec
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  aux_routers: bool = False
-  causal: bool = False
 
   @nn.compact
   def __call__(self, x, modality, valid, deterministic: bool = True):
@@ -68,7 +63,8 @@ class RoutedExperts(nn.Module):
     wi_0 = self.param('wi_0', init_in, (e_total, d, hidden), self.param_dtype)
     wi_1 = self.param('wi_1', init_in, (e_total, d, hidden), self.param_dtype)
     wo = self.param('wo', init_out, (e_total, hidden, d), self.param_dtype)
-    if self.causal and not spec.token_choice and not self.aux_routers:
+    causal = self.mode.causal
+    if causal and not spec.token_choice and not self.mode.aux_routers:
       raise ValueError('causal mode of expert choice needs the auxiliary routers')
     ops = kernels.resolve(m.kernels, matmul_tiles=configs.matmul_tiles(m))
 
@@ -83,12 +79,12 @@ class RoutedExperts(nn.Module):
       logits, scores = routers.scores(x, w_router, m.router, noise)
       eligible = valid & jnp.isin(modality, jnp.asarray(group.modalities))
       aux = aux_logits = aux_margins = None
-      if self.aux_routers and not spec.token_choice:
+      if self.mode.aux_routers and not spec.token_choice:
         aux = aux_router.AuxRouter(group.experts, self.param_dtype,
                                    name=param_names.aux_router(group.name))
         aux_logits, aux_margins = aux(x)                                    # [G, N, E_i]
       per_group.append((group.name, logits, eligible))
-      if self.causal:
+      if causal:
         decide = routers.CausalChoice(spec.top_k if spec.token_choice else None)
         causal_w.append(decide(scores, eligible, aux_margins))
         if aux is not None:
@@ -107,7 +103,7 @@ class RoutedExperts(nn.Module):
 
     weights = tuple(w.astype(self.dtype) for w in (wi_0, wi_1, wo))
     x_in = x.astype(self.dtype)
-    if self.causal:
+    if causal:
       w = jnp.concatenate(causal_w, axis=-1)[..., list(spec.order)]        # [G, N, E]
       y = causal_experts.every_expert_ffn(x_in, w, *weights)
       stats = route_stats.causal_stats(causal_w, per_group, w, modality, valid,

@@ -8,6 +8,7 @@ loss, the z-loss, routing auxiliary losses and the routing statistics.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -25,45 +26,35 @@ from moma_jax.model import remat
 from moma_jax.model import route_stats
 from moma_jax.model import routing_spec
 from moma_jax.model import names
-from moma_jax.model.routing_spec import RoutingSpec
+from moma_jax.model.run_mode import DecoderPart, RunMode
 
-class Decoder(nn.Module):
+class Decoder(DecoderPart):
   """tokens, modality, segment_ids, positions [B, L] -> logits [B, L, V] float32.
 
-  aux_routers: every expert group and MoD layer carries an auxiliary router
-  (moma_jax/model/aux_router.py). causal: routing by those routers, token by token, so
-  no logit depends on a later token (teacher-forced routing otherwise looks at the whole
-  routing group). decode: attention through a KV cache (the 'cache' collection); each
-  call continues the sequences of the calls before it (causal mode only).
-  config: the model's config block (`config.model`); spec: its routing sizes
-  (moma_jax/model/routing_spec.py); z_loss: the objective's z-loss weight, which
-  `loss_fn` reads (`train.z_loss`).
+  config, spec, mode: `DecoderPart` (moma_jax/model/run_mode.py); every layer receives
+  the same three. `in_mode(causal=True)` is this decoder routing causally.
   """
-  config: ml_collections.FrozenConfigDict
-  spec: RoutingSpec
-  z_loss: float = 0.0
-  aux_routers: bool = False
-  causal: bool = False
-  decode: bool = False
+
+  def in_mode(self, **changes) -> 'Decoder':
+    """This decoder, unbound, with `changes` to its `RunMode` (aux_routers, causal,
+    decode); the parameters it takes are the same."""
+    return self.clone(parent=None, mode=dataclasses.replace(self.mode, **changes))
 
   @nn.compact
   def __call__(self, tokens, modality, segment_ids, positions, deterministic: bool = True):
     m = self.config
-    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    dtype, param_dtype = self.dtype, self.param_dtype
     embed = nn.Embed(m.vocab_size, m.d_model, dtype=dtype, param_dtype=param_dtype,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(1.0), ('vocab', 'embed')),
                      name='embed')
     x = constrain(embed(tokens), ('batch', 'length', 'embed'))
-    if self.decode and not self.causal:
-      raise ValueError('decoding with a KV cache needs causal mode')
     for i, is_mod in enumerate(configs.mod_layers(m)):
       cls = DepthRoutedBlock if is_mod else Block
       if m.remat != 'none':
         cls = nn.remat(cls, static_argnums=(5,), policy=remat.policy(m.remat))
-      x = cls(self.config, self.spec, rows_per_group=self.spec.group_size, dtype=dtype,
-              param_dtype=param_dtype, aux_routers=self.aux_routers, causal=self.causal,
-              decode=self.decode, name=names.layer(i))(
+      x = cls(self.config, self.spec, self.mode, rows_per_group=self.spec.group_size,
+              name=names.layer(i))(
                   x, modality, segment_ids, positions, deterministic)
     x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name='final_norm')(x)
     # Untied output head (Chameleon); logits in float32 for the loss and z-loss.
@@ -79,7 +70,7 @@ def build(config: ml_collections.ConfigDict, aux_routers: bool | None = None) ->
   if aux_routers is None:
     aux_routers = configs.has_joint_aux_routers(config.model)
   return Decoder(ml_collections.FrozenConfigDict(config.model), routing_spec.from_config(config),
-                 z_loss=float(config.train.z_loss), aux_routers=aux_routers)
+                 RunMode(aux_routers=aux_routers))
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int | None = None):
@@ -110,12 +101,14 @@ def init(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None =
 
 
 def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
-            rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+            rng: jax.Array | None = None,
+            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, Any]]:
   """Returns (objective, metrics) for one batch.
 
   objective = cross-entropy + z_loss * logsumexp^2 + load_balance_weight * balance
   losses (token choice) + the auxiliary routers' binary cross-entropy (their inputs
-  are stop-gradient, so it trains them alone). metrics: 'loss', 'loss/{modality}',
+  are stop-gradient, so it trains them alone). z_loss is the trainer's weight
+  (`train.z_loss`, passed by the training step); evaluation reads the metrics alone. metrics: 'loss', 'loss/{modality}',
   'tokens/...', 'z_loss', 'balance_loss', `route/...` statistics and `aux_router/...`
   accuracies. Pass `rng` for training (router noise).
   """
@@ -127,7 +120,7 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
       mutable=[names.ROUTE_STATS, names.BALANCE_LOSS, names.AUX_ROUTER_SCORES])
   with jax.named_scope(names.LOSS):
     objective, metrics = loss_lib.next_token_loss(
-        logits, batch, m.modalities, model.z_loss)
+        logits, batch, m.modalities, z_loss)
   balance = jax.tree.leaves(state.get(names.BALANCE_LOSS, {}))
   balance = sum(balance) / len(balance) if balance else jnp.float32(0)
   metrics[names.BALANCE_LOSS] = balance

@@ -77,7 +77,7 @@ def _gradients(model, config, params, batch, rng):
   micro-batches of whole routing groups ([B, L] -> [A, B/A, L], checked up front)."""
   def grads_of(batch, rng):
     def objective(p):
-      return transformer.loss_fn(model, p, batch, rng)
+      return transformer.loss_fn(model, p, batch, rng, config.train.z_loss)
     return jax.value_and_grad(objective, has_aux=True)(params)
 
   accum = config.train.grad_accum
