@@ -161,3 +161,38 @@ def test_vq_reconstructs_validation_images(data_setup):
     mse = np.mean((tok.image.decode(tok.image.encode(images)) / 255.0 - x) ** 2)
     baseline = np.mean((x.mean(axis=(1, 2), keepdims=True) - x) ** 2)
     assert mse < 0.01 and mse <= baseline / 2, (name, mse, baseline)
+
+
+def test_tokenizers_follow_the_configured_modalities(data_setup):
+  """The modality set is the config's: any of the pipeline's tokenizers, in any order;
+  the vocabulary's ranges and the batches' modality ids follow that order."""
+  import copy as copy_lib
+  from moma_jax import configs
+  base, tok = data_setup
+  text_only = copy_lib.deepcopy(base)
+  text_only.model.modalities, text_only.model.experts = ('text',), (4,)
+  text_only.data.name = 'moma_pydoc'
+  t = pipeline.load_tokenizers(configs.validate(text_only))
+  assert t.vocab.modalities == ('text',)
+  assert t.vocab.size == len(vocab_lib.SPECIALS) + tok.text.vocab_size
+  batch = next(pipeline.train_iterator(text_only, t, 0, 1))
+  assert (batch['modality'] == 0).all() and (batch['segment_ids'] > 0).any()
+  with pytest.raises(docs_lib.DocumentError, match=r"shapes/3: holds image, which is not "
+                     r"among this run's model.modalities \('text',\)"):
+    docs_lib.example_document(t, dict(image=np.zeros(tok.image_shape, np.uint8),
+                                      caption=b'a red square'), 'shapes/3')
+
+  swapped = copy_lib.deepcopy(base)
+  swapped.model.modalities = ('image', 'text')
+  s = pipeline.load_tokenizers(configs.validate(swapped))
+  assert s.vocab.start('image') == len(vocab_lib.SPECIALS)
+  assert s.vocab.start('text') == len(vocab_lib.SPECIALS) + tok.image.vocab_size
+  doc = docs_lib.text_document(s, 'def f(): pass', 'pydoc/0')
+  body = doc['modality'][1:-1]                    # <bos> and <eos> belong to modality 0
+  assert (body == 1).all() and (doc['tokens'][1:-1] >= s.vocab.start('text')).all()
+
+  unknown = copy_lib.deepcopy(base)
+  unknown.model.modalities, unknown.model.experts = ('text', 'audio'), (4, 4)
+  with pytest.raises(configs.ConfigError, match="^model.modalities: no tokenizer for "
+                     "'audio': the data pipeline reads 'text', 'image'$"):
+    pipeline.load_tokenizers(configs.validate(unknown))

@@ -11,8 +11,9 @@ from moma_jax.configs import model as model_block
 def shrink_for_cpu(config: ml_collections.ConfigDict,
                    keep: Collection[str] = ()) -> ml_collections.ConfigDict:
   """The same kind of model (FFN kind, experts, capacities, MoD pattern) at d_model 64
-  and at most 4 layers, on the embedded data's vocabulary, for 100 short steps. Fields named in `keep` (the command line's own overrides) are
-  left as they are. Changes `config` in place."""
+  and at most 4 layers, on the embedded data's vocabulary, for 100 short steps. Fields
+  named in `keep` (the command line's own overrides) are left as they are.
+  Changes `config` in place."""
   m = config.model
   group = min(config.routing.group_size, 8)
   layers = min(m.num_layers, 4 if m.mod.enabled else 2)

@@ -28,10 +28,29 @@ class DocumentError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizers:
-  """The vocabulary and the tokenizers that fill its text and image ranges."""
+  """The vocabulary and the tokenizer of each of its modalities, by name.
+
+  A tokenizer has .vocab_size, .encode and .decode: text's maps str <-> int32 [T] local
+  ids, image's uint8 [H, W, 3] <-> int32 [n] local codes.
+  """
   vocab: vocab_lib.Vocabulary
-  text: Any     # .encode(str) -> int32 [T] local ids, .decode(ids) -> str
-  image: Any    # .encode(uint8 [H, W, 3]) -> int32 [n] local codes, .decode(codes)
+  by_modality: Mapping[str, Any]
+
+  def of(self, modality: str, where: str = 'an example') -> Any:
+    """The tokenizer of `modality`; DocumentError (naming `where`) if the run has no
+    such modality."""
+    if modality not in self.by_modality:
+      raise DocumentError(f'{where}: holds {modality}, which is not among this run\'s '
+                          f'model.modalities {tuple(self.by_modality)}')
+    return self.by_modality[modality]
+
+  @property
+  def text(self) -> Any:
+    return self.of('text')
+
+  @property
+  def image(self) -> Any:
+    return self.of('image')
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -72,18 +91,19 @@ def plan_documents(num_examples: int, formats: Sequence[float], per_interleaved:
   return DocumentPlan(np.asarray(fmt, np.int8), np.asarray(starts, np.int64), order)
 
 
-def _text_part(tok: Tokenizers, text: str | bytes) -> np.ndarray:
+def _text_part(tok: Tokenizers, text: str | bytes, where: str) -> np.ndarray:
   if isinstance(text, bytes):
     text = text.decode('utf-8')
-  return tok.vocab.to_global(tok.text.encode(text), 'text')
+  return tok.vocab.to_global(tok.of('text', where).encode(text), 'text')
 
 
 def _image_part(tok: Tokenizers, image: np.ndarray, where: str) -> np.ndarray:
+  image_tok = tok.of('image', where)
   image = np.asarray(image)
   if image.shape != tok.image_shape or image.dtype != np.uint8:
     raise DocumentError(f'{where}: image of shape {image.shape} {image.dtype}, expected '
                         f'{tok.image_shape} uint8')
-  codes = tok.vocab.to_global(tok.image.encode(image), 'image')
+  codes = tok.vocab.to_global(image_tok.encode(image), 'image')
   return np.concatenate([[vocab_lib.BOI], codes, [vocab_lib.EOI]]).astype(np.int32)
 
 
@@ -100,7 +120,7 @@ def image_text_document(tok: Tokenizers, examples: Sequence[Mapping[str, Any]], 
   """examples: dicts with 'image' uint8 [H, W, 3] and 'caption'."""
   parts = []
   for ex in examples:
-    caption, image = _text_part(tok, ex['caption']), _image_part(tok, ex['image'], where)
+    caption, image = _text_part(tok, ex['caption'], where), _image_part(tok, ex['image'], where)
     if not caption.size:
       raise DocumentError(f'{where}: empty caption')
     pair = [image, caption] if FORMATS[fmt] == 'image_caption' else [caption, image]
@@ -109,7 +129,7 @@ def image_text_document(tok: Tokenizers, examples: Sequence[Mapping[str, Any]], 
 
 
 def text_document(tok: Tokenizers, text: str | bytes, where: str) -> dict[str, np.ndarray]:
-  return _finish(tok, [_text_part(tok, text)], where)
+  return _finish(tok, [_text_part(tok, text, where)], where)
 
 
 def pretokenized_document(tok: Tokenizers, tokens: np.ndarray, modality: np.ndarray | None,

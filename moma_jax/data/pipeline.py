@@ -53,18 +53,24 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
 # Tokenizers
 # ----------------------------------------------------------------------------------
 def load_tokenizers(config: ml_collections.ConfigDict) -> docs_lib.Tokenizers:
-  """The text tokenizer, the VQ image tokenizer (fitted once, cached in the data
-  directory) and the vocabulary they make; checks it fits `model.vocab_size`."""
-  if tuple(config.model.modalities) != ('text', 'image'):
-    raise configs.ConfigError('model.modalities', "the data pipeline tokenizes ('text', "
-                              f"'image'), got {tuple(config.model.modalities)}")
-  text = make_text_tokenizer(config.data.text_tokenizer)
-  image = _vq_tokenizer(config)
-  vocab = vocab_lib.Vocabulary(('text', 'image'), (text.vocab_size, image.vocab_size))
+  """One tokenizer for each of `model.modalities` (`TOKENIZERS`; the VQ image
+  tokenizer is fitted once and cached in the data directory) and the vocabulary they
+  make, its ranges in the config's order; checks it fits `model.vocab_size`."""
+  modalities = tuple(config.model.modalities)
+  unknown = [m for m in modalities if m not in TOKENIZERS]
+  if unknown:
+    raise configs.ConfigError('model.modalities', f'no tokenizer for {unknown[0]!r}: the '
+                              f'data pipeline reads {", ".join(map(repr, TOKENIZERS))}')
+  by_modality = {m: TOKENIZERS[m](config) for m in modalities}
+  vocab = vocab_lib.Vocabulary(modalities, tuple(t.vocab_size for t in by_modality.values()))
   if vocab.size > config.model.vocab_size:
     raise configs.ConfigError('model.vocab_size', f'{config.model.vocab_size} is smaller '
                               f'than the data vocabulary ({vocab.size} ids)')
-  return docs_lib.Tokenizers(vocab, text, image)
+  return docs_lib.Tokenizers(vocab, by_modality)
+
+
+def _text_tokenizer(config):
+  return make_text_tokenizer(config.data.text_tokenizer)
 
 
 def _vq_tokenizer(config) -> VQTokenizer:
@@ -86,6 +92,12 @@ def _vq_tokenizer(config) -> VQTokenizer:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tok.save(path)
   return tok
+
+
+# The tokenizer each modality is read with, by the modality's name in `model.modalities`:
+# a run may use any of them, in any order. Documents (moma_jax/data/documents.py) ask for
+# the modalities their examples hold.
+TOKENIZERS = {'text': _text_tokenizer, 'image': _vq_tokenizer}
 
 
 def _fit_datasets(config) -> list[str]:

@@ -108,9 +108,9 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
   objective = cross-entropy + z_loss * logsumexp^2 + load_balance_weight * balance
   losses (token choice) + the auxiliary routers' binary cross-entropy (their inputs
   are stop-gradient, so it trains them alone). z_loss is the trainer's weight
-  (`train.z_loss`, passed by the training step); evaluation reads the metrics alone. metrics: 'loss', 'loss/{modality}',
-  'tokens/...', 'z_loss', 'balance_loss', `route/...` statistics and `aux_router/...`
-  accuracies. Pass `rng` for training (router noise).
+  (`train.z_loss`, passed by the training step); evaluation reads the metrics alone.
+  metrics: 'loss', 'loss/{modality}', 'tokens/...', 'z_loss', 'balance_loss',
+  `route/...` statistics and `aux_router/...` accuracies. Pass `rng` for training (router noise).
   """
   m = model.config
   rngs = {'router': rng} if rng is not None else {}
