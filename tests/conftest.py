@@ -77,9 +77,10 @@ def data_setup(tmp_path_factory):
   return config, pipeline.load_tokenizers(config)
 
 
-def tiny_train_config(data_dir, variant='moma_4t4i', **train_overrides):
+def tiny_train_config(data_dir, variant='moma_4t4i', group_size=None, **train_overrides):
   """The quickstart experiment shrunk to seconds on a CPU: d 32, 2 layers, seq 64,
-  batch 8, 30 steps at lr 3e-3; one metrics row per step, checkpoints every 10 steps."""
+  batch 8, 30 steps at lr 3e-3; one metrics row per step, checkpoints every 10 steps.
+  group_size: `routing.group_size` (default the experiment's); train_overrides: train.*."""
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       'quickstart', os.path.join(os.path.dirname(__file__), '..', 'experiments',
@@ -97,6 +98,8 @@ def tiny_train_config(data_dir, variant='moma_4t4i', **train_overrides):
   t.warmup, t.lr = 5, 3e-3
   for key, value in train_overrides.items():
     t[key] = value
+  if group_size is not None:
+    c.routing.group_size = group_size
   return configs.validate(c)
 
 

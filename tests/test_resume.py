@@ -203,9 +203,8 @@ def test_gradient_accumulation_resumes_exactly(data_setup, tmp_path):
   after its first checkpoint, the resumed run equals its uninterrupted one."""
   overrides = {'train.grad_accum': 2, 'routing.group_size': 4, 'train.steps': 14,
                'train.ckpt_every': 5, 'train.eval_every': 7}
-  config = tiny_train_config(data_setup[0].data.data_dir, grad_accum=2, steps=14,
-                             ckpt_every=5, eval_every=7)
-  config.routing.group_size = 4
+  config = tiny_train_config(data_setup[0].data.data_dir, group_size=4, grad_accum=2,
+                             steps=14, ckpt_every=5, eval_every=7)
   reference_dir = str(tmp_path / 'reference')
   train.train(config, reference_dir)
   reference = metrics_log.read_rows(reference_dir)

@@ -290,16 +290,13 @@ def test_gradient_accumulation_equals_one_big_batch(data_setup):
   """Micro-batches of whole routing groups: the same routing, so 2 accumulated
   micro-batches give the loss, token counts and update of the full batch."""
   import jax
-  from moma_jax import configs
   from moma_jax.data import pipeline
   from moma_jax.model import transformer
   from moma_jax.training import optimizer as optimizer_lib
   base, tok = data_setup
   results = []
   for accum in (1, 2):
-    config = tiny_train_config(base.data.data_dir)
-    config.routing.group_size, config.train.grad_accum = 2, accum
-    configs.validate(config)
+    config = tiny_train_config(base.data.data_dir, group_size=2, grad_accum=accum)
     model, tx = transformer.build(config), optimizer_lib.optimizer(config)
     params, _ = transformer.init(model, jax.random.key(0))
     batch = next(pipeline.train_iterator(config, tok, 0, 1))
