@@ -94,5 +94,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.steps = -(-TOKEN_BUDGET // (BATCH_SEQUENCES * c.data.seq_len))
   t.lr, t.warmup, t.schedule = 1e-4, 4000, 'linear'
   t.log_every, t.eval_every, t.ckpt_every, t.keep = 100, 5000, 2000, 3
-  t.eval_max_batches = 64
+  t.eval_max_batches = 192             # mixed evaluation batches (64 per dataset)
   return c

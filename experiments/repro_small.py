@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t = c.train
   t.seed = seed
   t.batch_size, t.steps, t.lr, t.warmup, t.schedule = BATCH, STEPS, 1e-3, 60, 'linear'
-  t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 10, 100, 100, 12
+  t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 10, 100, 100, 24
   t.keep = STEPS // t.ckpt_every   # every checkpoint: upcycling starts from a mid-run step
   if variant == 'up_4t4i':
     c.upcycle.at_step = UPCYCLE_STEP

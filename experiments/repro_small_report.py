@@ -36,7 +36,6 @@ import numpy as np
 from moma_jax.analysis import savings
 from moma_jax.analysis import savings_report
 from moma_jax.data import pipeline
-from moma_jax.inference import aux_stage
 from moma_jax.inference import saved_run
 from moma_jax.runs import evaluation
 
@@ -164,19 +163,21 @@ def _shares(res: dict, mode: str) -> list[float]:
   return out
 
 
-def teacher_forced_mixed(run_dir: str) -> dict[str, float]:
-  """Teacher-forced 'mixed/eval/loss[/{modality}]' of a run moma-aux did not take (dense
-  has no routing to predict) on the mixed held-out batches moma-aux uses."""
+def teacher_forced(run_dir: str) -> dict[str, float]:
+  """Teacher-forced 'eval/loss[/{modality}]' of a run moma-aux did not take (dense has
+  no routing to predict), on the evaluation batches moma-aux evaluates on."""
   run = saved_run.load(run_dir, with_aux_routers=False)
-  mods = run.config.model.modalities
-  batches = aux_stage.held_out_batches(run.config, pipeline.load_tokenizers(run.config))
-  return evaluation.mean_losses(evaluation.make_eval_step(run.model, mods), run.params,
-                                batches, mods, 'mixed/eval')
+  config = run.config
+  step = evaluation.make_eval_step(run.model, config.model.modalities,
+                                   evaluation.datasets_of(config))
+  return evaluation.evaluate(step, run.params, config, pipeline.load_tokenizers(config))
 
 
 def causal_section(runs_dir, names) -> list[str]:
   lines = ['### Teacher-forced vs causal validation loss (post-hoc auxiliary routers)', '',
-           'Causal at the paper\'s threshold 0.5 and at the compute-matched thresholds '
+           'On the evaluation batches (the validation splits mixed and packed as in '
+           'training, so routing groups hold what training\'s hold). Causal at the '
+           'paper\'s threshold 0.5 and at the compute-matched thresholds '
            '(calibrated on 2^18 training tokens). Forward MFLOPs per token: teacher-forced '
            'analytic; causal as routed on 2^18 mixed validation tokens, auxiliary routers '
            'included.', '',
@@ -184,14 +185,11 @@ def causal_section(runs_dir, names) -> list[str]:
            'matched | gap 0.5 | gap matched | MFLOPs/token TF / 0.5 / matched | held-out '
            'shares at 0.5 / matched (min-max) | balanced accuracy (experts / MoD) |',
            '|---|---|---|---|---|---|---|---|---|']
-  mixed = ['The same on 2^18 mixed validation tokens (routing groups mix the datasets as in '
-           'training; above, each dataset\'s split is routed alone):', '',
-           '| variant | teacher-forced overall / text / image | causal 0.5 | causal matched | '
-           'gap 0.5 | gap matched |', '|---|---|---|---|---|---|']
   for name in TEACHER_FORCED_ONLY:
-    res = teacher_forced_mixed(os.path.join(runs_dir, name))
-    mixed.append(f'| {name} | ' + ' / '.join(_fmt(res.get(f'mixed/eval/loss{k}'))
-                                             for k in ('', '/text', '/image')) + ' | | | | |')
+    res = teacher_forced(os.path.join(runs_dir, name))
+    lines.append(f'| {name} | ' + ' / '.join(_fmt(res.get(f'eval/loss{k}'))
+                                             for k in ('', '/text', '/image'))
+                 + ' | | | | | | | |')
   for name in names:
     path = os.path.join(runs_dir, name, 'aux_router', 'result.json')
     if not os.path.isfile(path):
@@ -212,10 +210,7 @@ def causal_section(runs_dir, names) -> list[str]:
     lines.append(f'| {name} | {three("eval/loss")} | {three("eval_causal/loss")} | '
                  f'{three("eval_causal_calibrated/loss")} | {three("gap", 4)} | '
                  f'{three("gap_calibrated", 4)} | {fl} | {sh} | {acc} |')
-    mixed.append(f'| {name} | {three("mixed/eval/loss")} | {three("mixed/eval_causal/loss")} '
-                 f'| {three("mixed/eval_causal_calibrated/loss")} | {three("mixed/gap", 4)} '
-                 f'| {three("mixed/gap_calibrated", 4)} |')
-  return lines + [''] + mixed + ['']
+  return lines + ['']
 
 
 def moe_section(metrics) -> list[str]:

@@ -94,7 +94,7 @@ def tiny_train_config(data_dir, variant='moma_4t4i', group_size=None, **train_ov
   c.model.max_len = c.data.seq_len = 64
   c.train.batch_size = 8
   t = c.train
-  t.steps, t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 30, 1, 15, 10, 2
+  t.steps, t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 30, 1, 15, 10, 6
   t.warmup, t.lr = 5, 3e-3
   for key, value in train_overrides.items():
     t[key] = value

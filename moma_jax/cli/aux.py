@@ -71,22 +71,19 @@ def _fmt(v, w, p):
 
 def table(result: dict, modalities) -> str:
   """The losses (teacher-forced, causal at 0.5 and at the compute-matched thresholds)
-  and their gaps, on the validation splits and on mixed validation batches; forward
-  FLOPs per token of each mode; router rates. Rows: overall and each modality."""
+  and their gaps on the evaluation batches (the validation splits mixed as training
+  mixes them); forward FLOPs per token of each mode; router rates. Rows: overall and
+  each modality."""
   rows = (('overall', ''), *((m, f'/{m}') for m in modalities))
   cols = ('eval/loss', 'eval_causal/loss', 'eval_causal_calibrated/loss', 'gap',
           'gap_calibrated')
-  lines = []
-  for base, title in (('', 'validation splits, dataset by dataset'),
-                      ('mixed/', 'mixed validation batches, groups as in training')):
-    if f'{base}eval/loss' not in result:
-      continue
-    lines.append(f'{"loss":<10}{"teacher-forced":>16}{"causal 0.5":>12}'
-                 f'{"causal matched":>16}{"gap 0.5":>10}{"gap matched":>13}   ({title})')
-    for label, suffix in rows:
-      v = [result.get(f'{base}{c}{suffix}') for c in cols]
-      lines.append(f'{label:<10}{_fmt(v[0], 16, 4)}{_fmt(v[1], 12, 4)}{_fmt(v[2], 16, 4)}'
-                   f'{_fmt(v[3], 10, 4)}{_fmt(v[4], 13, 4)}')
+  lines = [f'{"loss":<10}{"teacher-forced":>16}{"causal 0.5":>12}'
+           f'{"causal matched":>16}{"gap 0.5":>10}{"gap matched":>13}   '
+           '(validation splits mixed as in training)']
+  for label, suffix in rows:
+    v = [result.get(f'{c}{suffix}') for c in cols]
+    lines.append(f'{label:<10}{_fmt(v[0], 16, 4)}{_fmt(v[1], 12, 4)}{_fmt(v[2], 16, 4)}'
+                 f'{_fmt(v[3], 10, 4)}{_fmt(v[4], 13, 4)}')
   lines.append(f'{"MFLOPs/tok":<10}{"teacher-forced":>16}{"causal 0.5":>12}'
                f'{"causal matched":>16}   (forward; causal: as routed, aux routers in)')
   for label, suffix in rows:

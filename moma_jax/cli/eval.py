@@ -1,14 +1,17 @@
 """moma-eval: evaluate a training run's checkpoint on the validation splits.
 
 Usage:
-  moma-eval --workdir DIR [--step N] [--max_batches N] [--causal] [--json]
+  moma-eval --workdir DIR [--step N] [--max_batches N] [--causal] [--per_split] [--json]
             [--config.mesh.fsdp=8 ...]
 
 Restores the newest checkpoint of DIR (or step N), evaluates it teacher-forced on the
-`data.eval_split` of every dataset of the run's mixture, and prints the loss overall,
-per modality and per dataset (`--json`: one JSON object with the metrics.jsonl keys).
-Reads DIR, writes nothing. `--max_batches` overrides the run's `train.eval_max_batches`
-(0: the whole split). `--causal` evaluates in causal mode instead (routing by the
+evaluation batches (the `data.eval_split` of every dataset of the run's mixture, mixed
+and packed as training's batches, so routing groups hold what training's hold:
+moma_jax/runs/evaluation.py), and prints the loss overall, per modality and per dataset
+(`--json`: one JSON object with the metrics.jsonl keys). Reads DIR, writes nothing.
+`--max_batches` overrides the run's `train.eval_max_batches` (0: until a split is used
+up). `--per_split` adds the diagnostic that reads each dataset's split on its own
+(`eval_split/...`), where a routing group holds one dataset. `--causal` evaluates in causal mode instead (routing by the
 auxiliary routers, token by token), for runs that have them (`moma-aux`, or joint
 training): at threshold 0.5 (keys `eval_causal/...`) and, where `moma-aux` calibrated
 them for this step, at the compute-matched thresholds (`eval_causal_calibrated/...`),
@@ -49,11 +52,16 @@ STEP = cli.define_once(flags.DEFINE_integer, 'step', None,
                        'checkpoint step (default: the newest)')
 MAX_BATCHES = cli.define_once(
     flags.DEFINE_integer, 'max_batches', None,
-    "batches per dataset (default: the run's train.eval_max_batches; 0: the whole split)")
+    "evaluation batches (default: the run's train.eval_max_batches; 0: until a split is "
+    'used up)')
 JSON = cli.define_once(flags.DEFINE_bool, 'json', False,
                        'print one JSON object instead of a table')
 CAUSAL = cli.define_once(flags.DEFINE_bool, 'causal', False,
                          'evaluate in causal mode (needs auxiliary routers)')
+PER_SPLIT = cli.define_once(
+    flags.DEFINE_bool, 'per_split', False,
+    "also evaluate each dataset's split on its own (a diagnostic: its routing groups hold "
+    'one dataset, which no training group does)')
 
 
 CAUSAL_LABELS = {'eval_causal': 'causal, threshold 0.5',
@@ -112,11 +120,19 @@ def main(mesh_overrides: dict[str, int]) -> None:
                                        calibrated=calibrated, put=put)
       prefixes = ['eval_causal', *(['eval_causal_calibrated'] if calibrated else [])]
     else:
-      params_sh = jax.tree.map(lambda a: a.sharding, run.params)
-      step_fn = evaluation.make_eval_step(model, config.model.modalities,
-                                          (params_sh, batch_sh))
+      shardings = (jax.tree.map(lambda a: a.sharding, run.params), batch_sh)
+      mods = config.model.modalities
+      step_fn = evaluation.make_eval_step(model, mods, evaluation.datasets_of(config),
+                                          shardings=shardings)
       metrics = evaluation.evaluate(step_fn, run.params, config, tok, put=put)
       prefixes = ['eval']
+    if PER_SPLIT.value:
+      split_model = model.in_mode(causal=True) if CAUSAL.value else model
+      split_params = thresholds.at_half(run.params) if CAUSAL.value else run.params
+      split_step = evaluation.make_eval_step(split_model, config.model.modalities)
+      metrics.update(evaluation.evaluate_per_split(split_step, split_params, config, tok,
+                                                   put=put))
+      prefixes.append(evaluation.SPLIT_PREFIX)
   if JSON.value:
     print(json.dumps({'step': run.step, 'train_flops': run.progress.get('train_flops'),
                       **metrics}))
@@ -125,7 +141,9 @@ def main(mesh_overrides: dict[str, int]) -> None:
         f'({run.progress.get("train_flops", 0):.4g} training FLOPs'
         f'{", causal mode" if CAUSAL.value else ""})')
   for prefix in prefixes:
-    if CAUSAL.value:
+    if prefix == evaluation.SPLIT_PREFIX:
+      print("each dataset's split on its own (diagnostic: routing groups of one dataset)")
+    elif CAUSAL.value:
       flops = ', '.join(f'{name} {metrics[key] / 1e6:.3f}' for name, key in (
           ('overall', f'flops/{prefix}'),
           *((m, f'flops/{prefix}/{m}') for m in config.model.modalities)))

@@ -33,6 +33,7 @@ import ml_collections
 import pallas_kernels
 
 from moma_jax import configs
+from moma_jax.data import pipeline
 from moma_jax.inference import generate
 from moma_jax.model import mesh as mesh_lib
 from moma_jax.model import sharding
@@ -152,10 +153,13 @@ def cuda_target(config: ml_collections.ConfigDict, chip: str | None = None) -> T
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_sh: NamedSharding,
-                   batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """The batch as ShapeDtypeStructs [B, L], rows split over the batch axes."""
+                   batch_size: int | None = None,
+                   with_dataset: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batch as ShapeDtypeStructs [B, L], rows split over the batch axes;
+  with_dataset: the evaluation batches' `dataset` [B, L] int8 too."""
   shape = (batch_size or config.train.batch_size, config.data.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sh) for k, d in BATCH_DTYPES.items()}
+  dtypes = {**BATCH_DTYPES, **({pipeline.DATASET: jnp.int8} if with_dataset else {})}
+  return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sh) for k, d in dtypes.items()}
 
 
 def _scalar(dtype, mesh) -> jax.ShapeDtypeStruct:
@@ -167,7 +171,8 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
   `target.mesh`, built as moma-train, the evaluator and moma-generate build it.
 
   train: train_step.make_train_step(state, batch [B, L], step), the trainer's own.
-  eval: evaluation.make_eval_step(params, batch [B, L]).
+  eval: evaluation.make_eval_step(params, batch [B, L]) on the evaluation batches, whose
+    tokens carry their dataset (per-dataset losses from the same pass).
   decode: one new token for each of B rows against a KV cache of S slots
     (generate.decode_step). A model whose routing looks ahead (expert choice, MoD)
     decodes through auxiliary routers, which moma-aux adds after training: their
@@ -185,9 +190,10 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
   if name == 'eval':
     model = transformer.build(config)
     params = train_state.abstract_params(model, mesh)
-    fn = evaluation.make_eval_step(model, config.model.modalities,
-                                   (jax.tree.map(lambda a: a.sharding, params), batch_sh))
-    return BuiltStep(name, fn, (params, abstract_batch(config, batch_sh)),
+    fn = evaluation.make_eval_step(
+        model, config.model.modalities, evaluation.datasets_of(config),
+        shardings=(jax.tree.map(lambda a: a.sharding, params), batch_sh))
+    return BuiltStep(name, fn, (params, abstract_batch(config, batch_sh, with_dataset=True)),
                      config.train.batch_size * config.data.seq_len)
   if name == 'decode':
     model = transformer.build(config, aux_routers=configs.looks_ahead(config.model) or None)

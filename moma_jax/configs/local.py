@@ -25,7 +25,7 @@ def shrink_for_cpu(config: ml_collections.ConfigDict,
       'model.max_len': 128, 'data.seq_len': 128, 'routing.group_size': group,
       'train.batch_size': 2 * group, 'train.grad_accum': 1, 'train.steps': 100,
       'train.warmup': 10, 'train.lr': 1e-3, 'train.log_every': 5,
-      'train.eval_every': 50, 'train.ckpt_every': 50, 'train.eval_max_batches': 4}
+      'train.eval_every': 50, 'train.ckpt_every': 50, 'train.eval_max_batches': 12}
   for path, value in small.items():
     if path not in keep:
       *parents, leaf = path.split('.')

@@ -6,7 +6,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from moma_jax.configs.checks import (ConfigError, at_least_zero, greater_than_zero,
-                                     not_negative, one_of, positive)
+                                     not_negative, positive)
 
 SCHEDULES = ('linear', 'cosine')
 
@@ -16,7 +16,8 @@ def defaults() -> ml_collections.ConfigDict:
       batch_size=8, steps=200, lr=1e-3, warmup=20, schedule='linear',
       weight_decay=0.1, clip=1.0, z_loss=1e-5, grad_accum=1, seed=0,
       log_every=10, eval_every=100, ckpt_every=100, keep=3, max_nonfinite=10,
-      # Evaluation reads at most this many batches per dataset (None: the whole split).
+      # Evaluation reads at most this many of its batches, the validation splits mixed
+      # as training mixes them (None: until a split is used up; moma_jax/runs/evaluation.py).
       eval_max_batches=config_dict.placeholder(int),
       # Batches made and placed on the devices ahead of the step (0: made when needed).
       prefetch=2))

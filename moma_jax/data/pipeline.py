@@ -14,11 +14,14 @@ How rows are made, and why:
     process would make: batches do not depend on the number of processes.
   * `TrainIterator.get_state()` is the position of every row stream; `set_state`
     resumes it exactly.
-Evaluation runs once over a validation split per dataset, every process making all rows
+Evaluation reads every dataset's validation split once, mixed by the same weights and
+packed into rows the same way (`mixed_eval_batches`), so that its routing groups hold
+what training's hold; each token carries its dataset. Every process makes all rows
 (splits are small) so that all processes agree on the number of batches.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterator, Sequence
 
@@ -39,6 +42,9 @@ from moma_jax import usage
 
 DEFAULT_DATA_DIR = os.path.join('~', '.cache', 'moma_jax', 'data')
 FEATURES = ('tokens', 'modality')
+# The evaluation batches also say which dataset of the mixture each token came from.
+DATASET = 'dataset'
+MIXED_FEATURES = (*FEATURES, DATASET)
 # What bad data input raises (a missing dataset, an unreadable tokenizer, ...): the
 # command-line tools report these as one line and exit code 2.
 DATA_ERRORS = (datasets.DatasetError, docs_lib.DocumentError, vocab_lib.VocabularyError,
@@ -167,22 +173,26 @@ class DatasetDocuments(Sequence):
 # ----------------------------------------------------------------------------------
 # Rows and batches
 # ----------------------------------------------------------------------------------
-def _row_stream(docs: grain.MapDataset, seq_len: int) -> grain.IterDataset:
+def _row_stream(docs: grain.MapDataset, seq_len: int,
+                features: Sequence[str] = FEATURES) -> grain.IterDataset:
   """Documents -> rows of seq_len tokens (concatenate, then split)."""
   # Synchronous reads: a thread pool per row stream (grain's default) costs more than
   # making the documents, which is cheap.
   read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return grain_exp.ConcatThenSplitIterDataset(
-      docs.to_iter_dataset(read), length_struct={f: seq_len for f in FEATURES})
+      docs.to_iter_dataset(read), length_struct={f: seq_len for f in features})
 
 
 def _batch(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   seg = np.stack([r['tokens_segment_ids'] for r in rows]).astype(np.int32)
-  return {'tokens': np.stack([r['tokens'] for r in rows]).astype(np.int32),
-          'modality': np.stack([r['modality'] for r in rows]).astype(np.int8),
-          'segment_ids': seg,
-          'positions': np.stack([r['tokens_positions'] for r in rows]).astype(np.int32),
-          'loss_mask': (seg > 0).astype(np.int32)}
+  batch = {'tokens': np.stack([r['tokens'] for r in rows]).astype(np.int32),
+           'modality': np.stack([r['modality'] for r in rows]).astype(np.int8),
+           'segment_ids': seg,
+           'positions': np.stack([r['tokens_positions'] for r in rows]).astype(np.int32),
+           'loss_mask': (seg > 0).astype(np.int32)}
+  if DATASET in rows[0]:
+    batch[DATASET] = np.stack([r[DATASET] for r in rows]).astype(np.int8)
+  return batch
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> range:
@@ -247,13 +257,42 @@ def train_iterator(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
 
 def eval_batches(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers, name: str,
                  process_index: int = 0, process_count: int = 1):
-  """One pass over `data.eval_split` of dataset `name`: this process's rows of each
-  global batch; rows past the end of the split are all padding."""
+  """One pass over `data.eval_split` of dataset `name` alone: this process's rows of
+  each global batch; rows past the end of the split are all padding. A diagnostic: its
+  routing groups hold one dataset, which training's never do (`mixed_eval_batches`)."""
   docs = grain.MapDataset.source(DatasetDocuments(config, name, config.data.eval_split, tok))
+  yield from _one_pass(docs, config, process_index, process_count, FEATURES)
+
+
+def mixed_eval_batches(config: ml_collections.ConfigDict, tok: docs_lib.Tokenizers,
+                       process_index: int = 0, process_count: int = 1):
+  """The evaluation batches: `data.eval_split` of every dataset, mixed by the mixture's
+  weights and packed into rows as training's batches are, so that routing groups hold
+  what training's hold. Fixed: every call makes the same batches (each split in its own
+  order, no shuffling), ending where the first split (relative to its weight) is used
+  up; rows past that are all padding. Each token carries its dataset: `dataset` [B, L]
+  int8, the index into `configs.mixture(config.data)`."""
+  parts, weights = [], []
+  for k, (name, weight) in enumerate(configs.mixture(config.data)):
+    docs = grain.MapDataset.source(DatasetDocuments(config, name, config.data.eval_split, tok))
+    parts.append(docs.map(functools.partial(_with_dataset, k)))
+    weights.append(weight)
+  mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
+  yield from _one_pass(mixed, config, process_index, process_count, MIXED_FEATURES)
+
+
+def _with_dataset(k: int, doc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {**doc, DATASET: np.full(doc['tokens'].shape, k, np.int8)}
+
+
+def _one_pass(docs: grain.MapDataset, config: ml_collections.ConfigDict,
+              process_index: int, process_count: int, features: Sequence[str]):
+  """Global batches of `docs` read once, row r of each batch the r-th row stream (as in
+  training); this process's rows of each. Streams that end early give padding rows."""
   b, l = config.train.batch_size, config.data.seq_len
   mine = process_rows(b, process_index, process_count)
-  iters = [iter(_row_stream(docs[r::b], l)) for r in range(b)]
-  empty = {'tokens': np.zeros(l, np.int32), 'modality': np.zeros(l, np.int8),
+  iters = [iter(_row_stream(docs[r::b], l, features)) for r in range(b)]
+  empty = {**{f: np.zeros(l, np.int32) for f in features},
            'tokens_segment_ids': np.zeros(l, np.int32), 'tokens_positions': np.zeros(l, np.int32)}
   while True:
     rows = [next(it, None) for it in iters]

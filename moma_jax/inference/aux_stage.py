@@ -4,8 +4,9 @@ As in the paper, the model is trained first; then every expert group and MoD lay
 an auxiliary router (moma_jax/model/aux_router.py), trained alone by binary cross-
 entropy against the group-level top-k decisions the frozen model makes on its training
 data; then their compute-matched thresholds are calibrated on training batches
-(moma_jax/inference/thresholds.py). The stage ends with an evaluation on the validation
-splits:
+(moma_jax/inference/thresholds.py). The stage ends with an evaluation on the
+evaluation batches (the validation splits mixed and packed as training's batches,
+moma_jax/runs/evaluation.py), every mode on the same batches:
   eval/...          teacher-forced loss (the routing groups decide), as moma-eval;
   eval_causal/...   causal loss (the auxiliary routers decide, token by token, p > 0.5);
   eval_causal_calibrated/...  the same at the compute-matched thresholds;
@@ -25,6 +26,7 @@ Axis legend: B batch, L length.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -47,7 +49,8 @@ from moma_jax.runs import evaluation
 from moma_jax.runs import state as train_state
 
 
-# Mixed validation batches per dataset when `train.eval_max_batches` is None.
+# Mixed validation batches per dataset the routers' rates are counted on when
+# `train.eval_max_batches` is None.
 VALIDATION_BATCHES_PER_DATASET = 16
 # Token positions of the training stream the compute-matched thresholds are calibrated
 # on, and of the mixed validation stream causal routing is measured on (2^18: 64 batches
@@ -121,11 +124,11 @@ def train_routers(model: transformer.Decoder, params, config: ml_collections.Con
 def router_accuracy(model: transformer.Decoder, params, config: ml_collections.ConfigDict,
                     tok: docs_lib.Tokenizers, put: Put = evaluation.to_device
                     ) -> dict[str, float]:
-  """`aux_router/...` rates on the validation splits: the routers' decisions against the
-  teacher-forced ones, counted over all batches before dividing. The batches mix the
-  datasets as training does (routing groups of one dataset alone would shift the
-  group-level decisions): `train.eval_max_batches` per dataset of the mixture (all
-  of them once when None)."""
+  """`aux_router/...` rates on held-out batches that mix the datasets as training does
+  (routing groups of one dataset alone would shift the group-level decisions): the
+  validation splits' mixed stream, shuffled as training's, `train.eval_max_batches`
+  batches of it (16 per dataset when None). The routers' decisions against the
+  teacher-forced ones, counted over all batches before dividing."""
   @jax.jit
   def counts(params, batch):
     _, state = model.apply({'params': params}, batch['tokens'], batch['modality'],
@@ -134,11 +137,11 @@ def router_accuracy(model: transformer.Decoder, params, config: ml_collections.C
     return aux_router.totals(state[aux_router.COLLECTION])
 
   total: dict[str, dict[str, float]] = {}
-  datasets = configs.mixture(config.data)
-  per = config.train.eval_max_batches or VALIDATION_BATCHES_PER_DATASET
+  count = (config.train.eval_max_batches
+           or VALIDATION_BATCHES_PER_DATASET * len(configs.mixture(config.data)))
   batches = _rows(config, tok, split=config.data.eval_split)
-  for _ in range(per * len(datasets)):
-    for kind, c in jax.device_get(counts(params, put(next(batches)))).items():
+  for batch in itertools.islice(batches, count):
+    for kind, c in jax.device_get(counts(params, put(batch))).items():
       slot = total.setdefault(kind, dict.fromkeys(aux_router.COUNTS, 0.0))
       for key in aux_router.COUNTS:
         slot[key] += float(c[key])
@@ -208,7 +211,8 @@ def causal_modes(model: transformer.Decoder, params, config: ml_collections.Conf
   'flops/...' and 'usage/...' of each, measured on `held_out` (default
   `held_out_batches`; `evaluate_modes`)."""
   out: dict[str, Any] = {}
-  step = evaluation.make_eval_step(model.in_mode(causal=True), config.model.modalities)
+  step = evaluation.make_eval_step(model.in_mode(causal=True), config.model.modalities,
+                                   evaluation.datasets_of(config))
   modes = [('eval_causal', thresholds.at_half(params))]
   if calibrated:
     modes.append(('eval_causal_calibrated', params))
@@ -236,17 +240,12 @@ def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.Co
   measured on `USAGE_TOKENS` of mixed validation batches for the causal modes
   (auxiliary routers included; 'flops/{mode}/aux_routers[/{modality}]' their part), and
   'usage/{mode}/...' those measurements (`thresholds.measure`: each router's shares,
-  pooled over the tokens).
-
-  The validation splits are read dataset by dataset (as moma-eval and training do), so
-  teacher-forced routing groups there hold one dataset's tokens, which compete for the
-  experts differently than in training's mixed groups; causal routing decides token by
-  token and does not see the difference. The like-for-like comparison is therefore
-  also made on the mixed held-out batches: 'mixed/{mode}/loss[/{modality}]' for the
-  three modes, and 'mixed/gap[...]', 'mixed/gap_calibrated[...]'.
+  pooled over the tokens). Every loss comes from the evaluation batches, whose routing
+  groups mix the datasets as training's do, so teacher-forced and causal losses are
+  measured on the same tokens in the same groups.
   """
   mods = config.model.modalities
-  teacher_step = evaluation.make_eval_step(model, mods)
+  teacher_step = evaluation.make_eval_step(model, mods, evaluation.datasets_of(config))
   out: dict[str, Any] = evaluation.evaluate(teacher_step, params, config, tok, put=put)
   out.update(router_accuracy(model, params, config, tok, put))
   report = flops.count(config)
@@ -254,16 +253,10 @@ def evaluate_modes(model: transformer.Decoder, params, config: ml_collections.Co
               for k, v in report.forward.items()})
   held_out = held_out_batches(config, tok, put)
   out.update(causal_modes(model, params, config, tok, held_out=held_out, put=put))
-  causal_step = evaluation.make_eval_step(model.in_mode(causal=True), mods)
-  for mode, step, p in (('eval', teacher_step, params),
-                        ('eval_causal', causal_step, thresholds.at_half(params)),
-                        ('eval_causal_calibrated', causal_step, params)):
-    out.update(evaluation.mean_losses(step, p, held_out, mods, prefix=f'mixed/{mode}'))
   for suffix in ('', *(f'/{m}' for m in mods)):
-    for base in ('', 'mixed/'):
-      for mode, gap in (('eval_causal', 'gap'), ('eval_causal_calibrated', 'gap_calibrated')):
-        causal, teacher = f'{base}{mode}/loss{suffix}', f'{base}eval/loss{suffix}'
-        if causal in out and teacher in out:
-          out[f'{base}{gap}{suffix}'] = out[causal] - out[teacher]
+    for mode, gap in (('eval_causal', 'gap'), ('eval_causal_calibrated', 'gap_calibrated')):
+      causal, teacher = f'{mode}/loss{suffix}', f'eval/loss{suffix}'
+      if causal in out and teacher in out:
+        out[f'{gap}{suffix}'] = out[causal] - out[teacher]
   return out
 

@@ -9,7 +9,7 @@ loss, the z-loss, routing auxiliary losses and the routing statistics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -100,6 +100,17 @@ def init(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None =
   return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
+def apply(model: Decoder, params, batch: Mapping[str, jax.Array],
+          rng: jax.Array | None = None, mutable: Sequence[str] = ()):
+  """(logits [B, L, V] float32, the collections named in `mutable`) of one batch;
+  `rng` for training (router noise), None for evaluation (deterministic)."""
+  rngs = {'router': rng} if rng is not None else {}
+  out = model.apply({'params': params}, batch['tokens'], batch['modality'],
+                    batch['segment_ids'], batch['positions'], deterministic=rng is None,
+                    rngs=rngs, mutable=list(mutable) or False)
+  return out if mutable else (out, {})
+
+
 def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
             rng: jax.Array | None = None,
             z_loss: float = 0.0) -> tuple[jax.Array, dict[str, Any]]:
@@ -113,11 +124,8 @@ def loss_fn(model: Decoder, params, batch: Mapping[str, jax.Array],
   `route/...` statistics and `aux_router/...` accuracies. Pass `rng` for training (router noise).
   """
   m = model.config
-  rngs = {'router': rng} if rng is not None else {}
-  logits, state = model.apply(
-      {'params': params}, batch['tokens'], batch['modality'], batch['segment_ids'],
-      batch['positions'], deterministic=rng is None, rngs=rngs,
-      mutable=[names.ROUTE_STATS, names.BALANCE_LOSS, names.AUX_ROUTER_SCORES])
+  logits, state = apply(model, params, batch, rng,
+                        (names.ROUTE_STATS, names.BALANCE_LOSS, names.AUX_ROUTER_SCORES))
   with jax.named_scope(names.LOSS):
     objective, metrics = loss_lib.next_token_loss(
         logits, batch, m.modalities, z_loss)

@@ -1,11 +1,17 @@
-"""Teacher-forced evaluation on the validation split of every dataset of the mixture.
+"""Teacher-forced evaluation, routed as training routes.
 
-`evaluate` returns token-weighted mean losses:
-  eval/loss, eval/loss/{modality}                       over all datasets together;
-  eval/{dataset}/loss, eval/{dataset}/loss/{modality}   per dataset.
+`evaluate` reads the evaluation batches (`pipeline.mixed_eval_batches`: every dataset's
+validation split mixed by the mixture's weights and packed as training's rows, so each
+routing group holds what a training group holds) and returns token-weighted mean losses:
+  eval/loss, eval/loss/{modality}                       the training mixture's;
+  eval/{dataset}/loss, eval/{dataset}/loss/{modality}   each dataset's tokens, from the
+                                                        same forward passes.
 A dataset without tokens of a modality has no key for it. A model in causal mode
-(auxiliary routers decide, token by token) is evaluated the same way, under the prefix
-'eval_causal'. `mean_losses` pools the same means over any list of batches.
+(auxiliary routers decide, token by token) is evaluated on the same batches, under the
+prefix 'eval_causal'. `evaluate_per_split` is the diagnostic that reads each split on its
+own ('eval_split/{dataset}/...'): there a routing group holds one dataset, as no
+training group does, so expert choice routes it differently. `mean_losses` pools the
+same means over any list of batches.
 """
 from __future__ import annotations
 
@@ -20,20 +26,36 @@ import numpy as np
 from moma_jax import configs
 from moma_jax.data import documents as docs_lib
 from moma_jax.data import pipeline
+from moma_jax.model import loss as loss_lib
 from moma_jax.model import transformer
 
 EvalStep = Callable[[object, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
+SPLIT_PREFIX = 'eval_split'
 
 
-def make_eval_step(model: transformer.Decoder, modalities,
+def _pairs(modalities, dataset: str = '') -> dict[str, str]:
+  """{loss key: the key of its token count}, under 'dataset/' when one is named."""
+  at = f'{dataset}/' if dataset else ''
+  return {f'{at}loss': f'{at}tokens',
+          **{f'{at}loss/{m}': f'{at}tokens/{m}' for m in modalities}}
+
+
+def make_eval_step(model: transformer.Decoder, modalities, datasets: Sequence[str] = (),
                    shardings: tuple[Any, Any] | None = None) -> EvalStep:
-  """(params, batch of [B, L] arrays) -> {'loss', 'loss/{m}', 'tokens', 'tokens/{m}'},
-  jit'd; no router noise. shardings: (params', batch's) under a mesh."""
-  keys = ('loss', 'tokens', *(f'{k}/{m}' for m in modalities for k in ('loss', 'tokens')))
-
+  """(params, batch of [B, L] arrays) -> {'loss', 'loss/{m}', 'tokens', 'tokens/{m}'}
+  of the batch and, for each name d of `datasets`, the same keys under 'd/' for the
+  tokens whose `batch['dataset']` is d's index (one forward pass for all). jit'd; no
+  router noise. shardings: (params', batch's) under a mesh."""
   def step_fn(params, batch):
-    _, metrics = transformer.loss_fn(model, params, batch)
-    return {k: metrics[k] for k in keys}
+    logits, _ = transformer.apply(model, params, batch)
+
+    def losses(mask, at: str):
+      _, m = loss_lib.next_token_loss(logits, {**batch, 'loss_mask': mask}, modalities, 0.0)
+      return {f'{at}{key}': m[key] for pair in _pairs(modalities).items() for key in pair}
+    out = losses(batch['loss_mask'], '')
+    for k, name in enumerate(datasets):
+      out.update(losses(batch['loss_mask'] * (batch[pipeline.DATASET] == k), f'{name}/'))
+    return out
   if shardings is None:
     return jax.jit(step_fn)
   replicated = jax.sharding.NamedSharding(shardings[1].mesh, jax.sharding.PartitionSpec())
@@ -45,49 +67,65 @@ def to_device(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def _pooled(eval_step: EvalStep, params, batches: Iterable[Any], keys: Sequence[str]):
-  """(sums, counts): each key's loss times its token count, and the counts, summed over
-  `batches` ('loss/text' counts 'tokens/text')."""
-  sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
+def _pooled(eval_step: EvalStep, params, batches: Iterable[Any], pairs: Mapping[str, str]):
+  """(sums, counts): each loss key's loss times its token count (`pairs` names the
+  count's key), and the counts, summed over `batches`."""
+  sums, counts = dict.fromkeys(pairs, 0.0), dict.fromkeys(pairs, 0)
   for batch in batches:
     m = jax.device_get(eval_step(params, batch))
-    for key in keys:
-      n = int(m['tokens' + key[len('loss'):]])
+    for key, count_key in pairs.items():
+      n = int(m[count_key])
       sums[key] += float(m[key]) * n
       counts[key] += n
   return sums, counts
 
 
-def _keys(modalities) -> tuple[str, ...]:
-  return ('loss', *(f'loss/{m}' for m in modalities))
+def _means(sums, counts, prefix: str) -> dict[str, float]:
+  return {f'{prefix}/{k}': sums[k] / counts[k] for k in sums if counts[k]}
 
 
 def mean_losses(eval_step: EvalStep, params, batches: Iterable[Mapping[str, jax.Array]],
                 modalities, prefix: str) -> dict[str, float]:
   """'{prefix}/loss[/{modality}]': token-weighted mean losses over `batches` (device
   arrays), pooled over all of them before dividing."""
-  sums, counts = _pooled(eval_step, params, batches, _keys(modalities))
-  return {f'{prefix}/{k}': sums[k] / counts[k] for k in sums if counts[k]}
+  return _means(*_pooled(eval_step, params, batches, _pairs(modalities)), prefix)
+
+
+def datasets_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The mixture's dataset names, in the order of `batch['dataset']`'s indices."""
+  return tuple(name for name, _ in configs.mixture(config.data))
 
 
 def evaluate(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
              tok: docs_lib.Tokenizers,
              put: Callable[[Mapping[str, np.ndarray]], Any] = to_device,
              prefix: str = 'eval') -> dict[str, float]:
-  """Reads at most `train.eval_max_batches` batches of each dataset's eval split (this
-  process's rows of each; `put` makes them the step's input arrays). Keys start with
-  `prefix` ('eval', or 'eval_causal' for a causal-mode model)."""
-  keys = _keys(config.model.modalities)
-  total, count, out = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), {}
-  for name, _ in configs.mixture(config.data):
+  """Reads at most `train.eval_max_batches` evaluation batches (this process's rows of
+  each; `put` makes them the step's input arrays) with `eval_step` made for
+  `datasets_of(config)`. Keys start with `prefix` ('eval', or 'eval_causal' for a
+  causal-mode model)."""
+  mods = config.model.modalities
+  pairs = _pairs(mods)
+  for name in datasets_of(config):
+    pairs.update(_pairs(mods, name))
+  batches = pipeline.mixed_eval_batches(config, tok, jax.process_index(),
+                                        jax.process_count())
+  batches = map(put, itertools.islice(batches, config.train.eval_max_batches))
+  return _means(*_pooled(eval_step, params, batches, pairs), prefix)
+
+
+def evaluate_per_split(eval_step: EvalStep, params, config: ml_collections.ConfigDict,
+                       tok: docs_lib.Tokenizers,
+                       put: Callable[[Mapping[str, np.ndarray]], Any] = to_device,
+                       prefix: str = SPLIT_PREFIX) -> dict[str, float]:
+  """The diagnostic: each dataset's split read on its own, at most
+  `train.eval_max_batches` batches of it, with `eval_step` made without datasets.
+  Keys '{prefix}/{dataset}/loss[/{modality}]'."""
+  pairs = _pairs(config.model.modalities)
+  out = {}
+  for name in datasets_of(config):
     batches = pipeline.eval_batches(config, tok, name, jax.process_index(),
                                     jax.process_count())
     batches = map(put, itertools.islice(batches, config.train.eval_max_batches))
-    sums, counts = _pooled(eval_step, params, batches, keys)
-    for key in keys:
-      if counts[key]:
-        out[f'{prefix}/{name}/{key}'] = sums[key] / counts[key]
-      total[key] += sums[key]
-      count[key] += counts[key]
-  out.update({f'{prefix}/{k}': total[k] / count[k] for k in keys if count[k]})
+    out.update(_means(*_pooled(eval_step, params, batches, pairs), f'{prefix}/{name}'))
   return out

@@ -183,10 +183,12 @@ class Loop:
                                       last_good=ckpts.last_good)
     self.train_step = make_train_step(job.model, job.tx, config, (job.state_sh, job.batch_sh))
     params_sh = (job.state_sh['params'], job.batch_sh)
-    self.eval_steps = {'eval': evaluation.make_eval_step(job.model, self.mods, params_sh)}
+    datasets = evaluation.datasets_of(config)
+    self.eval_steps = {'eval': evaluation.make_eval_step(job.model, self.mods, datasets,
+                                                         shardings=params_sh)}
     if job.model.mode.aux_routers:         # jointly trained routers: the causal model too
       self.eval_steps['eval_causal'] = evaluation.make_eval_step(
-          job.model.in_mode(causal=True), self.mods, params_sh)
+          job.model.in_mode(causal=True), self.mods, datasets, shardings=params_sh)
     # The logged rate: the schedule at the optimizer's own count, evaluated on the host
     # (the update's in-step value may differ from it in the last float32 bit).
     self.schedule = optimizer_lib.learning_rate(config)
