@@ -274,6 +274,12 @@ def test_moma_eval_reproduces_the_last_evaluation(trained_run, capsys):
   eval_cli.run(['moma-eval', f'--workdir={workdir}'])
   table = capsys.readouterr().out
   assert 'moma_pydoc' in table and f"{want['eval/loss']:.4f}" in table
+  # The diagnostic adds each split read alone, under its own prefix.
+  eval_cli.run(['moma-eval', f'--workdir={workdir}', '--per_split', '--json'])
+  split = json.loads(capsys.readouterr().out)
+  assert {k: split[k] for k in want} == got
+  assert {f'eval_split/{n}/loss' for n in ('moma_shapes', 'moma_digits', 'moma_pydoc')} \
+      <= set(split) - set(want)
   assert snapshot(workdir) == before   # reading a run writes nothing
 
 

@@ -114,14 +114,14 @@ def main(mesh_overrides: dict[str, int]) -> None:
   # Batches [B, L]: each process reads its rows, placed over the mesh's batch axes.
   batch_sh = sharding.batch_sharding(run.mesh)
   put = lambda batch: sharding.global_batch(batch, batch_sh)
+  shardings = (jax.tree.map(lambda a: a.sharding, run.params), batch_sh)
+  mods = config.model.modalities
   with jax.set_mesh(run.mesh), sharding.axis_rules():
     if CAUSAL.value:
       metrics = aux_stage.causal_modes(model, run.params, config, tok,
                                        calibrated=calibrated, put=put)
       prefixes = ['eval_causal', *(['eval_causal_calibrated'] if calibrated else [])]
     else:
-      shardings = (jax.tree.map(lambda a: a.sharding, run.params), batch_sh)
-      mods = config.model.modalities
       step_fn = evaluation.make_eval_step(model, mods, evaluation.datasets_of(config),
                                           shardings=shardings)
       metrics = evaluation.evaluate(step_fn, run.params, config, tok, put=put)
@@ -129,7 +129,7 @@ def main(mesh_overrides: dict[str, int]) -> None:
     if PER_SPLIT.value:
       split_model = model.in_mode(causal=True) if CAUSAL.value else model
       split_params = thresholds.at_half(run.params) if CAUSAL.value else run.params
-      split_step = evaluation.make_eval_step(split_model, config.model.modalities)
+      split_step = evaluation.make_eval_step(split_model, mods, shardings=shardings)
       metrics.update(evaluation.evaluate_per_split(split_step, split_params, config, tok,
                                                    put=put))
       prefixes.append(evaluation.SPLIT_PREFIX)
