@@ -48,13 +48,14 @@ def make_eval_step(model: transformer.Decoder, modalities, datasets: Sequence[st
   router noise. shardings: (params', batch's) under a mesh."""
   def step_fn(params, batch):
     logits, _ = transformer.apply(model, params, batch)
-
-    def losses(mask, at: str):
-      _, m = loss_lib.next_token_loss(logits, {**batch, 'loss_mask': mask}, modalities, 0.0)
-      return {f'{at}{key}': m[key] for pair in _pairs(modalities).items() for key in pair}
-    out = losses(batch['loss_mask'], '')
+    # Cross-entropy once per position; each dataset books its own targets of it.
+    ce, _, targets = loss_lib.token_losses(logits, batch)
+    target_mod = batch['modality'][:, 1:]
+    out = loss_lib.book(ce, targets, target_mod, modalities)
     for k, name in enumerate(datasets):
-      out.update(losses(batch['loss_mask'] * (batch[pipeline.DATASET] == k), f'{name}/'))
+      mine = targets & (batch[pipeline.DATASET][:, 1:] == k)
+      out.update({f'{name}/{key}': v
+                  for key, v in loss_lib.book(ce, mine, target_mod, modalities).items()})
     return out
   if shardings is None:
     return jax.jit(step_fn)
