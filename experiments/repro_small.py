@@ -9,15 +9,19 @@ Variants (`--config experiments/repro_small.py:VARIANT[,seed=S]`):
   mod_4t4i    4t4i in a mixture-of-depths model
   mod_4t4i_aware   mod_4t4i with modality-aware MoD (c_d of each modality's tokens)
   up_4t4i     4t4i upcycled from the 1t1i run at step UPCYCLE_STEP, trained for the
-              remaining STEPS - UPCYCLE_STEP steps (same total FLOPs), Gumbel-sigmoid
-              router noise as the paper; the source run is named on the command line:
+              remaining STEPS - UPCYCLE_STEP steps (same total FLOPs), the paper's
+              recipe: Gumbel-sigmoid router noise, optimizer and LR schedule restarted;
+              the source run is named on the command line:
               --config.upcycle.from_workdir=RUNS/1t1i
-  moe_8x_lr5e-4    moe_8x at half the learning rate: the controlled test of the moe_8x
-              diagnosis (docs/REPRODUCTION.md)
+  up_4t4i_carry, up_4t4i_nonoise, up_4t4i_scaled, up_4t4i_at100
+              up_4t4i with one change each (UPCYCLED): the source's optimizer and
+              schedule carried on; no router noise; the noise scaled to the router
+              logits' spread; upcycled at step 100 and trained 500 steps after
 Every sparse variant costs its dense model's forward FLOPs per token (routers aside);
 the MoD models are deeper, at the depth whose FLOPs per token match the dense model's
 (`moma_jax.analysis.flops.mod_layers_matching`). `seed=S` changes the initialization and the
-data order (train.seed, data.seed).
+data order (train.seed, data.seed); for an upcycled variant only train.seed (its fresh
+routers and router noise), since it continues its source's data stream.
 
 Data: moma_shapes with enough scenes that no scene is seen twice, plus moma_pydoc text
 in a fixed mixture; evaluation on both validation splits.
@@ -32,11 +36,21 @@ from moma_jax.analysis import flops
 from moma_jax import configs
 from moma_jax import variants
 
-VARIANTS = ('dense', '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware',
-            'up_4t4i', 'moe_8x_lr5e-4')
-# The model variant each study variant builds on (variants.parse), when not its own name.
-BASE = {'mod_4t4i_aware': 'mod_4t4i', 'up_4t4i': '4t4i', 'moe_8x_lr5e-4': 'moe_8x'}
 UPCYCLE_STEP = 300
+# The upcycled variants: the paper's recipe, and one change of it each (the controls of
+# docs/REPRODUCTION.md's upcycling section).
+RECIPE = dict(at_step=UPCYCLE_STEP, optimizer='restart', router_noise='gumbel')
+UPCYCLED = {
+    'up_4t4i': {},
+    'up_4t4i_carry': dict(optimizer='carry'),
+    'up_4t4i_nonoise': dict(router_noise='none'),
+    'up_4t4i_scaled': dict(router_noise='gumbel_scaled'),
+    'up_4t4i_at100': dict(at_step=100),
+}
+VARIANTS = ('dense', '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware',
+            *UPCYCLED)
+# The model variant each study variant builds on (variants.parse), when not its own name.
+BASE = {'mod_4t4i_aware': 'mod_4t4i', **{name: '4t4i' for name in UPCYCLED}}
 
 D_MODEL, HEADS, LAYERS, FFN = 128, 4, 4, 512
 SEQ_LEN, BATCH, STEPS = 256, 16, 600
@@ -83,16 +97,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.name = 'mixture'
   c.data.mixture = MIXTURE
   c.data.options = f'moma_shapes:num_train={SHAPES_TRAIN}:num_validation=400'
-  c.data.seed = seed
+  c.data.seed = 0 if variant in UPCYCLED else seed
   t = c.train
   t.seed = seed
   t.batch_size, t.steps, t.lr, t.warmup, t.schedule = BATCH, STEPS, 1e-3, 60, 'linear'
   t.log_every, t.eval_every, t.ckpt_every, t.eval_max_batches = 10, 100, 100, 24
   t.keep = STEPS // t.ckpt_every   # every checkpoint: upcycling starts from a mid-run step
-  if variant == 'up_4t4i':
-    c.upcycle.at_step = UPCYCLE_STEP
-    t.steps = STEPS - UPCYCLE_STEP
-    m.router_noise = 'gumbel'
-  if variant == 'moe_8x_lr5e-4':
-    t.lr = 5e-4
+  if variant in UPCYCLED:
+    recipe = {**RECIPE, **UPCYCLED[variant]}
+    c.upcycle.at_step, c.upcycle.optimizer = recipe['at_step'], recipe['optimizer']
+    t.steps = STEPS - recipe['at_step']
+    m.router_noise = recipe['router_noise']
   return c

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The small-scale reproduction study of docs/REPRODUCTION.md, end to end:
 #   bash experiments/repro_small.sh [RUNS_DIR]        (default runs/repro_small)
-# Trains every variant of experiments/repro_small.py (up_4t4i from the 1t1i run's step
-# 300) and a second seed of dense, 4t4i and moe_8x, trains post-hoc auxiliary routers,
-# calibrates their compute-matched thresholds and evaluates causally 1t1i, 4t4i, moe_8x
-# and both MoD runs, then compares the runs with moma-compare, writes RUNS_DIR/report.md
-# and the figures in docs/, and measures the variants' throughput at the study's size
+# Trains every variant of experiments/repro_small.py (the upcycled ones from the 1t1i
+# run: the paper's recipe and one control of it each, with a second seed) and a second
+# seed of dense, 4t4i and moe_8x, trains post-hoc auxiliary routers, calibrates their
+# compute-matched thresholds and evaluates causally 1t1i, 4t4i, moe_8x and mod_4t4i,
+# then compares the runs with moma-compare, writes RUNS_DIR/report.md and the figures in
+# docs/, and measures the variants' throughput at the study's size
 # (RUNS_DIR/throughput.md). Rerunning it reuses what is finished: moma-train resumes or
 # finds a run done, moma-aux finds its stage done.
 set -euo pipefail
@@ -19,15 +20,19 @@ train() {   # train SPEC [moma-train flags...]
   echo "== $name ($SECONDS s)"
   moma-train --config "$HERE/repro_small.py:$spec" --workdir "$RUNS/$name" "$@"
 }
-for spec in moe_8x 1t1i 4t4i dense mod_4t4i mod_1t1i dense,seed=1 4t4i,seed=1; do
+# The upcycling controls first: their source (1t1i) and yardsticks (4t4i, dense).
+for spec in 1t1i 4t4i dense; do
   train "$spec"
 done
-train up_4t4i "--config.upcycle.from_workdir=$RUNS/1t1i"
-for spec in mod_4t4i_aware moe_8x,seed=1 moe_8x_lr5e-4; do
+for spec in up_4t4i up_4t4i_carry up_4t4i_nonoise up_4t4i_scaled up_4t4i_at100 \
+    up_4t4i,seed=1 UP_SEEDS; do
+  train "$spec" "--config.upcycle.from_workdir=$RUNS/1t1i"
+done
+for spec in moe_8x mod_4t4i mod_1t1i dense,seed=1 4t4i,seed=1 mod_4t4i_aware moe_8x,seed=1; do
   train "$spec"
 done
 # Causal evaluation of the runs the findings use (measured: 4 to 24 minutes a run).
-for name in 1t1i 4t4i moe_8x mod_1t1i mod_4t4i; do
+for name in 1t1i 4t4i moe_8x mod_4t4i; do
   echo "== aux $name ($SECONDS s)"
   moma-aux --workdir "$RUNS/$name" --steps "$AUX_STEPS"
 done
@@ -35,7 +40,7 @@ echo "== compare ($SECONDS s)"
 moma-compare --baseline "$RUNS/dense" --out "$RUNS/savings" \
     --run "$RUNS/1t1i" --run "$RUNS/4t4i" --run "$RUNS/moe_8x" \
     --run "$RUNS/mod_1t1i" --run "$RUNS/mod_4t4i" --run "$RUNS/mod_4t4i_aware" \
-    --run "$RUNS/up_4t4i" --run "$RUNS/moe_8x_lr5e-4"
+    --run "$RUNS/up_4t4i"
 python "$HERE/repro_small_report.py" --runs "$RUNS" --figures "$HERE/../docs"
 echo "== throughput ($SECONDS s)"
 # Re-measured on every run of this script (a benchmark: the numbers vary a little).

@@ -21,17 +21,20 @@ def _module():
   return module
 
 
-@pytest.mark.parametrize('variant', ['1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i',
-                                     'mod_4t4i_aware', 'up_4t4i', 'moe_8x_lr5e-4'])
+@pytest.mark.parametrize('variant', [
+    '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'up_4t4i',
+    'up_4t4i_carry', 'up_4t4i_nonoise', 'up_4t4i_scaled', 'up_4t4i_at100,seed=1'])
 def test_variants_are_compute_matched_and_exact(variant):
   repro = _module()
   dense = flops.count(repro.get_config('dense')).train['overall']
   c = repro.get_config(variant)
-  if variant == 'up_4t4i':      # the source run is named on the command line
+  if variant.startswith('up_'):     # the source run is named on the command line
     with pytest.raises(configs.ConfigError, match='upcycle'):
       configs.validate(c)
     c.upcycle.from_workdir = 'runs/repro_small/1t1i'
+    # The same total steps as the source, whose data stream it continues.
     assert c.upcycle.at_step + c.train.steps == repro.STEPS
+    assert c.data.seed == 0 and c.train.seed == (1 if 'seed=1' in variant else 0)
   c = configs.validate(c)
   assert flops.count(c).train['overall'] == pytest.approx(dense, rel=0.03)
   # The capacity buffer holds the most rows expert choice can ask of one expert in a

@@ -183,3 +183,42 @@ def test_expert_parallel_receive_bound_is_the_ragged_rows():
   assert spec.ep_received_rows(n, groups, buffers) == groups * (n + 8) < buffers
   topk = routing_spec.from_config(tiny_config(ffn='topk', experts=(4,)))
   assert topk.ep_received_rows(n, groups, 100) == 100
+
+
+def test_noise_scaled_to_logits_closed_form():
+  """The factor gives logistic noise (std pi/sqrt(3)) each expert's logit std over the
+  group's eligible tokens; a group with none gets 0."""
+  logits = jnp.asarray([[[0.0, 1.0], [2.0, 1.0], [4.0, 7.0], [9.0, -3.0]],
+                        [[1.0, 1.0], [5.0, 2.0], [3.0, 3.0], [0.0, 0.0]]])      # [2, 4, 2]
+  eligible = jnp.asarray([[True, True, True, False], [False] * 4])
+  got = routing.noise_scaled_to_logits(logits, eligible)
+  assert got.shape == (2, 1, 2)
+  want = np.std(np.asarray(logits[0, :3]), axis=0) / (np.pi / np.sqrt(3))
+  np.testing.assert_allclose(got[0, 0], want, rtol=1e-6)
+  np.testing.assert_array_equal(got[1, 0], [0.0, 0.0])
+  # The scores add exactly the scaled logistic draw.
+  key = jax.random.key(3)
+  noise = jax.random.logistic(key, logits.shape, jnp.float32)
+  np.testing.assert_allclose(routing.router_scores(logits, 'sigmoid', key, got),
+                             jax.nn.sigmoid(logits + noise * got), rtol=1e-6)
+  np.testing.assert_allclose(routing.router_scores(logits, 'sigmoid', key),
+                             jax.nn.sigmoid(logits + noise), rtol=1e-6)
+
+
+@pytest.mark.parametrize('noise,vanishes', [('gumbel_scaled', True), ('gumbel', False)])
+def test_scaled_router_noise_vanishes_with_the_logits_spread(noise, vanishes):
+  """Routers of zero weights give every token the same logit: noise scaled to the
+  logits' spread is then 0 and training routes as evaluation does, while the paper's
+  unscaled noise still reorders the tokens."""
+  config = tiny_config(experts=(4, 4), router_noise=noise)
+  x, mod, valid = routing_inputs()
+  params = init_params(config, x, mod, valid)
+  params = {k: (jnp.zeros_like(v) if k.startswith('router_') else v)
+            for k, v in params.items()}
+  module = RoutedExperts(ml_collections.FrozenConfigDict(config.model),
+                         routing_spec.from_config(config))
+  run = jax.jit(lambda deterministic: module.apply(
+      {'params': params}, x, mod, valid, deterministic, mutable=['intermediates'],
+      rngs={'router': jax.random.key(5)})[1]['intermediates']['plan'][0].token_index,
+      static_argnums=0)
+  assert np.array_equal(run(True), run(False)) == vanishes

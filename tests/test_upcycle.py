@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import tiny_config, tiny_train_config, train_usage_error
@@ -20,6 +21,7 @@ from moma_jax import configs
 from moma_jax.data import pipeline
 from moma_jax.inference import saved_run
 from moma_jax.runs import saved
+from moma_jax.model import param_names
 from moma_jax.model import routing_spec
 from moma_jax.model import sharding
 from moma_jax.model import transformer
@@ -42,10 +44,11 @@ def source_config(data_dir):
   return configs.validate(c)
 
 
-def upcycled_config(data_dir, source_workdir):
-  c = tiny_train_config(data_dir, 'moma_4t4i', steps=4, ckpt_every=2, eval_every=100)
+def upcycled_config(data_dir, source_workdir, steps=4, optimizer='restart'):
+  c = tiny_train_config(data_dir, 'moma_4t4i', steps=steps, ckpt_every=2, eval_every=100)
   c.model.router_noise = 'gumbel'           # the paper's: breaks the tie of equal experts
   c.upcycle.from_workdir, c.upcycle.at_step = source_workdir, AT_STEP
+  c.upcycle.optimizer = optimizer
   return configs.validate(c)
 
 
@@ -109,6 +112,17 @@ def upcycled_run(source_run, tmp_path_factory):
   progress, batches = train_recording(config, workdir)
   return dict(config=config, workdir=workdir, batches=batches, progress=progress,
               rows=training_rows(workdir))
+
+
+@pytest.fixture(scope='module')
+def carried_run(source_run, tmp_path_factory):
+  """Upcycled from the same step with the source's optimizer carried: 1 step, where the
+  source's 3-step schedule ends."""
+  config = upcycled_config(source_run['config'].data.data_dir, source_run['workdir'],
+                           steps=1, optimizer='carry')
+  workdir = str(tmp_path_factory.mktemp('upcycle') / 'moma_4t4i_carry')
+  train.train(config, workdir)
+  return dict(config=config, workdir=workdir, rows=training_rows(workdir))
 
 
 def start_of(config):
@@ -188,7 +202,7 @@ def test_the_sharded_start_equals_the_host_path_bit_for_bit(upcycled_run):
 def test_check_source_reads_no_array(source_run, upcycled_run, monkeypatch):
   """The trainer checks the source before it writes anything, from files alone."""
   config = upcycled_run['config']
-  monkeypatch.setattr(saved, 'restore_params', lambda *a, **k: pytest.fail('read'))
+  monkeypatch.setattr(saved, 'restore_state', lambda *a, **k: pytest.fail('read'))
   upcycle.check_source(config)
   bad = configs.validate(config.copy_and_resolve_references())
   bad.upcycle.at_step = 7
@@ -217,6 +231,48 @@ def test_optimizer_and_lr_schedule_restart(upcycled_run):
   counts = [int(v) for path, v in jax.tree_util.tree_flatten_with_path(saved['opt'])[0]
             if 'count' in jax.tree_util.keystr(path)]
   assert counts and set(counts) == {2}
+
+
+def saved_state(config, workdir, step):
+  """The {'params', 'opt'} state of checkpoint `step` of the run of `config`."""
+  abstract, _ = train_state.layout(transformer.build(config), optimizer_lib.optimizer(config),
+                                   sharding.one_device_mesh())
+  ckpts = ckpt_lib.Checkpoints(workdir)
+  try:
+    return ckpts.restore(step, abstract)[0]
+  finally:
+    ckpts.close()
+
+
+def test_a_carried_optimizer_continues_the_sources(source_run, carried_run):
+  """upcycle.optimizer='carry': each expert's AdamW moments are its source FFN's, the
+  fresh routers' 0, the update count the source's; the one update of the run takes the
+  learning rate the source's own next update took."""
+  config, source = carried_run['config'], source_run['config']
+  _, state, _ = start_of(config)
+  src = saved_state(source, source_run['workdir'], AT_STEP)['opt']
+  index = upcycle.expert_sources(source, config)
+  for key in ('mu', 'nu'):
+    src_moments = flat(optax.tree_utils.tree_get(src, key))
+    moments = optax.tree_utils.tree_get(state['opt'], key)
+    checked = set()
+    for path, value in jax.tree_util.tree_flatten_with_path(moments)[0]:
+      name, role = '/'.join(str(k.key) for k in path), param_names.role(path)
+      value = np.asarray(value)
+      if role == 'expert_router':
+        assert not np.any(value), name
+      elif role == 'expert':
+        np.testing.assert_array_equal(value, src_moments[name][index], err_msg=name)
+      else:
+        np.testing.assert_array_equal(value, src_moments[name], err_msg=name)
+      checked.add(role)
+    assert {'expert', 'expert_router'} <= checked
+    assert any(np.any(v) for v in src_moments.values())
+  counts = {int(v) for path, v in jax.tree_util.tree_flatten_with_path(state['opt'])[0]
+            if 'count' in jax.tree_util.keystr(path)}
+  assert counts == {AT_STEP}
+  assert [r['lr'] for r in carried_run['rows']] == [source_run['rows'][AT_STEP]['lr']]
+  assert [r['lr'] for r in carried_run['rows']] != [source_run['rows'][0]['lr']]
 
 
 # ----------------------------------------------------------------------------------
@@ -334,6 +390,13 @@ def test_config_checks():
   with pytest.raises(configs.ConfigError, match='upcycle.from_workdir: upcycling makes a '
                      'MoMa model'):
     configs.validate(c)
+  c = tiny_config()
+  c.upcycle.optimizer = 'carry'
+  with pytest.raises(configs.ConfigError, match="upcycle.optimizer: 'carry' is set but"):
+    configs.validate(c)
+  c.upcycle.optimizer = 'keep'
+  with pytest.raises(configs.ConfigError, match='upcycle.optimizer: must be one of'):
+    configs.validate(c)
 
 
 # ----------------------------------------------------------------------------------
@@ -346,6 +409,11 @@ BAD = [
     ('{src}', 0, [], 'upcycle.at_step: must be a positive integer, got 0'),
     ('{src}', AT_STEP, ['--config.model.d_model=64'], 'has model.d_model=32, this run 64'),
     ('{src}', AT_STEP, ['--config.data.seq_len=32'], 'trained on other data'),
+    ('{src}', AT_STEP, ['--config.upcycle.optimizer=carry', '--config.train.lr=0.5'],
+     "upcycle.optimizer: 'carry' continues the source's schedule, but"),
+    ('{src}', AT_STEP, ['--config.upcycle.optimizer=carry', '--config.train.lr=0.003',
+                        '--config.train.warmup=5'],
+     "schedule of 3 steps, but step 2 + train.steps=4 ends at 6"),
 ]
 
 

@@ -23,7 +23,8 @@ rely on:
   model.remat      what each layer keeps for the backward pass (moma_jax/model/remat.py).
   routing.*        routing group size and row layout (see moma_jax/model/routing.py).
   upcycle.*        from_workdir: a 1t1i MoMa run whose step `at_step` (> 0) a new run
-                   starts from, its FFNs copied into every expert (moma_jax/training/upcycle.py).
+                   starts from, its FFNs copied into every expert (moma_jax/training/upcycle.py);
+                   optimizer: 'restart' (the paper's) or 'carry' the source's.
 """
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ from moma_jax.configs.model import (ATTENTION, FFN_KINDS, KERNELS, REMAT, ffn_hi
                                     ffn_label, has_joint_aux_routers, looks_ahead,
                                     matmul_tiles, mod_layers)
 from moma_jax.configs.routing import LAYOUTS
+from moma_jax.configs.upcycle import carried_updates
 
 __all__ = ['ATTENTION', 'FFN_KINDS', 'KERNELS', 'LAYOUTS', 'REMAT', 'ConfigError',
-           'dataset_options', 'default_config', 'ffn_hidden', 'ffn_label',
+           'carried_updates', 'dataset_options', 'default_config', 'ffn_hidden', 'ffn_label',
            'first_difference', 'has_joint_aux_routers', 'looks_ahead', 'matmul_tiles',
            'mixture', 'mod_layers', 'shrink_for_cpu', 'validate']
 

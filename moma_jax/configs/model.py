@@ -17,6 +17,7 @@ FFN_KINDS = ('dense', 'moma', 'moe', 'topk')
 KERNELS = ('auto', 'xla', 'pallas')
 ATTENTION = ('auto', 'xla', 'splash', 'flash', 'cudnn', 'tokamax')
 REMAT = ('none', 'block_input', 'matmuls', 'block_outputs', 'offload')
+ROUTER_NOISE = ('none', 'gumbel', 'gumbel_scaled')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -38,6 +39,10 @@ def defaults() -> ml_collections.ConfigDict:
   m.topk_capacity_factor = 1.25         # topk only: per-expert buffer = cf * k * N / E
   m.load_balance_weight = 0.01          # topk only
   m.router = 'sigmoid'
+  # Router noise in training (expert-choice groups): 'gumbel' is the paper's
+  # Gumbel-sigmoid, sigmoid(z + G' - G''), logistic noise of std pi/sqrt(3) ~ 1.81;
+  # 'gumbel_scaled' the same noise scaled so that its std equals each expert's logit std
+  # over the group's eligible tokens (moma_jax/model/routing.py).
   m.router_noise = 'none'
   m.norm = 'post'
   m.mod = ml_collections.ConfigDict(dict(
@@ -72,7 +77,7 @@ def validate(m: ml_collections.ConfigDict) -> None:
     raise ConfigError('model.modalities', 'at most 127 modalities (stored as int8)')
   one_of('model.ffn', m.ffn, FFN_KINDS)
   one_of('model.router', m.router, ('sigmoid', 'softmax'))
-  one_of('model.router_noise', m.router_noise, ('none', 'gumbel'))
+  one_of('model.router_noise', m.router_noise, ROUTER_NOISE)
   one_of('model.norm', m.norm, ('post', 'pre'))
   one_of('model.kernels', m.kernels, KERNELS)
   one_of('model.attention', m.attention, ATTENTION)

@@ -74,10 +74,11 @@ class RoutedExperts(DecoderPart):
                             nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                          ('embed', None)),
                             (d, group.experts), self.param_dtype)
-      noise = (self.make_rng('router')
-               if m.router_noise == 'gumbel' and not deterministic else None)
-      logits, scores = routers.scores(x, w_router, m.router, noise)
       eligible = valid & jnp.isin(modality, jnp.asarray(group.modalities))
+      noisy = m.router_noise != 'none' and not deterministic
+      logits, scores = routers.scores(
+          x, w_router, m.router, self.make_rng('router') if noisy else None,
+          eligible if noisy and m.router_noise == 'gumbel_scaled' else None)
       aux = aux_logits = aux_margins = None
       if self.mode.aux_routers and not spec.token_choice:
         aux = aux_router.AuxRouter(group.experts, self.param_dtype,

@@ -27,15 +27,20 @@ from moma_jax.model import routing
 
 
 def scores(x: jax.Array, w_router: jax.Array, kind: str,
-           noise_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           noise_rng: jax.Array | None = None, noise_scaled_to: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
   """(logits, scores) [G, N, E] float32 from x [G, N, D] and w_router [D, E].
 
   The router matmul runs in float32 whatever the model dtype: expert choice ranks tokens
   by these scores, and bfloat16's 8 bits of mantissa would turn near-ties into ties,
-  which break by token index instead of by score.
+  which break by token index instead of by score. With `noise_rng`, Gumbel-sigmoid
+  noise; with `noise_scaled_to` too ([G, N] bool, the eligible tokens), the noise is
+  scaled to each expert's logit spread over them (`routing.noise_scaled_to_logits`).
   """
   logits = jnp.einsum('gnd,de->gne', x.astype(jnp.float32), w_router.astype(jnp.float32))
-  return logits, routing.router_scores(logits, kind, noise_rng)
+  scale = (None if noise_scaled_to is None
+           else routing.noise_scaled_to_logits(logits, noise_scaled_to))
+  return logits, routing.router_scores(logits, kind, noise_rng, scale)
 
 
 @dataclasses.dataclass(frozen=True)

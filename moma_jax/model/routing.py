@@ -125,18 +125,34 @@ class RoutingPlan:
     return jax.vmap(references.gather_rows_reference)(a, self.local_index())
 
 
-def router_scores(logits: jax.Array, kind: str, noise_rng: jax.Array | None = None) -> jax.Array:
+def router_scores(logits: jax.Array, kind: str, noise_rng: jax.Array | None = None,
+                  noise_scale: jax.Array | None = None) -> jax.Array:
   """Router scores [..., E] in float32 from logits [..., E].
 
   'sigmoid': independent per expert (the paper); 'softmax': over the group's experts.
-  With `noise_rng`, Gumbel-sigmoid noise: sigmoid(z + G' - G'') (logistic noise on z).
+  With `noise_rng`, Gumbel-sigmoid noise: sigmoid(z + G' - G'') (logistic noise on z,
+  std pi/sqrt(3)), times `noise_scale` (broadcast to logits) when given.
   """
   z = logits.astype(jnp.float32)
   if noise_rng is not None:
-    z = z + jax.random.logistic(noise_rng, z.shape, jnp.float32)
+    noise = jax.random.logistic(noise_rng, z.shape, jnp.float32)
+    z = z + (noise if noise_scale is None else noise * noise_scale)
   if kind == 'sigmoid':
     return jax.nn.sigmoid(z)
   return jax.nn.softmax(z, axis=-1)
+
+
+def noise_scaled_to_logits(logits: jax.Array, eligible: jax.Array) -> jax.Array:
+  """[G, 1, E] float32: the factor that gives logistic noise the standard deviation of
+  each expert's logits over its group's eligible tokens (logits [G, N, E], eligible
+  [G, N] bool), so the noise reorders tokens about as much as the router separates
+  them. A constant of the backward pass; 0 for a group with no eligible token."""
+  z = jax.lax.stop_gradient(logits.astype(jnp.float32))
+  w = eligible[..., None].astype(jnp.float32)                          # [G, N, 1]
+  count = jnp.maximum(w.sum(1, keepdims=True), 1.0)
+  mean = (z * w).sum(1, keepdims=True) / count
+  std = jnp.sqrt((jnp.square(z - mean) * w).sum(1, keepdims=True) / count)
+  return std / (np.pi / np.sqrt(3.0))
 
 
 def expert_choice(scores: jax.Array, eligible: jax.Array, capacity: fractions.Fraction,

@@ -78,15 +78,23 @@ def restore_params(manager: ocp.CheckpointManager, step: int,
   Orbax's partial restore trims the checkpoint's tree to `{'params': target}` before
   reading, so the optimizer moments (twice the parameters) are never read.
   """
-  item = {'params': target}
+  state, progress = restore_state(manager, step, {'params': target})
+  return state['params'], progress
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int,
+                  target: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(state, progress) of checkpoint `step`: the subtrees of its 'state' item that
+  `target` names ({'params'} or {'params', 'opt'}, sharded ShapeDtypeStructs), each
+  array placed as its target leaf says; nothing else is read."""
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True),
       progress=ocp.args.JsonRestore()))
   if restored['progress'] is None:
     raise run_dir.RunDirError(f'{manager.directory}/{step} has no progress item')
-  return restored['state']['params'], dict(restored['progress'])
+  return restored['state'], dict(restored['progress'])
 
 
 def mesh_for(workdir: str, overrides: Mapping[str, int] | None,

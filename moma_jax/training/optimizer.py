@@ -2,8 +2,10 @@
 
 Schedule (as a function of the number of applied updates u):
   'linear'  0 -> lr over `train.warmup` updates, then linear decay to 1% of lr at
-            `train.steps` (the paper's);
+            the horizon (the paper's);
   'cosine'  the same warm-up, then cosine decay to 1% of lr.
+The horizon is `train.steps`, plus the source's updates when an upcycled run carries
+its optimizer (`configs.carried_updates`: the schedule goes on where the source's was).
 Weight decay applies to matrices only (ndim >= 2): norm scales are not decayed.
 Jointly trained auxiliary routers are clipped apart from the model (see `optimizer`).
 """
@@ -16,14 +18,16 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from moma_jax import configs
 from moma_jax.model import param_names
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   """lr(u): linear warm-up from 0, then decay to 1% of `train.lr`."""
   t = config.train
-  warmup = min(t.warmup, t.steps)
-  decay = max(1, t.steps - warmup)
+  horizon = t.steps + configs.carried_updates(config)
+  warmup = min(t.warmup, horizon)
+  decay = max(1, horizon - warmup)
   if t.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, warmup + decay, 0.01 * t.lr)
   return optax.join_schedules(

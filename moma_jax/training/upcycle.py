@@ -4,6 +4,9 @@ The paper's recipe (Lin et al. 2024, section on upcycling; docs/design.md §1): 
 with one expert per modality (`model.experts=(1, 1)`), then at step N copy each
 modality's FFN into every expert of that modality's group of the larger model, add fresh
 routers, restart the optimizer state and the LR schedule, and keep the data position.
+`upcycle.optimizer='carry'` continues the source's optimizer instead (a control of the
+recipe): each expert's AdamW moments are its source FFN's, the routers' are 0, and the
+update count, which the LR schedule reads, goes on from `at_step`.
 The FLOPs count continues, so a FLOPs-savings curve of the upcycled run counts both
 phases.
 
@@ -23,6 +26,8 @@ What the target takes from where:
   every auxiliary router      the routing they learn is the new model's;
   everything else             the source, unchanged (embeddings, attention, norms,
                               output head, mixture-of-depths routers).
+The optimizer state: `tx.init` (restart), or (carry) the source's moments through the
+same map, fresh routers' moments 0, the source's update count.
 Progress: `train_flops`, `tokens` and the data position of the source at step N; the
 new run counts its own steps from 0 and its own non-finite steps from 0.
 
@@ -43,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from moma_jax import configs
 from moma_jax.model import param_names
@@ -50,6 +56,8 @@ from moma_jax.model import routing_spec
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax.runs import saved
+from moma_jax.runs import state as train_state
+from moma_jax.training import optimizer as optimizer_lib
 
 FIELD = 'upcycle.from_workdir'
 # Model fields that shape the parameters the target copies from the source.
@@ -57,6 +65,8 @@ _SAME_MODEL = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'ffn_dim', 'm
                'param_dtype')
 # Data fields that may differ: where the data lives, and what evaluation reads.
 _DATA_FREE = ('data_dir', 'eval_split')
+# Training fields a carried optimizer's schedule and update rule must share.
+_CARRIED_TRAIN = ('lr', 'warmup', 'schedule', 'weight_decay', 'clip')
 
 
 # ----------------------------------------------------------------------------------
@@ -90,6 +100,25 @@ def check_compatible(source: ml_collections.ConfigDict, target: ml_collections.C
   if configs.first_difference(source, target, sorted(f'data.{k}' for k in data)):
     raise configs.ConfigError(FIELD, f'{where} trained on other data (data.* differs); its '
                               'data position carries over only to the same data stream')
+  if target.upcycle.optimizer == 'carry':
+    _check_carry(source, target, where)
+
+
+def _check_carry(source: ml_collections.ConfigDict, target: ml_collections.ConfigDict,
+                 where: str) -> None:
+  """A carried optimizer continues the source's schedule: the same update rule and a
+  horizon that ends where the source's did."""
+  field = 'upcycle.optimizer'
+  for name in _CARRIED_TRAIN:
+    a, b = source.train[name], target.train[name]
+    if a != b:
+      raise configs.ConfigError(field, f"'carry' continues the source's schedule, but "
+                                f'{where} has train.{name}={a!r}, this run {b!r}')
+  at, steps = target.upcycle.at_step, target.train.steps
+  if source.train.steps != at + steps:
+    raise configs.ConfigError(field, f"'carry' continues the source's schedule of "
+                              f'{source.train.steps} steps, but step {at} + train.steps='
+                              f'{steps} ends at {at + steps}')
 
 
 # ----------------------------------------------------------------------------------
@@ -148,6 +177,21 @@ def upcycle_params(source_params: Any, source: ml_collections.ConfigDict,
   return jax.tree_util.tree_map_with_path(one, fresh_params)
 
 
+def carry_optimizer(source_opt: Any, source: ml_collections.ConfigDict, fresh_opt: Any,
+                    target: ml_collections.ConfigDict) -> Any:
+  """The target's optimizer state continued from a 1t1i source's (`upcycle.optimizer=
+  'carry'`): AdamW's first and second moments (`mu`, `nu`, trees shaped as the
+  parameters) through `upcycle_params`, so each expert starts with its source FFN's and
+  a fresh router with `fresh_opt`'s zeros; every update count is the source's.
+  source_opt / fresh_opt: `optimizer(source)` / `optimizer(target)` states (fresh_opt
+  from `tx.init`: the structure of the result)."""
+  moments = {key: upcycle_params(optax.tree_utils.tree_get(source_opt, key), source,
+                                 optax.tree_utils.tree_get(fresh_opt, key), target)
+             for key in ('mu', 'nu')}
+  return optax.tree_utils.tree_set(fresh_opt, **moments,
+                                   count=optimizer_lib.update_count(source_opt))
+
+
 # ----------------------------------------------------------------------------------
 # The start of an upcycled training run
 # ----------------------------------------------------------------------------------
@@ -170,20 +214,28 @@ def initial_state(config: ml_collections.ConfigDict, tx, model: transformer.Deco
   optimizer. model: its decoder (`transformer.build(config)`). state_shardings: the
   state's ({'params', 'opt'}) on `mesh`, where everything is built.
   state: {'params': upcycled, 'opt': tx.init of them} (Adam moments 0, count 0, so the
-  LR schedule restarts); routers from the target's own init for `train.seed`, the same
-  values `train_state.create` gives them. progress: step 0, the source's `train_flops`,
+  LR schedule restarts), or with `upcycle.optimizer='carry'` the source's optimizer
+  state through `carry_optimizer`; routers from the target's own init for `train.seed`,
+  the same values `train_state.create` gives them. progress: step 0, the source's `train_flops`,
   `tokens` and `data` (the position of every row of the global batch) at
   `upcycle.at_step`. Raises as `check_source` does.
 
   Every array is made where it ends up, shard by shard: the source's parameters are
-  read sharded (not its optimizer state), the fresh init is jit'd with the parameters'
-  out_shardings, and the copy too; neither outlives this call. No process holds more
+  read sharded (its optimizer state only to carry it), the fresh init is jit'd with the
+  parameters' out_shardings, and the copy too; neither outlives this call. No process holds more
   than its shards.
   """
   u = config.upcycle
-  workdir, source, step, source_params, source_progress = saved.read_params(
-      u.from_workdir, u.at_step, mesh)
+  carry = u.optimizer == 'carry'
+  workdir, source, step = saved.locate(u.from_workdir, u.at_step)
   check_compatible(source, config, where=f'{workdir} (step {step})')
+  source_model = transformer.build(source)
+  if carry:
+    target, _ = train_state.layout(source_model, optimizer_lib.optimizer(source), mesh)
+  else:
+    target = {'params': train_state.abstract_params(source_model, mesh)}
+  with saved.checkpoints(workdir) as manager:
+    source_state, source_progress = saved.restore_state(manager, step, target)
   params_sh = state_shardings['params']
   with sharding.outside_mesh():
     fresh = jax.jit(lambda rng: nn.unbox(transformer.init_boxed(model, rng)),
@@ -191,8 +243,12 @@ def initial_state(config: ml_collections.ConfigDict, tx, model: transformer.Deco
   # The fresh arrays are donated: each is the buffer of the parameter that replaces it.
   grow = jax.jit(functools.partial(upcycle_params, source=source, target=config),
                  out_shardings=params_sh, donate_argnames='fresh_params')
-  params = grow(source_params, fresh_params=fresh)
+  params = grow(source_state['params'], fresh_params=fresh)
   opt = jax.jit(tx.init, out_shardings=state_shardings['opt'])(params)
+  if carry:
+    opt = jax.jit(functools.partial(carry_optimizer, source=source, target=config),
+                  out_shardings=state_shardings['opt'], donate_argnames='fresh_opt')(
+                      source_state['opt'], fresh_opt=opt)
   progress = dict(step=0, train_flops=float(source_progress['train_flops']),
                   tokens=int(source_progress['tokens']), nonfinite_skipped=0,
                   nonfinite_in_a_row=0, data=source_progress['data'])
