@@ -16,6 +16,16 @@ from moma_jax import configs  # noqa: E402
 collect_ignore = [] if os.environ.get('MOMA_MULTIDEVICE') == '1' else ['multidevice']
 
 
+def pytest_runtest_setup(item):
+  """Under `--dist loadgroup` (the README's command) pytest-xdist schedules a test marked
+  xdist_group by the `@group` it appends to the node id; a pytest/xdist pair that drops the
+  suffix would build the group's shared runs on every worker, minutes each, silently."""
+  if (getattr(item.config.option, 'loadgroup', False)     # set on xdist's workers
+      and item.get_closest_marker('xdist_group') is not None and '@' not in item.nodeid):
+    pytest.fail(f'marked xdist_group, but pytest {pytest.__version__} with this '
+                'pytest-xdist does not group it under --dist loadgroup', pytrace=False)
+
+
 def jit_vjp(f, cotangent):
   """jit(params, x -> (f's output, f's aux, gradients of <output, cotangent>))."""
   @jax.jit
