@@ -2,9 +2,9 @@
 
   python experiments/repro_small_report.py --runs runs/repro_small [--figures docs]
 
-Reads every run's metrics.jsonl and aux_router/result.json (nothing is trained; the
-runs of TEACHER_FORCED_ONLY are evaluated on the mixed held-out batches moma-aux uses)
-and writes RUNS/report.md:
+Reads every run's metrics.jsonl and aux_router/result.json (nothing is trained or
+evaluated: every evaluation loss is the one training logged, on the validation splits
+mixed and packed as training's batches) and writes RUNS/report.md:
   1. eta per modality (text, image, overall), from the training loss and from the
      evaluation loss, at mid-training and at the end, for every sparse variant against
      the seed-0 dense run, next to the paper's (1.4B, 1T tokens);
@@ -13,16 +13,18 @@ and writes RUNS/report.md:
   3. teacher-forced vs causal evaluation loss of the runs of CAUSAL (post-hoc auxiliary
      routers) at threshold 0.5 and at the compute-matched thresholds, with the forward
      FLOPs per token of each mode, the held-out shares the calibrated experts took, and
-     the routers' balanced accuracy; then the same losses on mixed validation batches;
+     the routers' balanced accuracy;
   4. route/dropped and route/left_behind at the end (what the routing did);
-  5. the moe_8x diagnosis: what its experts took, per modality, over training, and the
-     validation loss per dataset of the runs it is compared with;
-and the figures repro_small_loss.png, repro_small_eta.png and repro_small_moe.png into
---figures.
+  5. what moe_8x's experts took, per modality, and the validation loss per dataset;
+  6. the upcycling controls: the paper's recipe and one change of it each (UPCYCLED of
+     experiments/repro_small.py), each seed, against 4t4i from scratch and the source;
+and the figures repro_small_loss.png, repro_small_eta.png, repro_small_moe.png and
+repro_small_upcycling.png into --figures.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -35,25 +37,34 @@ import numpy as np
 
 from moma_jax.analysis import savings
 from moma_jax.analysis import savings_report
-from moma_jax.data import pipeline
-from moma_jax.inference import saved_run
-from moma_jax.runs import evaluation
 
-SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'up_4t4i',
-          'moe_8x_lr5e-4')
+
+def _experiment():
+  """experiments/repro_small.py, the study's variants."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'repro_small.py')
+  spec = importlib.util.spec_from_file_location('repro_small', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+REPRO = _experiment()
+SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'up_4t4i')
+# The upcycling controls and their second seeds (those that exist are reported).
+UPCYCLED = tuple(REPRO.UPCYCLED)
+UPCYCLED_RUNS = tuple(n for name in UPCYCLED for n in (name, f'{name}_seed1'))
 SEEDS = {'dense': 'dense_seed1', '4t4i': '4t4i_seed1', 'moe_8x': 'moe_8x_seed1'}
 MODS = ('text', 'image', 'overall')
 # The paper's eta at 1.4B parameters and 1T tokens (text, image, overall); None: not given.
 # Upcycling: the paper reports a further 1.2x over 4t4i overall (not per modality).
 PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5.3, 4.2)}
 # The moe_8x diagnosis compares these runs (those that exist).
-MOE_RUNS = ('dense', '4t4i', 'moe_8x', 'moe_8x_seed1', 'moe_8x_lr5e-4')
+MOE_RUNS = ('dense', '4t4i', 'moe_8x', 'moe_8x_seed1')
 # The runs experiments/repro_small.sh evaluates causally (moma-aux).
-CAUSAL = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i')
-# The other runs, evaluated teacher-forced on the mixed held-out batches by this report.
-TEACHER_FORCED_ONLY = ('dense', 'dense_seed1', '4t4i_seed1', 'up_4t4i', 'mod_4t4i_aware',
-                       'moe_8x_seed1', 'moe_8x_lr5e-4')
+CAUSAL = ('1t1i', '4t4i', 'moe_8x', 'mod_4t4i')
 LAYERS = 4
+# Gumbel-sigmoid noise z + G' - G'' is standard logistic: std pi / sqrt(3).
+LOGISTIC_STD = np.pi / np.sqrt(3.0)
 
 
 def _eta_cell(row: savings.Row | None) -> str:
@@ -163,16 +174,6 @@ def _shares(res: dict, mode: str) -> list[float]:
   return out
 
 
-def teacher_forced(run_dir: str) -> dict[str, float]:
-  """Teacher-forced 'eval/loss[/{modality}]' of a run moma-aux did not take (dense has
-  no routing to predict), on the evaluation batches moma-aux evaluates on."""
-  run = saved_run.load(run_dir, with_aux_routers=False)
-  config = run.config
-  step = evaluation.make_eval_step(run.model, config.model.modalities,
-                                   evaluation.datasets_of(config))
-  return evaluation.evaluate(step, run.params, config, pipeline.load_tokenizers(config))
-
-
 def causal_section(runs_dir, names) -> list[str]:
   lines = ['### Teacher-forced vs causal validation loss (post-hoc auxiliary routers)', '',
            'On the evaluation batches (the validation splits mixed and packed as in '
@@ -185,11 +186,6 @@ def causal_section(runs_dir, names) -> list[str]:
            'matched | gap 0.5 | gap matched | MFLOPs/token TF / 0.5 / matched | held-out '
            'shares at 0.5 / matched (min-max) | balanced accuracy (experts / MoD) |',
            '|---|---|---|---|---|---|---|---|---|']
-  for name in TEACHER_FORCED_ONLY:
-    res = teacher_forced(os.path.join(runs_dir, name))
-    lines.append(f'| {name} | ' + ' / '.join(_fmt(res.get(f'eval/loss{k}'))
-                                             for k in ('', '/text', '/image'))
-                 + ' | | | | | | | |')
   for name in names:
     path = os.path.join(runs_dir, name, 'aux_router', 'result.json')
     if not os.path.isfile(path):
@@ -269,7 +265,7 @@ def moe_figure(metrics, path: str) -> None:
   for (l, e), v in np.ndenumerate(grid):
     ax[0, 0].text(e, l, f'{v:.2f}', ha='center', va='center', fontsize=8)
   fig.colorbar(im, ax=ax[0, 0])
-  colors = dict(zip(MOE_RUNS, ('black', 'tab:green', 'tab:red', 'tab:orange', 'tab:purple')))
+  colors = dict(zip(MOE_RUNS, ('black', 'tab:green', 'tab:red', 'tab:orange')))
   for name in MOE_RUNS:
     if name not in metrics:
       continue
@@ -307,10 +303,90 @@ def moe_figure(metrics, path: str) -> None:
   plt.close(fig)
 
 
+def _recipe(name: str) -> str:
+  """What an upcycled run changes of the paper's recipe (repro_small.UPCYCLED)."""
+  change = REPRO.UPCYCLED[name.split('_seed')[0]]
+  return ', '.join(f'{k}={v}' for k, v in change.items()) or "the paper's recipe"
+
+
+def _eval_at(rows: list[dict], step: int, key: str = 'eval/loss'):
+  """`key` of the evaluation row at the run's own `step` (None if not logged)."""
+  return next((r[key] for r in rows if r['step'] == step and key in r), None)
+
+
+def upcycling_section(metrics, read, offsets) -> list[str]:
+  """The controls of the upcycling recipe against 4t4i from scratch (the same total
+  FLOPs) and the 1t1i source trained on; every loss on the mixed validation batches."""
+  names = [n for n in UPCYCLED_RUNS if n in metrics]
+  refs = [n for n in ('dense', 'dense_seed1', '1t1i', '4t4i', '4t4i_seed1') if n in metrics]
+  rows = savings.compare(read('dense'), [read(n) for n in (*refs[1:], *names)], MODS,
+                         ('eval',))
+  last = savings.final_rows(rows)
+  lines = ['### Upcycling: the recipe and its controls', '',
+           'Validation loss on the mixed batches (overall / text / image) at the end '
+           '(step 600, the same total training FLOPs for every run), 100 steps after '
+           'the upcycling against the source trained on, eta at the end against dense; '
+           'at the end: tokens left behind and the router logits\' std (text / image '
+           f'groups) against the noise\'s ({LOGISTIC_STD:.2f} unscaled).', '',
+           '| run | change | upcycled at | final eval loss | eval overall 100 steps after '
+           '(source there) | eta at the end (overall) | left behind text / image | '
+           'router logit std text / image |', '|---|---|---|---|---|---|---|---|']
+  for name in (*refs, *names):
+    m = metrics[name]
+    final = ' / '.join(_fmt(_last(m, k)) for k in ('eval/loss', 'eval/loss/text',
+                                                    'eval/loss/image'))
+    at = offsets.get(name, 0)
+    after = source = '-'
+    if name in names:
+      after = _fmt(_eval_at(m, 100))
+      source = _fmt(_eval_at(metrics['1t1i'], at + 100))
+    eta = last.get((name, 'eval'), {}).get('overall')
+    std = ' / '.join(_fmt(_last(m, f'route/router_logit_std/{g}'), 2)
+                     for g in ('text', 'image'))
+    left = ' / '.join(_fmt(_last(m, f'route/left_behind/{g}')) for g in ('text', 'image'))
+    change = _recipe(name) if name in names else 'from scratch'
+    lines.append(f'| {name} | {change} | {at if name in names else "-"} | {final} | '
+                 f'{after} ({source}) | {_eta_cell(eta) if name != "dense" else "1"} | '
+                 f'{left} | {std} |')
+  return lines + ['']
+
+
+def upcycling_figure(metrics, offsets, path: str) -> None:
+  """Validation loss, smoothed training loss and learning rate over the study's steps,
+  for dense, 1t1i, 4t4i and every upcycled run (seed 1 dashed)."""
+  fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+  names = [n for n in ('dense', '1t1i', '4t4i', *UPCYCLED_RUNS) if n in metrics]
+  colors = dict(zip(('dense', '1t1i', '4t4i', *UPCYCLED),
+                    ('black', 'tab:gray', 'tab:green', 'tab:red', 'tab:blue', 'tab:orange',
+                     'tab:purple', 'tab:brown')))
+  for name in names:
+    m, off = metrics[name], offsets.get(name, 0)
+    style = dict(color=colors[name.split('_seed')[0]], ls='--' if 'seed1' in name else '-',
+                 label=name)
+    steps, loss = _series(m, 'eval/loss')
+    ax[0].plot([s + off for s in steps], loss, 'o', ms=3, **style)
+    steps, loss = _series(m, 'loss')
+    window = 5
+    smooth = np.convolve(loss, np.ones(window) / window, mode='valid')
+    ax[1].plot([s + off for s in steps[window - 1:]], smooth, **style)
+    steps, lr = _series(m, 'lr')
+    ax[2].plot([s + off for s in steps], lr, **style)
+  ax[0].set(title='validation loss (mixed batches)', xlabel='study step', ylim=(None, 1.2))
+  ax[1].set(title='training loss (mean of 5 logged rows)', xlabel='study step',
+            xlim=(50, None), ylim=(None, 1.6))
+  ax[2].set(title='learning rate', xlabel='study step')
+  for a in ax:
+    a.grid(alpha=0.3)
+  ax[0].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', default='runs/repro_small')
-  parser.add_argument('--figures', default=None, help='folder for the three PNGs')
+  parser.add_argument('--figures', default=None, help='folder for the four PNGs')
   args = parser.parse_args(argv)
   runs_dir = os.path.abspath(args.runs)
   have = lambda name: os.path.isfile(os.path.join(runs_dir, name, 'metrics.jsonl'))
@@ -324,10 +400,10 @@ def main(argv=None) -> int:
   sparse = [read(n) for n in SPARSE]
   rows = savings.compare(dense, sparse, MODS, ('train', 'eval'))
   metrics = {n: [json.loads(l) for l in open(os.path.join(runs_dir, n, 'metrics.jsonl'))]
-             for n in ('dense', *SPARSE, *SEEDS.values()) if have(n)}
+             for n in ('dense', *SPARSE, *SEEDS.values(), *UPCYCLED_RUNS) if have(n)}
   end_step = max(r['step'] for r in metrics['dense'])
   mid_step = end_step // 2
-  offsets = {n: step_offset(runs_dir, n) for n in SPARSE}
+  offsets = {n: step_offset(runs_dir, n) for n in metrics}
 
   lines = [f'Runs: `{runs_dir}`; command: `bash experiments/repro_small.sh {args.runs}` '
            '(this report: `python experiments/repro_small_report.py --runs '
@@ -349,6 +425,7 @@ def main(argv=None) -> int:
     lines.append(f'| {name} | {dropped} | {left} | {_fmt(_last(m, "route/mod/picked"))} |')
   lines.append('')
   lines += moe_section(metrics)
+  lines += upcycling_section(metrics, read, offsets)
 
   report = os.path.join(runs_dir, 'report.md')
   with open(report, 'w') as f:
@@ -361,9 +438,12 @@ def main(argv=None) -> int:
     paths = savings_report.write_plots(dense, sparse, rows, out)
     moe = os.path.join(out, 'moe_diagnosis.png')
     moe_figure(metrics, moe)
+    up = os.path.join(out, 'upcycling.png')
+    upcycling_figure(metrics, offsets, up)
     os.makedirs(args.figures, exist_ok=True)
-    for path, name in zip((*paths, moe), ('repro_small_loss.png', 'repro_small_eta.png',
-                                          'repro_small_moe.png')):
+    for path, name in zip((*paths, moe, up), ('repro_small_loss.png', 'repro_small_eta.png',
+                                              'repro_small_moe.png',
+                                              'repro_small_upcycling.png')):
       shutil.copyfile(path, os.path.join(args.figures, name))
       print(f'figure -> {os.path.join(args.figures, name)}')
   return 0

@@ -8,12 +8,11 @@ Freezes RUN's newest checkpoint, trains an auxiliary router per expert group and
 layer to predict the group-level top-k decisions (moma_jax/inference/aux_stage.py),
 calibrates their compute-matched thresholds on training batches (each expert then takes
 its training capacity of tokens; moma_jax/inference/thresholds.py), then evaluates on
-the validation splits and prints per modality:
+the evaluation batches (the validation splits mixed and packed as training's, so routing
+groups mix the datasets as training's do) and prints per modality:
   the teacher-forced loss, the causal loss at threshold 0.5 (the paper's) and at the
-  compute-matched thresholds, the gaps, on the validation splits (dataset by dataset)
-  and again on mixed validation batches, whose routing groups mix the datasets as
-  training's do (the like-for-like comparison); forward FLOPs per token of the three
-  modes; and the routers' accuracy, balanced accuracy, precision and recall.
+  compute-matched thresholds, the gaps; forward FLOPs per token of the three modes; and
+  the routers' accuracy, balanced accuracy, precision and recall.
 Results go to RUN/aux_router/ (params, metrics.jsonl, result.json); the run's own
 checkpoints and metrics are not touched. A stage already finished on the same
 checkpoint is reused (its result printed) unless --force. A run trained with

@@ -96,9 +96,12 @@ def _summary(run: loop_lib.Job, resume_step: int) -> str:
   tokens = t.batch_size * config.data.seq_len
   start = f'resuming from step {resume_step}' if resume_step else 'new run'
   u = config.upcycle
+  optimizer = ('its optimizer and LR schedule carried on from update '
+               f'{configs.carried_updates(config)}' if u.optimizer == 'carry'
+               else 'fresh optimizer and LR schedule')
   upcycled = ([f'  upcycled    from {os.path.abspath(u.from_workdir)} at step {u.at_step}: '
-               'its FFNs in every expert, fresh routers, optimizer and LR schedule; its '
-               'data position, FLOPs and tokens continue'] if u.from_workdir else [])
+               f'its FFNs in every expert, fresh routers, {optimizer}; its data position, '
+               'FLOPs and tokens continue'] if u.from_workdir else [])
   return '\n'.join([
       f'{PROG}: {run.label} -> {run.workdir} ({start})', *upcycled,
       f'  model       {configs.ffn_label(m)}, {m.num_layers} layers{mod}, d_model '
