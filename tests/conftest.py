@@ -4,10 +4,15 @@ import os
 import jax
 import pytest
 
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ.get('JAX_COMPILATION_CACHE_DIR',
-                                 os.path.expanduser('~/.cache/moma_jax/jax_cache')))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+# One compilation cache for the suite and every process its tests start (moma-train
+# subprocesses killed and resumed, the 8-device suite, notebook kernels inherit the
+# environment): a program one of them compiled, the others load.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.expanduser('~/.cache/moma_jax/jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 from moma_jax import configs  # noqa: E402
 

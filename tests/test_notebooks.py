@@ -6,7 +6,6 @@ shared `data_setup` fixture (MOMA_NOTEBOOK_DATA_DIR) and their runs written unde
 test's tmp_path (MOMA_NOTEBOOK_WORKDIR). They need nbformat, nbclient and ipykernel.
 """
 import json
-import os
 import pathlib
 import re
 
@@ -31,14 +30,12 @@ def _execute(name, data_dir, workdir, monkeypatch):
   """Runs notebooks/NAME top to bottom in a new python3 kernel; returns the notebook."""
   import nbclient  # pylint: disable=import-outside-toplevel
   import nbformat  # pylint: disable=import-outside-toplevel
-  # The kernel is a child process: it inherits this environment.
+  # The kernel is a child process: it inherits this environment (the compilation cache
+  # too, tests/conftest.py).
   monkeypatch.setenv('MOMA_NOTEBOOK_TINY', '1')
   monkeypatch.setenv('MOMA_NOTEBOOK_DATA_DIR', str(data_dir))
   monkeypatch.setenv('MOMA_NOTEBOOK_WORKDIR', str(workdir))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', os.environ.get(
-      'JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/moma_jax/jax_cache')))
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
   monkeypatch.delenv('MPLBACKEND', raising=False)    # the notebooks draw inline
   notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
   client = nbclient.NotebookClient(

@@ -34,7 +34,7 @@ FSDP = {'fsdp': 8}
 def source(data_setup, tmp_path_factory):
   """(config, workdir) of the 1t1i run, trained on the data=8 mesh."""
   from conftest import tiny_train_config
-  c = tiny_train_config(data_setup[0].data.data_dir, steps=2, ckpt_every=2,
+  c = tiny_train_config(data_setup[0].data.data_dir, steps=2, ckpt_every=1,
                         eval_every=100, eval_max_batches=1)
   c.model.experts = (1, 1)
   c.model.aux_router.enabled, c.model.aux_router.mode = True, 'joint'
@@ -99,12 +99,18 @@ def test_moma_generate_on_fsdp_samples_the_one_device_tokens(source, capsys):
   assert _cli(capsys, generate_cli.run, [*argv, '--config.mesh.fsdp=8']) == one
 
 
-def test_upcycled_start_on_fsdp_equals_the_one_device_start(source, data_setup):
+@pytest.mark.parametrize('optimizer', ['restart', 'carry'])
+def test_upcycled_start_on_fsdp_equals_the_one_device_start(source, data_setup, optimizer):
+  """Parameters and optimizer state; 'carry' reads the source's moments sharded too (from
+  its step 1, whose schedule of 2 steps the new run's 1 step ends)."""
   from conftest import tiny_train_config
-  c = tiny_train_config(data_setup[0].data.data_dir, steps=2)
+  at_step = 2 if optimizer == 'restart' else 1
+  c = tiny_train_config(data_setup[0].data.data_dir, steps=source[0].train.steps - at_step
+                        if optimizer == 'carry' else 2)
   c.routing.group_size = 1
   c.model.router_noise = 'gumbel'
-  c.upcycle.from_workdir, c.upcycle.at_step = source[1], 2
+  c.upcycle.from_workdir, c.upcycle.at_step, c.upcycle.optimizer = (source[1], at_step,
+                                                                     optimizer)
   starts = []
   for devices, mesh in ((jax.devices()[:1], dict(data=1)), (jax.devices(), FSDP)):
     c.mesh.update({**{a: 1 for a in mesh_lib.AXES}, **mesh})
