@@ -17,6 +17,7 @@ Variants (`--config experiments/repro_small.py:VARIANT[,seed=S]`):
               up_4t4i with one change each (UPCYCLED): the source's optimizer and
               schedule carried on; no router noise; the noise scaled to the router
               logits' spread; upcycled at step 100 and trained 500 steps after
+  up_4t4i_at100_nonoise   both of the last two changes
 Every sparse variant costs its dense model's forward FLOPs per token (routers aside);
 the MoD models are deeper, at the depth whose FLOPs per token match the dense model's
 (`moma_jax.analysis.flops.mod_layers_matching`). `seed=S` changes the initialization and the
@@ -46,6 +47,7 @@ UPCYCLED = {
     'up_4t4i_nonoise': dict(router_noise='none'),
     'up_4t4i_scaled': dict(router_noise='gumbel_scaled'),
     'up_4t4i_at100': dict(at_step=100),
+    'up_4t4i_at100_nonoise': dict(at_step=100, router_noise='none'),
 }
 VARIANTS = ('dense', '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware',
             *UPCYCLED)

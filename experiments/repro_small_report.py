@@ -16,6 +16,8 @@ mixed and packed as training's batches) and writes RUNS/report.md:
      the routers' balanced accuracy;
   4. route/dropped and route/left_behind at the end (what the routing did);
   5. what moe_8x's experts took, per modality, and the validation loss per dataset;
+     the routing bias of evaluating each dataset's split alone (BIAS_RUNS'
+     eval_split.json, `moma-eval --per_split`) against the mixed batches;
   6. the upcycling controls: the paper's recipe and one change of it each (UPCYCLED of
      experiments/repro_small.py), each seed, against 4t4i from scratch and the source;
 and the figures repro_small_loss.png, repro_small_eta.png, repro_small_moe.png and
@@ -60,6 +62,11 @@ MODS = ('text', 'image', 'overall')
 PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5.3, 4.2)}
 # The moe_8x diagnosis compares these runs (those that exist).
 MOE_RUNS = ('dense', '4t4i', 'moe_8x', 'moe_8x_seed1')
+# The runs experiments/repro_small.sh evaluates split by split too (eval_split.json).
+BIAS_RUNS = ('dense', '4t4i', 'moe_8x')
+# (label, metric key after 'eval/' or 'eval_split/') of the bias table.
+BIAS_KEYS = (('pydoc text', 'moma_pydoc/loss/text'), ('captions', 'moma_shapes/loss/text'),
+             ('image', 'moma_shapes/loss/image'))
 # The runs experiments/repro_small.sh evaluates causally (moma-aux).
 CAUSAL = ('1t1i', '4t4i', 'moe_8x', 'mod_4t4i')
 LAYERS = 4
@@ -250,6 +257,33 @@ def moe_section(metrics) -> list[str]:
   return lines + ['']
 
 
+def bias_section(runs_dir, metrics) -> list[str]:
+  """Each dataset's validation loss with its split routed alone (eval_split.json) and on
+  the mixed batches (the run's last evaluation), and the difference of the two beyond
+  dense's (dense routes nothing: its difference is the two token sets')."""
+  lines = ['### The routing bias of evaluating one dataset per routing group', '',
+           'Per dataset: split alone / mixed batches (difference, beyond dense\'s).', '',
+           '| run | ' + ' | '.join(label for label, _ in BIAS_KEYS) + ' |',
+           '|---|' + '---|' * len(BIAS_KEYS)]
+  split = {}
+  for name in BIAS_RUNS:
+    path = os.path.join(runs_dir, name, 'eval_split.json')
+    if name in metrics and os.path.isfile(path):
+      with open(path) as f:
+        split[name] = json.load(f)
+  diff = lambda n, k: split[n][f'eval_split/{k}'] - _last(metrics[n], f'eval/{k}')
+  for name, res in split.items():
+    cells = []
+    for _, key in BIAS_KEYS:
+      own = diff(name, key)
+      beyond = '' if name == 'dense' or 'dense' not in split else \
+          f', {own - diff("dense", key):+.3f}'
+      cells.append(f'{res[f"eval_split/{key}"]:.3f} / {_last(metrics[name], f"eval/{key}"):.3f} '
+                   f'({own:+.3f}{beyond})')
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return lines + ['']
+
+
 def moe_figure(metrics, path: str) -> None:
   """Six panels: moe_8x's experts by modality at the end (per layer), the text share of
   expert slots over training, left-behind text and image, router logit spread, and the
@@ -358,7 +392,7 @@ def upcycling_figure(metrics, offsets, path: str) -> None:
   names = [n for n in ('dense', '1t1i', '4t4i', *UPCYCLED_RUNS) if n in metrics]
   colors = dict(zip(('dense', '1t1i', '4t4i', *UPCYCLED),
                     ('black', 'tab:gray', 'tab:green', 'tab:red', 'tab:blue', 'tab:orange',
-                     'tab:purple', 'tab:brown')))
+                     'tab:purple', 'tab:brown', 'tab:pink')))
   for name in names:
     m, off = metrics[name], offsets.get(name, 0)
     style = dict(color=colors[name.split('_seed')[0]], ls='--' if 'seed1' in name else '-',
@@ -425,6 +459,7 @@ def main(argv=None) -> int:
     lines.append(f'| {name} | {dropped} | {left} | {_fmt(_last(m, "route/mod/picked"))} |')
   lines.append('')
   lines += moe_section(metrics)
+  lines += bias_section(runs_dir, metrics)
   lines += upcycling_section(metrics, read, offsets)
 
   report = os.path.join(runs_dir, 'report.md')

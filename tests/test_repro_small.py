@@ -23,7 +23,8 @@ def _module():
 
 @pytest.mark.parametrize('variant', [
     '1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'up_4t4i',
-    'up_4t4i_carry', 'up_4t4i_nonoise', 'up_4t4i_scaled', 'up_4t4i_at100,seed=1'])
+    'up_4t4i_carry', 'up_4t4i_nonoise', 'up_4t4i_scaled', 'up_4t4i_at100,seed=1',
+    'up_4t4i_at100_nonoise'])
 def test_variants_are_compute_matched_and_exact(variant):
   repro = _module()
   dense = flops.count(repro.get_config('dense')).train['overall']
