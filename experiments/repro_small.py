@@ -25,10 +25,11 @@ data order (train.seed, data.seed); for an upcycled variant only train.seed (its
 routers and router noise), since it continues its source's data stream.
 
 Data: moma_shapes with enough scenes that no scene is seen twice, plus moma_pydoc text
-in a fixed mixture; evaluation on both validation splits.
+in a fixed mixture; evaluation on both validation splits, mixed and packed as training's
+batches.
 
-The whole study (all variants, a second seed of dense and 4t4i, post-hoc auxiliary
-routers and causal evaluation, then the comparison) is one command:
+The whole study (all variants, second seeds, the per-split diagnostic, post-hoc
+auxiliary routers and causal evaluation, then the comparison) is one command:
   bash experiments/repro_small.sh [RUNS_DIR]      # default runs/repro_small
 """
 import ml_collections
