@@ -231,7 +231,8 @@ def initial_state(config: ml_collections.ConfigDict, tx, model: transformer.Deco
   check_compatible(source, config, where=f'{workdir} (step {step})')
   source_model = transformer.build(source)
   if carry:
-    target, _ = train_state.layout(source_model, optimizer_lib.optimizer(source), mesh)
+    with sharding.outside_mesh():      # as the trainer lays out its own state
+      target, _ = train_state.layout(source_model, optimizer_lib.optimizer(source), mesh)
   else:
     target = {'params': train_state.abstract_params(source_model, mesh)}
   with saved.checkpoints(workdir) as manager:
