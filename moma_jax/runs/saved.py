@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -138,8 +138,20 @@ def read_params(workdir: str, step: int | None, mesh: jax.sharding.Mesh
   """(absolute workdir, config, step, params, progress) of checkpoint `step` (None: the
   newest) of the run in `workdir`, its parameters placed on `mesh` by the training rules
   and its optimizer moments left on disk. Raises as `locate` does."""
+  workdir, config, step, state, progress = read_state(
+      workdir, step, lambda c: {'params': train_state.abstract_params(transformer.build(c),
+                                                                      mesh)})
+  return workdir, config, step, state['params'], progress
+
+
+def read_state(workdir: str, step: int | None,
+               target_of: Callable[[ml_collections.ConfigDict], Mapping[str, Any]]
+               ) -> tuple[str, ml_collections.ConfigDict, int, Any, dict[str, Any]]:
+  """(absolute workdir, config, step, state, progress) of checkpoint `step` (None: the
+  newest): the subtrees `target_of(config)` names, placed as it says (`restore_state`).
+  Raises as `locate` does."""
   workdir, config, step = locate(workdir, step)
-  target = train_state.abstract_params(transformer.build(config), mesh)
+  target = target_of(config)
   with checkpoints(workdir) as manager:
-    params, progress = restore_params(manager, step, target)
-  return workdir, config, step, params, progress
+    state, progress = restore_state(manager, step, target)
+  return workdir, config, step, state, progress

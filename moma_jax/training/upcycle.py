@@ -41,6 +41,7 @@ Axis legend: E experts of all groups (stacked), D embed, F SwiGLU hidden.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -216,27 +217,30 @@ def initial_state(config: ml_collections.ConfigDict, tx, model: transformer.Deco
   state: {'params': upcycled, 'opt': tx.init of them} (Adam moments 0, count 0, so the
   LR schedule restarts), or with `upcycle.optimizer='carry'` the source's optimizer
   state through `carry_optimizer`; routers from the target's own init for `train.seed`,
-  the same values `train_state.create` gives them. progress: step 0, the source's `train_flops`,
-  `tokens` and `data` (the position of every row of the global batch) at
-  `upcycle.at_step`. Raises as `check_source` does.
+  the same values `train_state.create` gives them. progress: step 0, the source's
+  `train_flops`, `tokens` and `data` (the position of every row of the global batch) at
+  `upcycle.at_step`. Raises as `check_source` does, before any array is read.
 
   Every array is made where it ends up, shard by shard: the source's parameters are
   read sharded (its optimizer state only to carry it), the fresh init is jit'd with the
-  parameters' out_shardings, and the copy too; neither outlives this call. No process holds more
-  than its shards.
+  parameters' out_shardings, and the copy too; neither outlives this call. No process
+  holds more than its shards.
   """
   u = config.upcycle
   carry = u.optimizer == 'carry'
-  workdir, source, step = saved.locate(u.from_workdir, u.at_step)
-  check_compatible(source, config, where=f'{workdir} (step {step})')
-  source_model = transformer.build(source)
-  if carry:
+
+  def source_layout(source: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What to read of the source: its parameters, and its optimizer state to carry."""
+    where = f'{os.path.abspath(os.path.expanduser(u.from_workdir))} (step {u.at_step})'
+    check_compatible(source, config, where=where)
+    model = transformer.build(source)
+    if not carry:
+      return {'params': train_state.abstract_params(model, mesh)}
     with sharding.outside_mesh():      # as the trainer lays out its own state
-      target, _ = train_state.layout(source_model, optimizer_lib.optimizer(source), mesh)
-  else:
-    target = {'params': train_state.abstract_params(source_model, mesh)}
-  with saved.checkpoints(workdir) as manager:
-    source_state, source_progress = saved.restore_state(manager, step, target)
+      return train_state.layout(model, optimizer_lib.optimizer(source), mesh)[0]
+
+  _, source, _, source_state, source_progress = saved.read_state(
+      u.from_workdir, u.at_step, source_layout)
   params_sh = state_shardings['params']
   with sharding.outside_mesh():
     fresh = jax.jit(lambda rng: nn.unbox(transformer.init_boxed(model, rng)),
