@@ -196,3 +196,14 @@ def test_tokenizers_follow_the_configured_modalities(data_setup):
   with pytest.raises(configs.ConfigError, match="^model.modalities: no tokenizer for "
                      "'audio': the data pipeline reads 'text', 'image'$"):
     pipeline.load_tokenizers(configs.validate(unknown))
+
+
+def test_data_build_reports_the_configured_sizes(data_setup, capsys):
+  """`moma-data build` builds and counts each dataset at its `data.options` size."""
+  from moma_jax.cli import data as data_cli
+  config, _ = data_setup
+  config = copy.deepcopy(config)
+  config.data.options = 'moma_shapes:num_train=30:num_validation=7'
+  data_cli.build(config)
+  line = next(l for l in capsys.readouterr().out.splitlines() if 'moma_shapes' in l)
+  assert 'train 30, validation 7' in line, line

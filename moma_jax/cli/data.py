@@ -32,10 +32,10 @@ USER_ERRORS = (*pipeline.DATA_ERRORS, OSError)
 def build(config) -> None:
   root = pipeline.data_dir(config)
   print(f'data directory: {root}')
-  names = [name for name, _ in configs.mixture(config.data)]
-  for name in names:
+  options = configs.dataset_options(config.data)
+  for name, _ in configs.mixture(config.data):
     start = time.perf_counter()
-    sizes = {split: len(datasets.data_source(name, root, split))
+    sizes = {split: len(datasets.data_source(name, root, split, **options.get(name, {})))
              for split in ('train', config.data.eval_split)}
     sizes_text = ', '.join(f'{split} {n}' for split, n in sizes.items())
     print(f'  {name:<14} {sizes_text:<32} {time.perf_counter() - start:6.1f} s')
