@@ -9,11 +9,12 @@
 # then compares the runs with moma-compare, writes RUNS_DIR/report.md and the figures in
 # docs/, and measures the variants' throughput at the study's size (RUNS_DIR/throughput.md).
 #
-# The trainings and the evaluations each run as two lanes at once, each process on one
-# XLA CPU thread: on 2 cores two single-threaded runs finish more work per second than one
-# run on both (measured on 4t4i: 1.08 s a step each, two at once, against 0.72 s alone).
-# Each lane's output goes to RUNS_DIR/logs/. Rerunning the script reuses what is
-# finished: moma-train resumes or finds a run done, moma-aux finds its stage done.
+# The trainings and the evaluations each run two at a time, each process on one XLA CPU
+# thread: on 2 cores two single-threaded runs finish more work per second than one run
+# on both (measured on 4t4i: 1.08 s a step each, two at once, against 0.72 s alone).
+# Jobs are taken longest first; each job's output goes to RUNS_DIR/logs/JOB.log.
+# Rerunning the script reuses what is finished: moma-train resumes or finds a run done,
+# moma-aux finds its stage done.
 set -euo pipefail
 RUNS=${1:-runs/repro_small}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,57 +26,44 @@ XLA_FLAGS_BEFORE=${XLA_FLAGS-}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 say() { echo "== $* ($SECONDS s)"; }
-train() {   # train SPEC [moma-train flags...]
-  local spec=$1 name=${1/,seed=/_seed}
-  shift
-  say "train $name"
-  moma-train --config "$HERE/repro_small.py:$spec" --workdir "$RUNS/$name" "$@"
+job() {   # job KIND ARG: one training or evaluation, logged to RUNS/logs/
+  local kind=$1 arg=$2 name=${2/,seed=/_seed}
+  local log="$RUNS/logs/${kind}_$name.log"
+  say "$kind $name: started (log $log)"
+  case $kind in
+    train) moma-train --config "$HERE/repro_small.py:$arg" --workdir "$RUNS/$name" ;;
+    upcycle) moma-train --config "$HERE/repro_small.py:$arg" --workdir "$RUNS/$name" \
+                 "--config.upcycle.from_workdir=$RUNS/1t1i" ;;
+    per_split)   # the routing-bias diagnostic: each dataset's validation split alone
+      [ -s "$RUNS/$name/eval_split.json" ] || {
+        moma-eval --workdir "$RUNS/$name" --per_split --json > "$RUNS/$name/eval_split.json.tmp" &&
+        mv "$RUNS/$name/eval_split.json.tmp" "$RUNS/$name/eval_split.json"; } ;;
+    aux)   # post-hoc auxiliary routers, calibrated thresholds, causal evaluation
+      moma-aux --workdir "$RUNS/$name" --steps "$AUX_STEPS" \
+          --calibration_tokens "$CALIBRATION_TOKENS" ;;
+  esac > "$log" 2>&1 || { say "$kind $name: FAILED, see $log"; return 255; }
+  say "$kind $name: done"
 }
-upcycled() {   # the upcycling controls, all grown from the 1t1i run
-  local spec
-  for spec in up_4t4i up_4t4i_carry up_4t4i_nonoise up_4t4i_scaled up_4t4i_at100 \
-      up_4t4i,seed=1 up_4t4i_at100_nonoise up_4t4i_nonoise,seed=1 up_4t4i_scaled,seed=1 \
-      up_4t4i_carry,seed=1; do
-    train "$spec" "--config.upcycle.from_workdir=$RUNS/1t1i"
-  done
+two_at_a_time() {   # lines 'KIND ARG' on stdin; xargs stops at a job's exit 255
+  xargs -P 2 -L 1 bash -c 'job "$@"' _
 }
-per_split() {   # the routing-bias diagnostic: each dataset's validation split routed alone
-  local name=$1
-  [ -s "$RUNS/$name/eval_split.json" ] && return
-  say "per-split evaluation $name"
-  moma-eval --workdir "$RUNS/$name" --per_split --json > "$RUNS/$name/eval_split.json.tmp"
-  mv "$RUNS/$name/eval_split.json.tmp" "$RUNS/$name/eval_split.json"
-}
-aux() {   # post-hoc auxiliary routers, calibrated thresholds, causal evaluation
-  say "aux $1"
-  moma-aux --workdir "$RUNS/$1" --steps "$AUX_STEPS" --calibration_tokens "$CALIBRATION_TOKENS"
-}
-lanes() {   # lanes NAME 'COMMANDS A' 'COMMANDS B': both at once; fails if either fails
-  say "$1: lanes in $RUNS/logs/$1_{a,b}.log"
-  bash -c "SECONDS=$SECONDS; set -euo pipefail; $(declare -f say train upcycled per_split aux); $2" \
-      > "$RUNS/logs/$1_a.log" 2>&1 &
-  local a=$!
-  bash -c "SECONDS=$SECONDS; set -euo pipefail; $(declare -f say train upcycled per_split aux); $3" \
-      > "$RUNS/logs/$1_b.log" 2>&1 &
-  local b=$! status=0
-  wait "$a" || { status=$?; echo "lane a of $1 failed: see $RUNS/logs/$1_a.log"; }
-  wait "$b" || { status=$?; echo "lane b of $1 failed: see $RUNS/logs/$1_b.log"; }
-  grep -h '^== ' "$RUNS/logs/$1_a.log" "$RUNS/logs/$1_b.log" || true
-  return "$status"
-}
-export RUNS HERE AUX_STEPS CALIBRATION_TOKENS
+export -f say job
+export RUNS HERE AUX_STEPS CALIBRATION_TOKENS SECONDS
 
-# The datasets and the image tokenizer, built once before two lanes could race to it.
+# The datasets and the image tokenizer, built once, before two jobs could race to build them.
 say "data"
 moma-data build --config "$HERE/repro_small.py:4t4i"
-# 1t1i first in its lane: the upcycled runs grow from it.
-lanes train \
-  'train 1t1i; upcycled; train dense,seed=1' \
-  'for s in 4t4i dense moe_8x mod_4t4i mod_1t1i 4t4i,seed=1 mod_4t4i_aware; do train $s; done'
+# 1t1i first: the upcycled runs grow from it.
+printf '%s\n' 'train 1t1i' 'train 4t4i' | two_at_a_time
+printf '%s\n' 'train mod_4t4i' 'train mod_4t4i_aware' 'train mod_1t1i' 'train moe_8x' \
+    'train dense' 'train 4t4i,seed=1' 'train dense,seed=1' 'upcycle up_4t4i_at100' \
+    'upcycle up_4t4i_at100_nonoise' 'upcycle up_4t4i' 'upcycle up_4t4i_carry' \
+    'upcycle up_4t4i_nonoise' 'upcycle up_4t4i_scaled' 'upcycle up_4t4i,seed=1' \
+    'upcycle up_4t4i_nonoise,seed=1' 'upcycle up_4t4i_scaled,seed=1' \
+    'upcycle up_4t4i_carry,seed=1' | two_at_a_time
 # mod_4t4i's causal stage (one calibration per MoD and expert stage) is the longest.
-lanes evaluate \
-  'aux mod_4t4i' \
-  'for n in dense 4t4i moe_8x; do per_split $n; done; for n in 1t1i 4t4i moe_8x; do aux $n; done'
+printf '%s\n' 'aux mod_4t4i' 'aux 4t4i' 'aux moe_8x' 'aux 1t1i' 'per_split dense' \
+    'per_split 4t4i' 'per_split moe_8x' | two_at_a_time
 export XLA_FLAGS=$XLA_FLAGS_BEFORE
 say "compare"
 moma-compare --baseline "$RUNS/dense" --out "$RUNS/savings" \

@@ -55,13 +55,13 @@ SPARSE = ('1t1i', '4t4i', 'moe_8x', 'mod_1t1i', 'mod_4t4i', 'mod_4t4i_aware', 'u
 # The upcycling controls and their second seeds (those that exist are reported).
 UPCYCLED = tuple(REPRO.UPCYCLED)
 UPCYCLED_RUNS = tuple(n for name in UPCYCLED for n in (name, f'{name}_seed1'))
-SEEDS = {'dense': 'dense_seed1', '4t4i': '4t4i_seed1', 'moe_8x': 'moe_8x_seed1'}
+SEEDS = {'dense': 'dense_seed1', '4t4i': '4t4i_seed1'}
 MODS = ('text', 'image', 'overall')
 # The paper's eta at 1.4B parameters and 1T tokens (text, image, overall); None: not given.
 # Upcycling: the paper reports a further 1.2x over 4t4i overall (not per modality).
 PAPER = {'4t4i': (2.6, 5.2, 3.7), 'moe_8x': (3.0, 2.8, 3.0), 'mod_4t4i': (3.4, 5.3, 4.2)}
 # The moe_8x diagnosis compares these runs (those that exist).
-MOE_RUNS = ('dense', '4t4i', 'moe_8x', 'moe_8x_seed1')
+MOE_RUNS = ('dense', '4t4i', 'moe_8x')
 # The runs experiments/repro_small.sh evaluates split by split too (eval_split.json).
 BIAS_RUNS = ('dense', '4t4i', 'moe_8x')
 # (label, metric key after 'eval/' or 'eval_split/') of the bias table.
@@ -154,7 +154,7 @@ def seed_section(metrics, read, have) -> list[str]:
       ev = ' / '.join(_fmt(_last(metrics[name], k)) for k in
                       ('eval/loss', 'eval/loss/text', 'eval/loss/image'))
       lines.append(f'| {name} | {np.mean(train):.4f} | {ev} |')
-  for base in ('4t4i', 'moe_8x'):
+  for base in ('4t4i',):
     pair = (base, SEEDS[base])
     if not (have('dense_seed1') and all(have(n) for n in pair)):
       continue
@@ -186,7 +186,7 @@ def causal_section(runs_dir, names) -> list[str]:
            'On the evaluation batches (the validation splits mixed and packed as in '
            'training, so routing groups hold what training\'s hold). Causal at the '
            'paper\'s threshold 0.5 and at the compute-matched thresholds '
-           '(calibrated on 2^18 training tokens). Forward MFLOPs per token: teacher-forced '
+           '(calibrated on 2^16 training tokens, the study's `moma-aux --calibration_tokens`). Forward MFLOPs per token: teacher-forced '
            'analytic; causal as routed on 2^18 mixed validation tokens, auxiliary routers '
            'included.', '',
            '| variant | teacher-forced overall / text / image | causal 0.5 | causal '
