@@ -28,8 +28,8 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_par
 say() { echo "== $* ($SECONDS s)"; }
 job() {   # job KIND ARG: one training or evaluation, logged to RUNS/logs/
   local kind=$1 arg=$2 name=${2/,seed=/_seed}
-  local log="$RUNS/logs/${kind}_$name.log"
-  say "$kind $name: started (log $log)"
+  local log="$RUNS/logs/${kind}_$name.log" SECONDS=0
+  echo "== $kind $name: started, log $log"
   case $kind in
     train) moma-train --config "$HERE/repro_small.py:$arg" --workdir "$RUNS/$name" ;;
     upcycle) moma-train --config "$HERE/repro_small.py:$arg" --workdir "$RUNS/$name" \
@@ -41,14 +41,14 @@ job() {   # job KIND ARG: one training or evaluation, logged to RUNS/logs/
     aux)   # post-hoc auxiliary routers, calibrated thresholds, causal evaluation
       moma-aux --workdir "$RUNS/$name" --steps "$AUX_STEPS" \
           --calibration_tokens "$CALIBRATION_TOKENS" ;;
-  esac > "$log" 2>&1 || { say "$kind $name: FAILED, see $log"; return 255; }
-  say "$kind $name: done"
+  esac > "$log" 2>&1 || { echo "== $kind $name: FAILED after $SECONDS s, see $log"; return 255; }
+  echo "== $kind $name: done in $SECONDS s"
 }
 two_at_a_time() {   # lines 'KIND ARG' on stdin; xargs stops at a job's exit 255
   xargs -P 2 -L 1 bash -c 'job "$@"' _
 }
-export -f say job
-export RUNS HERE AUX_STEPS CALIBRATION_TOKENS SECONDS
+export -f job
+export RUNS HERE AUX_STEPS CALIBRATION_TOKENS
 
 # The datasets and the image tokenizer, built once, before two jobs could race to build them.
 say "data"
