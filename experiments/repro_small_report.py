@@ -186,7 +186,8 @@ def causal_section(runs_dir, names) -> list[str]:
            'On the evaluation batches (the validation splits mixed and packed as in '
            'training, so routing groups hold what training\'s hold). Causal at the '
            'paper\'s threshold 0.5 and at the compute-matched thresholds '
-           '(calibrated on 2^16 training tokens, the study's `moma-aux --calibration_tokens`). Forward MFLOPs per token: teacher-forced '
+           '(calibrated on 2^16 training tokens, the study\'s `moma-aux '
+           '--calibration_tokens`). Forward MFLOPs per token: teacher-forced '
            'analytic; causal as routed on 2^18 mixed validation tokens, auxiliary routers '
            'included.', '',
            '| variant | teacher-forced overall / text / image | causal 0.5 | causal '

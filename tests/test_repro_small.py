@@ -1,6 +1,7 @@
 """experiments/repro_small.py: compute-matched variants whose buffers never cut a row,
 on data that is never repeated; data.options builds the larger dataset."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -80,13 +81,18 @@ def test_dataset_options_reach_the_pipeline(data_setup):
   assert len(pipeline.DatasetDocuments(c, 'moma_shapes', 'validation', tok).source) == 10
 
 
-def test_report_counts_an_upcycled_run_s_steps_from_its_source_s(tmp_path):
-  """The upcycled variant's own step s is the study's step s + upcycle.at_step, so its
-  mid-training cell (the study's step 300) is empty and its end cell is its last row."""
+def _report():
   spec = importlib.util.spec_from_file_location(
       'repro_small_report', os.path.join(os.path.dirname(_PATH), 'repro_small_report.py'))
   report = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(report)
+  return report
+
+
+def test_report_counts_an_upcycled_run_s_steps_from_its_source_s(tmp_path):
+  """The upcycled variant's own step s is the study's step s + upcycle.at_step, so its
+  mid-training cell (the study's step 300) is empty and its end cell is its last row."""
+  report = _report()
   repro = _module()
   for name in ('up_4t4i', '4t4i'):
     os.makedirs(tmp_path / name)
@@ -102,3 +108,23 @@ def test_report_counts_an_upcycled_run_s_steps_from_its_source_s(tmp_path):
                       '(s600) / 1.30 (s600) | - / - / - |')
   assert table[3] == ('| 4t4i | 2.30 / 2.30 / 2.30 | 2.60 / 2.60 / 2.60 | 2.60 (s600) / '
                       '2.60 (s600) / 2.60 (s600) | 2.6 / 5.2 / 3.7 |')
+
+
+def test_report_bias_table_is_each_run_s_split_minus_mixed_beyond_dense_s(tmp_path):
+  """A dataset's loss with its split routed alone, on the mixed batches, their difference,
+  and for a routed run that difference less dense's (dense routes nothing)."""
+  report = _report()
+  keys = [key for _, key in report.BIAS_KEYS]
+  split = {'dense': (2.0, 0.5, 1.0), '4t4i': (1.8, 0.4, 0.9)}
+  mixed = {'dense': (1.9, 0.5, 1.0), '4t4i': (1.6, 0.45, 0.9)}
+  metrics = {}
+  for name in split:
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / 'eval_split.json').write_text(json.dumps(
+        {f'eval_split/{k}': v for k, v in zip(keys, split[name])}))
+    metrics[name] = [{'step': 600, **{f'eval/{k}': v for k, v in zip(keys, mixed[name])}}]
+  lines = report.bias_section(str(tmp_path), metrics)
+  assert lines[-3] == '| dense | 2.000 / 1.900 (+0.100) | 0.500 / 0.500 (+0.000) | ' \
+                      '1.000 / 1.000 (+0.000) |'
+  assert lines[-2] == '| 4t4i | 1.800 / 1.600 (+0.200, +0.100) | 0.400 / 0.450 ' \
+                      '(-0.050, -0.050) | 0.900 / 0.900 (+0.000, +0.000) |'
