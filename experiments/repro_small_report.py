@@ -143,7 +143,7 @@ def _train_rows(rows):
   return [r for r in rows if 'loss' in r and 'route/layer0/tokens_per_expert/0' in r]
 
 
-def seed_section(metrics, read, have) -> list[str]:
+def seed_section(metrics, read, have, mid_step) -> list[str]:
   lines = ['### Seed spread', '', '| run | train loss (last 5 logged, mean) | eval loss '
            'overall / text / image |', '|---|---|---|']
   for base, other in SEEDS.items():
@@ -158,16 +158,19 @@ def seed_section(metrics, read, have) -> list[str]:
     pair = (base, SEEDS[base])
     if not (have('dense_seed1') and all(have(n) for n in pair)):
       continue
-    lines += ['', f'{base} eta (last measured point; training loss / validation loss) '
-              'against each dense seed:', '', f'| {base} seed | dense seed | train text / '
-              'image / overall | eval text / image / overall |', '|---|---|---|---|']
+    lines += ['', f'{base} eta (last measured point; training loss / validation loss; '
+              f'validation loss at step {mid_step}) against each dense seed:', '',
+              f'| {base} seed | dense seed | train text / image / overall | eval text / '
+              f'image / overall | eval at step {mid_step} text / image / overall |',
+              '|---|---|---|---|---|']
     for sparse in pair:
       for sd in ('dense', 'dense_seed1'):
         r = savings.compare(read(sd), [read(sparse)], MODS, ('train', 'eval'))
         fin = savings.final_rows(r, measured_only=True)
         cells = [' / '.join(_eta_cell(fin.get((sparse, src), {}).get(m)) for m in MODS)
                  for src in ('train', 'eval')]
-        lines.append(f'| {sparse} | {sd} | {cells[0]} | {cells[1]} |')
+        mid = ' / '.join(_eta_cell(_at_step(r, sparse, 'eval', m, mid_step)) for m in MODS)
+        lines.append(f'| {sparse} | {sd} | {cells[0]} | {cells[1]} | {mid} |')
   return lines + ['']
 
 
@@ -447,7 +450,7 @@ def main(argv=None) -> int:
   for source, title in (('train', 'training loss'), ('eval', 'validation loss')):
     lines += [f'### eta from the {title}', '']
     lines += eta_table(rows, SPARSE, source, mid_step, end_step, offsets) + ['']
-  lines += seed_section(metrics, read, have)
+  lines += seed_section(metrics, read, have, mid_step)
   lines += causal_section(runs_dir, CAUSAL)
 
   # Routing at the end.
