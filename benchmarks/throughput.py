@@ -103,7 +103,6 @@ def prepare(config, warmup: int):
   with jax.set_mesh(mesh), sharding.axis_rules():
     step = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
     batch = sharding.global_batch(random_batch(config), batch_sh)
-  one = jnp.float32(1)
   done = [0]
 
   def run(n):
@@ -111,7 +110,7 @@ def prepare(config, warmup: int):
     with jax.set_mesh(mesh), sharding.axis_rules():
       for _ in range(n):
         done[0] += 1
-        state, metrics = step(state, batch, jnp.int32(done[0]), one)
+        state, metrics = step(state, batch, jnp.int32(done[0]))
       jax.block_until_ready((state, metrics))
 
   run(max(1, warmup))
