@@ -18,12 +18,12 @@ Train (300 steps of 16 x 128 tokens, evaluation every 25), then compare:
   moma-compare --baseline runs/quickstart/dense --run runs/quickstart/moma_4t4i \
       --out runs/quickstart/savings
 Measured on a quiet 2-core CPU (all three from a fresh clone, install and data build
-included: 5 min 9 s; median 6.7k tokens/s dense, 6.2k moma_4t4i): the training loss
-falls from about 7.3 to 2.00 (dense) and 1.87 (moma_4t4i, mean of the last 5 logged);
+included: 4 min 44 s; median 7.7k tokens/s dense, 6.1k moma_4t4i): the training loss
+falls from about 7.3 to 1.99 (dense) and 1.86 (moma_4t4i, mean of the last 5 logged);
 evaluation loss at step 300 (the validation splits mixed as in training; text / image):
-dense 2.01 (1.84 / 2.63), moma_4t4i 1.85 (1.72 / 2.31). eta at the last point where both
-evaluation curves are measured: text 1.24, image 1.90, overall 1.25 (training losses:
-1.10, 1.10, 1.09).
+dense 2.00 (1.83 / 2.57), moma_4t4i 1.85 (1.73 / 2.29). eta at the last point where both
+evaluation curves are measured: text 1.27, image 1.69, overall 1.22 (training losses:
+1.10, 1.11, 1.09).
 
 Upcycling (the paper's recipe, moma_jax/training/upcycle.py): train 1t1i, then start 4t4i from
 its step 100 (each modality's FFN copied into all 4 experts of its group, fresh routers
