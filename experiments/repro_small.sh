@@ -28,7 +28,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_par
 say() { echo "== $* ($SECONDS s)"; }
 job() {   # job KIND ARG: one training or evaluation, logged to RUNS/logs/
   local kind=$1 arg=$2 name=${2/,seed=/_seed}
-  local log="$RUNS/logs/${kind}_$name.log" SECONDS=0
+  local log="$RUNS/logs/${kind}_$name.log"   # each job is its own bash: $SECONDS is its age
   echo "== $kind $name: started, log $log"
   case $kind in
     train) moma-train --config "$HERE/repro_small.py:$arg" --workdir "$RUNS/$name" ;;

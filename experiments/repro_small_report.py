@@ -154,10 +154,9 @@ def seed_section(metrics, read, have, mid_step) -> list[str]:
       ev = ' / '.join(_fmt(_last(metrics[name], k)) for k in
                       ('eval/loss', 'eval/loss/text', 'eval/loss/image'))
       lines.append(f'| {name} | {np.mean(train):.4f} | {ev} |')
-  for base in ('4t4i',):
-    pair = (base, SEEDS[base])
-    if not (have('dense_seed1') and all(have(n) for n in pair)):
-      continue
+  base = '4t4i'
+  pair = (base, SEEDS[base])
+  if have('dense_seed1') and all(have(n) for n in pair):
     lines += ['', f'{base} eta (last measured point; training loss / validation loss; '
               f'validation loss at step {mid_step}) against each dense seed:', '',
               f'| {base} seed | dense seed | train text / image / overall | eval text / '
