@@ -19,6 +19,7 @@ from moma_jax.cli import eval as eval_cli
 from moma_jax.cli import generate as generate_cli
 from moma_jax.runs import saved
 from moma_jax.model import mesh as mesh_lib
+from moma_jax.model import param_names
 from moma_jax.model import sharding
 from moma_jax.model import transformer
 from moma_jax.training import optimizer as optimizer_lib
@@ -122,8 +123,18 @@ def test_upcycled_start_on_fsdp_equals_the_one_device_start(source, data_setup, 
     starts.append(upcycle.initial_state(config, tx, model, state_sh, mesh))
   (one, one_progress), (sharded, sharded_progress) = starts
   assert sharded_progress == one_progress
+  fresh = 0
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(sharded)[0],
                           jax.tree.leaves(one)):
-    assert a.sharding.mesh.shape['fsdp'] == 8, jax.tree_util.keystr(path)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                  err_msg=jax.tree_util.keystr(path))
+    where = jax.tree_util.keystr(path)
+    assert a.sharding.mesh.shape['fsdp'] == 8, where
+    if path[0].key == 'params' and param_names.role(path) in ('expert_router', 'aux_router'):
+      # A fresh init, made by the program's sharded twin: XLA's CPU code for a [2, E]
+      # shard may round the normal sampler's polynomial otherwise than for [16, E] (one
+      # CPU gave 8 of 128 values 1 ulp apart). What is read or copied is exact.
+      fresh += 1
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0,
+                                 err_msg=where)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+  assert fresh > 0
