@@ -1,4 +1,6 @@
 """Causal mode: no logit depends on a later token; KV-cache decoding equals the full pass."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +39,7 @@ def _setup(kind):
   return model, params, batch
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _logits(model, params, batch, tokens=None):
   return model.apply({'params': params}, batch['tokens'] if tokens is None else tokens,
                      batch['modality'], batch['segment_ids'], batch['positions'],
@@ -71,7 +74,7 @@ def test_kv_cache_decoding_equals_the_full_causal_pass(kind):
   decoder = model.in_mode(causal=True, decode=True)
   prompt = 5
   cut = lambda a, i, j: a[:, i:j]
-  cache = decoder.init(jax.random.key(0), *(cut(batch[k], 0, prompt) for k in (
+  cache = jax.jit(decoder.init)(jax.random.key(0), *(cut(batch[k], 0, prompt) for k in (
       'tokens', 'modality', 'segment_ids', 'positions')))['cache']
   cache = jax.tree.map(jnp.zeros_like, cache)
   step = jax.jit(lambda c, *a: decoder.apply({'params': params, 'cache': c}, *a,

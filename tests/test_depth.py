@@ -49,10 +49,11 @@ def test_depth_block_equals_reference(variant):
   spec = routing_spec.from_config(config)
   x, mod, seg, pos = depth_inputs()
   module = DepthRoutedBlock(frozen, spec, rows_per_group=2)
-  params = nn.unbox(module.init(jax.random.key(0), x, mod, seg, pos)['params'])
+  params = nn.unbox(jax.jit(module.init)(jax.random.key(0), x, mod, seg, pos)['params'])
   params['router'] = params['router'] * 50    # spread the scores: ties only from duplicates
   inner = Block(frozen, spec, rows_per_group=1)
 
+  @jax.jit     # once per group's count of picked tokens, not once per op
   def block_apply(*args):
     return inner.apply({'params': params['block']}, *args,
                        mutable=list(names.ANALYSIS))[0]

@@ -60,14 +60,14 @@ def test_kv_cache_samples_are_the_full_causal_pass_argmax(thresholds, request):
   image = rng.integers(0, 255, gen.tok.image_shape, dtype=np.uint8)
   prompts = [gen.image_prompt(image), gen.text_prompt('a small red'), gen.text_prompt('a')]
   samples = gen.sample(prompts, max_new_tokens=12, temperature=0.0)
-  causal = gen.run.model.in_mode(causal=True)
+  full_pass = jax.jit(gen.run.model.in_mode(causal=True).apply)
   checked = 0
   for s in samples:
     ids = s.tokens
     n = len(ids)
-    logits = causal.apply({'params': gen.run.params}, jnp.asarray(ids)[None],
-                          jnp.asarray(gen.vocab.modality_of(ids))[None],
-                          jnp.ones((1, n), jnp.int32), jnp.arange(n, dtype=jnp.int32)[None])
+    logits = full_pass({'params': gen.run.params}, jnp.asarray(ids)[None],
+                       jnp.asarray(gen.vocab.modality_of(ids))[None],
+                       jnp.ones((1, n), jnp.int32), jnp.arange(n, dtype=jnp.int32)[None])
     for i in range(s.prompt_len, n):
       allowed = gen._allowed([list(ids[:i])], text_only=False)[0]
       want = int(np.argmax(np.where(allowed, np.asarray(logits[0, i - 1]), -np.inf)))

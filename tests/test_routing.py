@@ -5,6 +5,7 @@ group with images only, a group of padding only, and a group of duplicated token
 (tied scores for every expert).
 """
 import fractions
+import functools
 
 import flax.linen as nn
 import jax
@@ -51,7 +52,8 @@ def fast(config, params, x, mod, valid):
 def init_params(config, x, mod, valid, seed=1):
   module = RoutedExperts(ml_collections.FrozenConfigDict(config.model),
                          routing_spec.from_config(config))
-  params = nn.unbox(module.init(jax.random.key(seed), x, mod, valid)['params'])
+  # Compiled: run eagerly, every op of the init would compile on its own.
+  params = nn.unbox(jax.jit(module.init)(jax.random.key(seed), x, mod, valid)['params'])
   # Larger router weights spread the scores, so ties come only from duplicates.
   return {k: (v * 50 if k.startswith('router_') else v) for k, v in params.items()}
 
@@ -99,7 +101,7 @@ def test_moma_takes_exactly_ceil_c_b_and_cuts_nothing(share):
   mod = jnp.asarray((rng.random((3, n)) < share).astype(np.int8))
   valid = jnp.asarray(rng.random((3, n)) < 0.9)
   params = init_params(config, x, mod, valid)
-  _, plan, stats = fast(config, params, x, mod, valid)
+  _, plan, stats = jax.jit(functools.partial(fast, config))(params, x, mod, valid)
   slots = routing_spec.from_config(config).slots
   for g in range(3):
     for m in range(2):
@@ -134,8 +136,9 @@ def test_one_modality_never_reaches_another_modalitys_experts():
     y, _, _ = fast(config, params, x, mod, valid)
     return jnp.sum(jnp.where(where[..., None], y, 0.0) ** 2)
 
-  g_image = jax.grad(output_at)(params, is_image)
-  g_text = jax.grad(output_at)(params, (mod == 0) & valid)
+  grad = jax.jit(jax.grad(output_at))
+  g_image = grad(params, is_image)
+  g_text = grad(params, (mod == 0) & valid)
   text, image = (list(s) for s in routing_spec.from_config(config).slots)
   for name in ('wi_0', 'wi_1', 'wo'):
     assert np.all(np.asarray(g_image[name])[text] == 0.0)

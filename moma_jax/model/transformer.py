@@ -9,6 +9,7 @@ loss, the z-loss, routing auxiliary losses and the routing statistics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -89,9 +90,17 @@ def init_boxed(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | 
   """The parameters in flax's boxes, which carry each one's logical axis names."""
   # Parameter shapes do not depend on the length: one routing group of max_len rows.
   batch = batch or _all_text(model.spec.group_size, model.config.max_len)
-  variables = model.init(rng, batch['tokens'], batch['modality'], batch['segment_ids'],
-                         batch['positions'])
-  return variables['params']
+  return _init_params(model, rng, {k: batch[k] for k in _MODEL_INPUTS})
+
+
+_MODEL_INPUTS = ('tokens', 'modality', 'segment_ids', 'positions')
+
+
+# One compiled program per model (modules compare by their fields): run eagerly, flax's
+# init would compile every op of the model on its own, hundreds of small programs.
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(model: Decoder, rng: jax.Array, inputs: Mapping[str, jax.Array]):
+  return model.init(rng, *(inputs[k] for k in _MODEL_INPUTS))['params']
 
 
 def init(model: Decoder, rng: jax.Array, batch: Mapping[str, jax.Array] | None = None):
