@@ -234,6 +234,39 @@ def test_json_output_is_consistent(capsys):
   assert sum(parts.values()) == int(f['bytes_accessed'])
   assert all(parts[p] > 0 for p in ('ffn', 'attention', 'routing', 'output', 'optimizer',
                                      'collectives'))
+  # The HBM count: every part, no remainder, below the cost analysis' total (which
+  # also counts what the compiler prefetches into VMEM); the second estimate reads it.
+  hbm = r['hbm_bytes_by_part']
+  assert list(hbm) == list(hlo_parts.PARTS) and r['hbm_bytes'] == sum(hbm.values())
+  assert all(hbm[p] > 0 for p in ('ffn', 'attention', 'routing', 'optimizer'))
+  assert r['hbm_bytes'] < f['bytes_accessed']
+  h = r['roofline_hbm']
+  assert h['memory_s'] == pytest.approx(r['hbm_bytes'] / r['chip']['hbm_bandwidth'])
+  assert h['compute_s'] == e['compute_s'] and h['memory_s'] < e['memory_s']
+
+
+@needs_libtpu
+def test_the_hbm_count_leaves_out_what_the_tpu_keeps_on_the_chip():
+  """A column sum on one v5p chip. Of a 256 MiB f32 array, which stays in HBM, the HBM
+  count (the scalar initial value padded to 128 lanes, as laid out) is the cost
+  analysis' total. Of a 16 MiB array the compiler prefetches into VMEM, it is the one
+  read from HBM, while the cost analysis counts 80 MiB."""
+  device = aot.topology_devices(TOPOLOGY)[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+
+  def counts(rows):
+    array = jax.ShapeDtypeStruct((rows, 1024), jnp.float32, sharding=sharding)
+    compiled = jax.jit(lambda a: a.sum(0)).lower(array).compile()
+    hlo = compiled.as_text()
+    return (hlo_stats.cost(compiled)['bytes_accessed'],
+            sum(hlo_parts.bytes_by_part(hlo).values()),
+            sum(hlo_parts.bytes_by_part(hlo, hbm_only=True).values()))
+  read = lambda rows, scalar: rows * 1024 * 4 + scalar + 1024 * 4   # input, init, result
+  cost, every, hbm = counts(65536)
+  assert cost == hbm == read(65536, 128 * 4) and every == read(65536, 4)
+  cost, every, hbm = counts(4096)
+  assert hbm == read(4096, 128 * 4) and read(4096, 4) < every < cost
+  assert cost == pytest.approx(5 * 4096 * 1024 * 4, rel=1e-3)
 
 
 @needs_libtpu
@@ -264,6 +297,9 @@ def test_variants_table_against_the_first_variant(capsys):
   dense, moe = (r['roofline']['tokens_per_sec'] for r in rows)
   assert rows[0]['ratio_to_first'] == 1.0
   assert rows[1]['ratio_to_first'] == pytest.approx(moe / dense)
+  dense, moe = (r['roofline_hbm']['tokens_per_sec'] for r in rows)
+  assert rows[0]['hbm_ratio_to_first'] == 1.0
+  assert rows[1]['hbm_ratio_to_first'] == pytest.approx(moe / dense)
   # The variants are different programs: only the MoE one exchanges rows.
   assert 'ragged-all-to-all' in rows[1]['collectives']
   assert 'ragged-all-to-all' not in rows[0]['collectives']

@@ -13,18 +13,32 @@ belongs to, read from the scope its `op_name` names (moma_jax/model/names.py):
   collectives  all-reduce, all-gather, reduce-scatter, (ragged) all-to-all, permutes
   rest         embedding, the blocks' norms and residual adds, and what no scope names
 
-The bytes of one instruction are those it reads and writes once: its operands' and its
-result's, a kernel (custom call) its own cost estimate where it gives one, an
-asynchronous pair's reads at its start and its writes at its done; a while loop's body
-counts as often as its known trip count. Instructions that only rename (bitcast,
-tuple, get-tuple-element, parameter, constant) count nothing. An instruction without
-an op_name (the compiler's own copies, layout changes and memory moves) belongs to the
+The bytes of one instruction are its reads and writes, counted as XLA's cost analysis
+(HloCostAnalysis) counts them where its rule is known: an instruction reads its
+operands and writes its result once; a gather reads the rows it gathers (its result's
+size), not its whole operand; an update in place (dynamic-update-slice, scatter, the
+output buffer of a ragged all-to-all) neither reads nor writes the buffer it updates,
+only what lands in it; a fusion writes its result (only the update where its root is
+an in-place dynamic-update-slice) and reads each fused parameter once per user that
+reads part or a view of it (a slice, dynamic-slice or gather its result's size, a
+broadcast or reshape the whole parameter again), once in all for its other users; a
+kernel (custom call) counts its own cost estimate where it gives one; an asynchronous
+pair reads at its start and writes at its done; a while loop's body counts as often as
+its known trip count. Instructions that only rename (bitcast, tuple,
+get-tuple-element, parameter, constant) count nothing. An instruction without an
+op_name (the compiler's own copies, layout changes and memory moves) belongs to the
 part of the first instruction that uses its result, else of its first operand's.
 
-The parts sum to less than the cost analysis' total, which also counts an operand a
-fusion reads more than once as often as it reads it, and more; `with_remainder` adds
-the difference as 'unattributed', so the parts add up to the total the roofline
-estimate uses.
+`hbm_only` counts only arrays in HBM, each at the size it takes there, its layout's
+tiles padded (hlo_stats.hbm_shape_bytes): the operands the TPU compiler prefetches into
+VMEM (layout memory space S(1)) are read from HBM once, by their copy, and their reads
+on the chip are left out. On a program that keeps every array in HBM this count is the
+TPU cost analysis' total; where the compiler prefetches, the cost analysis counts the
+chip's copies and reads too: a column sum of a 16 MiB f32 array counts 80 MiB there,
+16 MiB here (tests/test_compile.py compiles both).
+`with_remainder` adds what the cost analysis' total holds beyond the parts (every
+array, every memory space) as 'unattributed', so the parts add up to the total the
+roofline estimate uses.
 """
 from __future__ import annotations
 
@@ -43,6 +57,8 @@ _RULES = (('ffn', (names.EXPERT_FFN, names.DENSE_FFN)),
 _FREE = frozenset(('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant',
                    'after-all', 'partition-id', 'replica-id', 'while', 'conditional',
                    'call', 'call-start', 'call-done', 'opt-barrier', 'add-dependency'))
+# Instructions that update one operand in place: its number.
+_IN_PLACE = {'dynamic-update-slice': 0, 'scatter': 0, 'ragged-all-to-all': 1}
 _DEF = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s+=\s+(.*?)\s([a-z][\w\-]*)\((.*)$')
 _REF = re.compile(r'%([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
@@ -83,38 +99,134 @@ def _collective(opcode: str) -> bool:
   return base in hlo_stats.COLLECTIVES
 
 
-def _instruction_bytes(opcode: str, shape: str, operand_shapes: list[str], line: str) -> int:
+class _Computation:
+  """One computation's instructions: name -> (opcode, shape, operands, line), their
+  users, its parameters by number and its root."""
+
+  def __init__(self, lines: list[str]):
+    self.insts: dict[str, tuple[str, str, list[str], str]] = {}
+    self.params: dict[int, str] = {}
+    self.root = None
+    for line in lines:
+      m = _DEF.match(line)
+      if not m:
+        continue
+      name, opcode = m.group(1), m.group(3)
+      self.insts[name] = (opcode, m.group(2), _operands(m.group(4)), line)
+      if opcode == 'parameter':
+        self.params[int(re.match(r'(\d+)', m.group(4)).group(1))] = name
+      if line.lstrip().startswith('ROOT'):
+        self.root = name
+    self.users: dict[str, list[str]] = {}
+    for inst, (_, _, operands, _) in self.insts.items():
+      for o in dict.fromkeys(operands):
+        self.users.setdefault(o, []).append(inst)
+
+  def shape_bytes(self, inst: str, size=hlo_stats.shape_bytes) -> int:
+    return size(self.insts[inst][1]) if inst in self.insts else 0
+
+
+def _called(line: str) -> str | None:
+  found = _FUSED.search(line)
+  return found.group(1) if found else None
+
+
+def _parameter_read_bytes(comps: dict[str, _Computation], comp: _Computation,
+                          param: str, size) -> int:
+  """Bytes a fusion reads of one fused parameter (HloCostAnalysis'
+  FusionParameterReadBytes): per slicing, broadcasting or reshaping user, per nested
+  fusion what that fusion reads of it, and the whole parameter once for the rest."""
+  total, whole_read = 0, False
+  own = comp.shape_bytes(param, size)
+  for user in comp.users.get(param, ()):
+    opcode, shape, operands, line = comp.insts[user]
+    if opcode == 'fusion' and (inner := comps.get(_called(line))) is not None:
+      total += sum(_parameter_read_bytes(comps, inner, inner.params[i], size)
+                   for i, o in enumerate(operands) if o == param and i in inner.params)
+    elif opcode == 'slice':
+      total += size(shape)
+    elif opcode in ('dynamic-slice', 'gather'):
+      total += size(shape) if operands[0] == param else own
+    elif opcode == 'dynamic-update-slice':
+      total += comp.shape_bytes(operands[1], size) if operands[0] == param else own
+    elif opcode in ('broadcast', 'reshape'):
+      total += own
+    elif not whole_read:
+      whole_read = True
+      total += own
+  return total
+
+
+def _fusion_bytes(comps: dict[str, _Computation], line: str, shape: str,
+                  operand_shapes: list[str], size) -> int | None:
+  """A fusion's reads (per fused parameter) and writes (an in-place
+  dynamic-update-slice output writes its update only), of the buffers `size` counts
+  (one it gives 0 bytes is not counted), each scaled by the size `size` gives its whole
+  buffer over the buffer's own bytes (a tiled layout's padding); None if the fusion's
+  body is not in the text."""
+  comp = comps.get(_called(line))
+  if comp is None or comp.root is None:
+    return None
+  scale = lambda buffer: size(buffer) / max(hlo_stats.shape_bytes(buffer), 1)
+  reads = sum(_parameter_read_bytes(comps, comp, p, hlo_stats.shape_bytes)
+              * scale(operand_shapes[i])
+              for i, p in comp.params.items() if i < len(operand_shapes))
+  root_op, _, root_operands, _ = comp.insts[comp.root]
+  outputs = root_operands if root_op == 'tuple' else [comp.root]
+  writes = 0
+  for out in outputs:
+    if out not in comp.insts:
+      continue
+    opcode, buffer, operands, _ = comp.insts[out]
+    written = (comp.shape_bytes(operands[1]) if opcode == 'dynamic-update-slice'
+               else hlo_stats.shape_bytes(buffer))
+    writes += written * scale(buffer)
+  return round(reads + writes)
+
+
+def _instruction_bytes(comps: dict[str, _Computation], opcode: str, shape: str,
+                       operand_shapes: list[str], line: str, size) -> int:
   if opcode in _FREE:
     return 0
   if opcode.endswith('-done'):
-    return hlo_stats.shape_bytes(shape)
-  reads = sum(hlo_stats.shape_bytes(s) for s in operand_shapes)
+    return size(shape)
+  reads = sum(size(s) for s in operand_shapes)
   if opcode.endswith('-start'):
     return reads
+  if opcode == 'fusion' and (
+      fused := _fusion_bytes(comps, line, shape, operand_shapes, size)) is not None:
+    return fused
+  if opcode == 'gather' and operand_shapes and size(operand_shapes[0]):
+    # It reads the rows it gathers, not its whole operand.
+    reads += size(shape) - size(operand_shapes[0])
+  elif opcode in _IN_PLACE and len(operand_shapes) > _IN_PLACE[opcode]:
+    # Its result is one operand's buffer, updated where it writes: that operand is not
+    # read, and the result is written where the update lands (a ragged all-to-all's
+    # received rows: at most its result).
+    reads -= size(operand_shapes[_IN_PLACE[opcode]])
+    update = {'dynamic-update-slice': operand_shapes[1:2],
+              'scatter': operand_shapes[2:]}.get(opcode, [shape])
+    return reads + sum(size(s) for s in update)
   estimate = _ESTIMATE.search(line) if opcode == 'custom-call' else None
-  return int(estimate.group(1)) if estimate else reads + hlo_stats.shape_bytes(shape)
+  return int(estimate.group(1)) if estimate else reads + size(shape)
 
 
-def bytes_by_part(hlo: str) -> dict[str, int]:
-  """{part: bytes accessed per program run} over PARTS (module docstring)."""
-  comps = hlo_stats.computations(hlo)
-  mult = hlo_stats.multipliers(comps)
-  fused = {m.group(1) for lines in comps.values() for line in lines
+def bytes_by_part(hlo: str, hbm_only: bool = False) -> dict[str, int]:
+  """{part: bytes accessed per program run} over PARTS (module docstring); hbm_only:
+  only the reads and writes of arrays in HBM, as laid out there
+  (hlo_stats.hbm_shape_bytes), which leaves out what the compiler keeps on the chip."""
+  size = hlo_stats.hbm_shape_bytes if hbm_only else hlo_stats.shape_bytes
+  texts = hlo_stats.computations(hlo)
+  mult = hlo_stats.multipliers(texts)
+  comps = {name: _Computation(lines) for name, lines in texts.items()}
+  fused = {m.group(1) for lines in texts.values() for line in lines
            for m in _FUSED.finditer(line) if ' fusion(' in line or 'to_apply=' in line
            or 'custom-call(' in line}
   out = dict.fromkeys(PARTS, 0)
-  for name, lines in comps.items():
+  for name, comp in comps.items():
     if name in fused:
       continue
-    insts = {}                          # name -> (opcode, shape, operands, line)
-    for line in lines:
-      m = _DEF.match(line)
-      if m:
-        insts[m.group(1)] = (m.group(3), m.group(2), _operands(m.group(4)), line)
-    users: dict[str, list[str]] = {}
-    for inst, (_, _, operands, _) in insts.items():
-      for o in operands:
-        users.setdefault(o, []).append(inst)
+    insts, users = comp.insts, comp.users
     own = {}                            # name -> its part, for those that name one
     for inst, (opcode, _, _, line) in insts.items():
       found = _OP_NAME.search(line)
@@ -137,8 +249,8 @@ def bytes_by_part(hlo: str) -> dict[str, int]:
       return 'rest'
 
     for inst, (opcode, shape, operands, line) in insts.items():
-      n = _instruction_bytes(opcode, shape, [insts[o][1] for o in operands if o in insts],
-                             line)
+      n = _instruction_bytes(comps, opcode, shape,
+                             [insts[o][1] for o in operands if o in insts], line, size)
       if n:
         out[label(inst)] += n * mult.get(name, 1)
   return out

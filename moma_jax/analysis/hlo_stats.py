@@ -37,6 +37,9 @@ _BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2'
           's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4,
           's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
 _ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
+_ARRAY_LAYOUT = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\](\{[^}]*\})?')
+_SPACE = re.compile(r'S\((\d+)\)')
+_TILE = re.compile(r'T\(([\d,]+)\)')
 _COLLECTIVE = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(-start|-done)?\(')
 _HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
 _WHILE = re.compile(r'\swhile\(.*?body=%?([\w.\-]+)')
@@ -47,6 +50,39 @@ def shape_bytes(text: str) -> int:
   """Bytes of every array shape written in `text` (a tuple's elements summed)."""
   return sum(_BYTES[dt] * math.prod(int(d) for d in dims.split(',') if d)
              for dt, dims in _ARRAY.findall(text))
+
+
+def hbm_shape_bytes(text: str) -> int:
+  """Bytes the array shapes in `text` that live in the chip's main memory (HBM) take
+  there, as laid out: a TPU layout's first tile pads the dimensions it covers
+  (`f32[8,8]{1,0:T(8,128)}` holds 8 x 128 floats; a scalar `{:T(128)}` 128). Arrays
+  whose layout names another memory space are left out: `S(n)`, n > 0, places an array
+  on the chip (n = 1: VMEM, where the compiler prefetches operands) or in host memory."""
+  total = 0
+  for dtype, dims, layout in _ARRAY_LAYOUT.findall(text):
+    space = _SPACE.search(layout)
+    if space and space.group(1) != '0':
+      continue
+    total += _BYTES[dtype] * _laid_out_elements(
+        [int(d) for d in dims.split(',') if d], layout)
+  return total
+
+
+def _laid_out_elements(dims: list[int], layout: str) -> int:
+  """Elements an array of these dimensions occupies under `layout` ('{1,0:T(8,128)}',
+  '' for none): its physical order (minor_to_major) padded by the first tile."""
+  order, _, tiling = layout.strip('{}').partition(':')
+  minor_to_major = [int(d) for d in order.split(',') if d.strip()]
+  physical = ([dims[i] for i in reversed(minor_to_major)]
+              if len(minor_to_major) == len(dims) else list(dims))   # major first
+  tile = _TILE.search(tiling)
+  if tile:
+    sizes = [int(t) for t in tile.group(1).split(',')]
+    physical = [1] * max(0, len(sizes) - len(physical)) + physical
+    for k, size in enumerate(reversed(sizes)):
+      i = len(physical) - 1 - k
+      physical[i] = -(-physical[i] // size) * size
+  return math.prod(physical)
 
 
 def memory(compiled) -> dict[str, int]:

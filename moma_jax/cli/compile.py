@@ -27,8 +27,10 @@ lists the custom calls (Triton, Mosaic GPU, cuDNN) or the op that fails to lower
 paper_table1.py:dense_435m with moma_4t4i gives moma_4t4i_435m; the same overrides),
 training step only, as the paper's Table 2: compiled FLOPs per token, bytes accessed,
 collective bytes, memory per chip, and the estimated tokens/s ratio to the first
-variant beside the paper's measured ratio to dense (A100); then where each variant's
-bytes go, part by part (moma_jax/analysis/hlo_parts.py), as multiples of the first's.
+variant (from the cost analysis' bytes, and from the HBM traffic count) beside the
+paper's measured ratio to dense (A100); then where each variant's bytes go, part by
+part (moma_jax/analysis/hlo_parts.py), as multiples of the first's: every byte the
+cost analysis counts, then those of arrays in HBM.
 Every compiled step also lists its bytes by part.
 
 --remat P1,P2,... and --tiles T1,T2,...: the training step once per rematerialization
@@ -170,10 +172,12 @@ def _variants(argv: Sequence[str]) -> None:
     r = compile_report.measure(config, target, 'train')
     r['variant'] = v
     rows.append(r)
-  ref = rows[0].get('roofline', {}).get('tokens_per_sec')
+  for key, ratio in (('roofline', 'ratio_to_first'), ('roofline_hbm', 'hbm_ratio_to_first')):
+    ref = rows[0].get(key, {}).get('tokens_per_sec')
+    for r in rows:
+      tps = r.get(key, {}).get('tokens_per_sec')
+      r[ratio] = tps / ref if tps and ref else None
   for r in rows:
-    tps = r.get('roofline', {}).get('tokens_per_sec')
-    r['ratio_to_first'] = tps / ref if tps and ref else None
     r['paper_ratio'] = PAPER_RATIO.get(r['variant'])
   if JSON.value:
     print(json.dumps(dict(config=base, topology=TOPOLOGY.value, variants=rows), indent=1))
@@ -184,9 +188,11 @@ def _variants(argv: Sequence[str]) -> None:
 def variants_table(base: str, topology: str, rows: list[dict]) -> list[str]:
   """The --variants text: one line per variant, then where their bytes go."""
   head = (f'{"variant":<15} {"GFLOPs/token":>12} {"bytes/token":>11} {"coll/step":>11} '
-          f'{"mem/chip":>10} {"fits":>5} {"est tok/s":>11} {"ratio":>6} {"paper":>6}')
+          f'{"mem/chip":>10} {"fits":>5} {"est tok/s":>11} {"ratio":>6} {"hbm":>6} '
+          f'{"paper":>6}')
   lines = [f'{base} variants on {topology} (training step; per-token figures over '
-           'all chips; tok/s and ratio are roofline ESTIMATES)', head]
+           'all chips; tok/s and ratio are roofline ESTIMATES, hbm the ratio estimated '
+           'from the HBM traffic count)', head]
   fmt = lambda x, spec: format(x, spec) if x is not None else '-'
   for r in rows:
     per_token = r['devices'] / r['tokens']
@@ -203,26 +209,30 @@ def variants_table(base: str, topology: str, rows: list[dict]) -> list[str]:
         f'{size(r["collective_bytes"]):>11} {size(r["memory"]["total"]):>10} '
         f'{("yes" if fits else "no") if fits is not None else "?":>5} '
         f'{fmt(r.get("roofline", {}).get("tokens_per_sec"), ",.0f"):>11} '
-        f'{fmt(r["ratio_to_first"], ".2f"):>6} {fmt(r["paper_ratio"], ".2f"):>6}')
-  return lines + _parts_table(rows)
+        f'{fmt(r["ratio_to_first"], ".2f"):>6} {fmt(r["hbm_ratio_to_first"], ".2f"):>6} '
+        f'{fmt(r["paper_ratio"], ".2f"):>6}')
+  return (lines + _parts_table(rows, 'bytes_by_part', 'reads and writes of each '
+                               'instruction of the compiled step, by the part of the '
+                               'model it belongs to (unattributed: what the cost '
+                               'analysis counts beyond them)')
+          + _parts_table(rows, 'hbm_bytes_by_part', 'the same, of the arrays in HBM '
+                         'only (what the compiler keeps on the chip left out)'))
 
 
-def _parts_table(rows: list[dict]) -> list[str]:
-  """Bytes accessed per part of the step (analysis/hlo_parts.py), per token over all
-  chips, the variants side by side, each with its multiple of the first's."""
+def _parts_table(rows: list[dict], key: str, what: str) -> list[str]:
+  """Bytes per part of the step (analysis/hlo_parts.py) from rows' `key`, per token over
+  all chips, the variants side by side, each with its multiple of the first's."""
   rows = [r for r in rows if r['compiled']]
   if not rows:
     return []
   size = compile_report.human_bytes
   head = f'{"bytes/token":<12}' + ''.join(f' {r["variant"]:>22}' for r in rows)
-  lines = ['', 'where the bytes go: reads and writes of each instruction of the compiled '
-           'step, by the part of the model it belongs to (unattributed: what the cost '
-           'analysis counts beyond them)', head]
-  first = rows[0]['bytes_by_part']
+  lines = ['', f'where the bytes go: {what}', head]
+  first = rows[0][key]
   for part in list(first) + ['all']:
     cells = []
     for r in rows:
-      parts, scale = r['bytes_by_part'], r['devices'] / r['tokens']
+      parts, scale = r[key], r['devices'] / r['tokens']
       b = sum(parts.values()) if part == 'all' else parts[part]
       ref = sum(first.values()) if part == 'all' else first[part]
       times = f'{b / ref:.2f}x' if ref else '-'

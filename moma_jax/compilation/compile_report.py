@@ -15,10 +15,18 @@ compiles it (TPU) or lowers it (CUDA), and returns a plain dict (JSON-ready), pe
               optimizer, collectives, rest: moma_jax/analysis/hlo_parts.py), from the
               optimized HLO's instructions, and 'unattributed': bytes_accessed less
               their sum;
+  hbm_bytes_by_part, hbm_bytes  the same count of the arrays that live in HBM only
+              (hlo_parts.bytes_by_part(hbm_only=True)): what the compiler keeps on the
+              chip (operands it prefetched into VMEM) is left out; no remainder;
   collectives {kind: {count, bytes}} per step, and their total bytes;
   kernels     the Pallas / cuDNN custom calls, with `uncounted` naming those whose FLOPs
               XLA's cost analysis does not see;
-  roofline    the estimate of chips.roofline (when the chip is in chips.CHIPS);
+  roofline    the estimate of chips.roofline (when the chip is in chips.CHIPS), its
+              HBM time from the cost analysis' bytes_accessed; roofline_hbm the same
+              with hbm_bytes. Both are estimates: the cost analysis also counts the
+              chip's own VMEM copies and reads (a 16 MiB f32 column sum it prefetches
+              counts 5 times its input), the HBM count misses a matmul's re-reads of
+              tiles that do not stay on the chip;
   seconds     to lower and to compile.
 A CUDA target is lowered only (compiling needs a GPU): it reports the kernels and, if
 lowering fails, the failing op, and no memory or FLOPs.
@@ -179,12 +187,14 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
   for k in splash:
     k['counted'] = k['estimated'] = True
   compiled_flops = cost['flops'] + estimated
+  hbm_parts = hlo_parts.bytes_by_part(hlo, hbm_only=True)
   out.update(compiled=True, memory=mem,
              flops=dict(compiled=compiled_flops, analytic=analytic,
                         ratio=compiled_flops / analytic if analytic else None,
                         bytes_accessed=cost['bytes_accessed'], kernels_estimated=estimated),
              bytes_by_part=hlo_parts.with_remainder(hlo_parts.bytes_by_part(hlo),
                                                     cost['bytes_accessed']),
+             hbm_bytes_by_part=hbm_parts, hbm_bytes=sum(hbm_parts.values()),
              collectives=coll, collective_bytes=coll_bytes, kernels=found,
              uncounted=[k['name'] for k in found if not k['counted']])
   if chip is not None:
@@ -192,6 +202,10 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
                                      bytes_accessed=cost['bytes_accessed'],
                                      collective_bytes=coll_bytes, model_flops=analytic,
                                      tokens=built.tokens)
+    out['roofline_hbm'] = chips.roofline(chip, flops=compiled_flops,
+                                         bytes_accessed=out['hbm_bytes'],
+                                         collective_bytes=coll_bytes,
+                                         model_flops=analytic, tokens=built.tokens)
     out['chip'] = dict(name=chip.name, peak_flops=chip.peak_flops, hbm_bytes=chip.hbm_bytes,
                        hbm_bandwidth=chip.hbm_bandwidth, ici_bandwidth=chip.ici_bandwidth,
                        source=chip.source)
@@ -264,11 +278,16 @@ def format_step(r: dict[str, Any]) -> list[str]:
   if r['uncounted']:
     lines.append('    not in the compiled FLOPs (no cost estimate): '
                  + ', '.join(sorted(set(r['uncounted']))))
-  parts = r['bytes_by_part']
+  parts, hbm = r['bytes_by_part'], r['hbm_bytes_by_part']
   lines.append('  bytes accessed by part of the step (reads and writes of each instruction; '
-               'unattributed: what the cost analysis counts beyond them):')
+               'unattributed: what the cost analysis counts beyond them; in HBM: of '
+               'arrays in HBM only):')
+  lines.append(f'    {"":<12} {"all":>10}  {"share":>6}  {"in HBM":>10}')
   lines += [f'    {p:<12} {human_bytes(b):>10}  {b / max(f["bytes_accessed"], 1):6.1%}'
+            + (f'  {human_bytes(hbm[p]):>10}' if p in hbm else '')
             for p, b in parts.items()]
+  lines.append(f'    {"all":<12} {human_bytes(f["bytes_accessed"]):>10}  {1:6.1%}'
+               f'  {human_bytes(r["hbm_bytes"]):>10}')
   lines.append('  collectives per step:' + ('' if r['collectives'] else ' none'))
   lines += [f'    {kind:<19} x{c["count"]:<4} {human_bytes(c["bytes"])}'
             for kind, c in r['collectives'].items()]
@@ -281,4 +300,8 @@ def format_step(r: dict[str, Any]) -> list[str]:
                  f'compute {e["compute_s"] * 1e3:.2f}, HBM {e["memory_s"] * 1e3:.2f}, '
                  f'collectives {e["collective_s"] * 1e3:.2f} ms), MFU {e["mfu"]:.1%}, '
                  f'{e["tokens_per_sec"]:,.0f} tokens/s')
+    e = r['roofline_hbm']
+    lines.append(f'  roofline ESTIMATE from the HBM traffic count: step '
+                 f'{e["step_s"] * 1e3:.2f} ms ({e["bound"]}-bound; HBM '
+                 f'{e["memory_s"] * 1e3:.2f} ms), MFU {e["mfu"]:.1%}')
   return lines
