@@ -122,8 +122,8 @@ class _Computation:
       for o in dict.fromkeys(operands):
         self.users.setdefault(o, []).append(inst)
 
-  def shape_bytes(self, inst: str, size=hlo_stats.shape_bytes) -> int:
-    return size(self.insts[inst][1]) if inst in self.insts else 0
+  def shape_bytes(self, inst: str) -> int:
+    return hlo_stats.shape_bytes(self.insts[inst][1]) if inst in self.insts else 0
 
 
 def _called(line: str) -> str | None:
@@ -132,23 +132,23 @@ def _called(line: str) -> str | None:
 
 
 def _parameter_read_bytes(comps: dict[str, _Computation], comp: _Computation,
-                          param: str, size) -> int:
+                          param: str) -> int:
   """Bytes a fusion reads of one fused parameter (HloCostAnalysis'
   FusionParameterReadBytes): per slicing, broadcasting or reshaping user, per nested
   fusion what that fusion reads of it, and the whole parameter once for the rest."""
   total, whole_read = 0, False
-  own = comp.shape_bytes(param, size)
+  own = comp.shape_bytes(param)
   for user in comp.users.get(param, ()):
     opcode, shape, operands, line = comp.insts[user]
     if opcode == 'fusion' and (inner := comps.get(_called(line))) is not None:
-      total += sum(_parameter_read_bytes(comps, inner, inner.params[i], size)
+      total += sum(_parameter_read_bytes(comps, inner, inner.params[i])
                    for i, o in enumerate(operands) if o == param and i in inner.params)
     elif opcode == 'slice':
-      total += size(shape)
+      total += hlo_stats.shape_bytes(shape)
     elif opcode in ('dynamic-slice', 'gather'):
-      total += size(shape) if operands[0] == param else own
+      total += hlo_stats.shape_bytes(shape) if operands[0] == param else own
     elif opcode == 'dynamic-update-slice':
-      total += comp.shape_bytes(operands[1], size) if operands[0] == param else own
+      total += comp.shape_bytes(operands[1]) if operands[0] == param else own
     elif opcode in ('broadcast', 'reshape'):
       total += own
     elif not whole_read:
@@ -157,8 +157,8 @@ def _parameter_read_bytes(comps: dict[str, _Computation], comp: _Computation,
   return total
 
 
-def _fusion_bytes(comps: dict[str, _Computation], line: str, shape: str,
-                  operand_shapes: list[str], size) -> int | None:
+def _fusion_bytes(comps: dict[str, _Computation], line: str, operand_shapes: list[str],
+                  size) -> int | None:
   """A fusion's reads (per fused parameter) and writes (an in-place
   dynamic-update-slice output writes its update only), of the buffers `size` counts
   (one it gives 0 bytes is not counted), each scaled by the size `size` gives its whole
@@ -168,8 +168,7 @@ def _fusion_bytes(comps: dict[str, _Computation], line: str, shape: str,
   if comp is None or comp.root is None:
     return None
   scale = lambda buffer: size(buffer) / max(hlo_stats.shape_bytes(buffer), 1)
-  reads = sum(_parameter_read_bytes(comps, comp, p, hlo_stats.shape_bytes)
-              * scale(operand_shapes[i])
+  reads = sum(_parameter_read_bytes(comps, comp, p) * scale(operand_shapes[i])
               for i, p in comp.params.items() if i < len(operand_shapes))
   root_op, _, root_operands, _ = comp.insts[comp.root]
   outputs = root_operands if root_op == 'tuple' else [comp.root]
@@ -194,7 +193,7 @@ def _instruction_bytes(comps: dict[str, _Computation], opcode: str, shape: str,
   if opcode.endswith('-start'):
     return reads
   if opcode == 'fusion' and (
-      fused := _fusion_bytes(comps, line, shape, operand_shapes, size)) is not None:
+      fused := _fusion_bytes(comps, line, operand_shapes, size)) is not None:
     return fused
   if opcode == 'gather' and operand_shapes and size(operand_shapes[0]):
     # It reads the rows it gathers, not its whole operand.
