@@ -26,9 +26,11 @@ HLO = f"""HloModule step
   ROOT %c = pred[] constant(true)
 }}
 
-ENTRY %main (a: f32[4,8], w: bf16[8,16]) -> f32[4,16] {{
+ENTRY %main (a: f32[4,8], w: bf16[8,16], mu: f32[4,16]) -> f32[4,16] {{
   %a = f32[4,8]{{1,0}} parameter(0)
   %w = bf16[8,16]{{1,0}} parameter(1)
+  %mu = f32[4,16]{{1,0}} parameter(2)
+  %relaid = f32[4,16]{{0,1}} copy(%mu), metadata={{op_name="state['opt'][1][0].mu['w']"}}
   %cs = (bf16[8,16]{{1,0}}, bf16[8,16]{{1,0}}, u32[]) copy-start(%w)
   %cd = bf16[8,16]{{1,0}} copy-done(%cs)
   %k = f32[4,16]{{1,0}} custom-call(%a, %cd), custom_call_target="tpu_custom_call", metadata={{op_name="jit(step)/{names.EXPERTS}/{names.EXPERT_FFN}/jit(gmm)/pallas_call"}}, backend_config={{"custom_call_config":{{"cost_estimate":{{"flops":"1024","transcendentals":"0","bytes_accessed":"5000"}}}}}}
@@ -37,7 +39,7 @@ ENTRY %main (a: f32[4,8], w: bf16[8,16]) -> f32[4,16] {{
   %z = s32[] constant(0)
   %init = (s32[], f32[4,8]{{1,0}}) tuple(%z, %a)
   %loop = (s32[], f32[4,8]{{1,0}}) while(%init), condition=%cond, body=%body, backend_config={{"known_trip_count":{{"n":"3"}}}}
-  %o = f32[4,16]{{1,0}} multiply(%s, %s), metadata={{op_name="jit(step)/{names.OPTIMIZER}/mul"}}
+  %o = f32[4,16]{{1,0}} multiply(%s, %relaid), metadata={{op_name="jit(step)/{names.OPTIMIZER}/mul"}}
   %q = f32[4,16]{{1,0}} add(%o, %s), metadata={{op_name="jit(step)/jvp({names.LOSS})/add"}}
   ROOT %n = f32[4,16]{{1,0}} negate(%q), metadata={{op_name="jit(step)/jvp(Decoder)/embed/neg"}}
 }}
@@ -57,7 +59,9 @@ def test_each_instruction_counts_its_reads_and_writes_in_its_part():
       'routing': 640,
       # the loss's add reads two and writes one 4x16 f32
       'output': 3 * 256,
-      'optimizer': 3 * 256,
+      # its multiply (3 x 256), and the relayout of a state argument it reads (256 +
+      # 256), whose op_name is the argument's name, not a traced scope
+      'optimizer': 3 * 256 + 2 * 256,
       'collectives': 2 * 256,
       'rest': 2 * 256,
   }

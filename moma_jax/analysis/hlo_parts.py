@@ -25,9 +25,11 @@ broadcast or reshape the whole parameter again), once in all for its other users
 kernel (custom call) counts its own cost estimate where it gives one; an asynchronous
 pair reads at its start and writes at its done; a while loop's body counts as often as
 its known trip count. Instructions that only rename (bitcast, tuple,
-get-tuple-element, parameter, constant) count nothing. An instruction without an
-op_name (the compiler's own copies, layout changes and memory moves) belongs to the
-part of the first instruction that uses its result, else of its first operand's.
+get-tuple-element, parameter, constant) count nothing. An instruction without a
+traced op_name (one with no '/': the compiler's own copies, layout changes and memory
+moves, which have none or carry an argument's name such as "state['opt']...mu[...]")
+belongs to the part of the first instruction that uses its result, else of its first
+operand's.
 
 `hbm_only` counts only arrays in HBM, each at the size it takes there, its layout's
 tiles padded (hlo_stats.hbm_shape_bytes): the operands the TPU compiler prefetches into
@@ -231,7 +233,7 @@ def bytes_by_part(hlo: str, hbm_only: bool = False) -> dict[str, int]:
       found = _OP_NAME.search(line)
       if _collective(opcode):
         own[inst] = 'collectives'
-      elif found:
+      elif found and '/' in found.group(1):
         own[inst] = part_of(found.group(1))
 
     def label(inst: str) -> str:
