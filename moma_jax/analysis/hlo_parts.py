@@ -34,8 +34,9 @@ operand's.
 `hbm_only` counts only arrays in HBM, each at the size it takes there, its layout's
 tiles padded (hlo_stats.hbm_shape_bytes): the operands the TPU compiler prefetches into
 VMEM (layout memory space S(1)) are read from HBM once, by their copy, and their reads
-on the chip are left out. On a program that keeps every array in HBM this count is the
-TPU cost analysis' total; where the compiler prefetches, the cost analysis counts the
+on the chip are left out. On the small programs tried that keep every array in HBM (a
+column sum, an elementwise add) this count is the TPU cost analysis' total; where the
+compiler prefetches, the cost analysis counts the
 chip's copies and reads too: a column sum of a 16 MiB f32 array counts 80 MiB there,
 16 MiB here (tests/test_compile.py compiles both).
 `with_remainder` adds what the cost analysis' total holds beyond the parts (every
