@@ -36,9 +36,9 @@ tiles padded (hlo_stats.hbm_shape_bytes): the operands the TPU compiler prefetch
 VMEM (layout memory space S(1)) are read from HBM once, by their copy, and their reads
 on the chip are left out. On the small programs tried that keep every array in HBM (a
 column sum, an elementwise add) this count is the TPU cost analysis' total; where the
-compiler prefetches, the cost analysis counts the
-chip's copies and reads too: a column sum of a 16 MiB f32 array counts 80 MiB there,
-16 MiB here (tests/test_compile.py compiles both).
+compiler prefetches, the cost analysis counts the chip's copies and reads too: a column
+sum of a 16 MiB f32 array counts 80 MiB there, 16 MiB here (tests/test_compile.py
+compiles both).
 `with_remainder` adds what the cost analysis' total holds beyond the parts (every
 array, every memory space) as 'unattributed', so the parts add up to the total the
 roofline estimate uses.
