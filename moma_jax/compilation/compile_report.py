@@ -129,6 +129,21 @@ def _without_persistent_cache() -> Iterator[None]:
     compilation_cache.reset_cache()
 
 
+def _lowered_only(config: ml_collections.ConfigDict, text: str) -> dict[str, Any]:
+  """What a lowering's StableHLO text shows of a GPU step: its kernels, XLA ragged_dot
+  ops and the model's GPU kernel choices."""
+  found = hlo_stats.kernels(text)
+  m = config.model
+  return dict(lowered=True, compiled=False, kernels=found,
+              uncounted=[k['name'] for k in found if not k['counted']],
+              # XLA's ragged_dot pads every expert's rows to all rows on GPU.
+              ragged_dots=len(re.findall(r'ragged[-_]dot\b', text)),
+              gpu_choice=dict(kernels=m.kernels, attention=m.attention,
+                              grouped_matmul=kernels.gpu_grouped_matmul(),
+                              attention_backend=kernels.resolve_attention(m.attention,
+                                                                          'gpu')))
+
+
 def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) -> dict[str, Any]:
   """The step `step` ('train', 'eval', 'decode') on `target` (module docstring)."""
   built = aot.build_step(config, target, step)
@@ -144,17 +159,7 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
     return out
   out['seconds'] = dict(lower=time.perf_counter() - start)
   if target.platform != 'tpu':
-    text = lowered.as_text()
-    found = hlo_stats.kernels(text)
-    m = config.model
-    out.update(lowered=True, compiled=False, kernels=found,
-               uncounted=[k['name'] for k in found if not k['counted']],
-               # XLA's ragged_dot pads every expert's rows to all rows on GPU.
-               ragged_dots=len(re.findall(r'ragged[-_]dot\b', text)),
-               gpu_choice=dict(kernels=m.kernels, attention=m.attention,
-                               grouped_matmul=kernels.gpu_grouped_matmul(),
-                               attention_backend=kernels.resolve_attention(m.attention,
-                                                                           'gpu')))
+    out.update(_lowered_only(config, lowered.as_text()))
     return out
   start = time.perf_counter()
   try:
@@ -198,14 +203,12 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
              collectives=coll, collective_bytes=coll_bytes, kernels=found,
              uncounted=[k['name'] for k in found if not k['counted']])
   if chip is not None:
-    out['roofline'] = chips.roofline(chip, flops=compiled_flops,
-                                     bytes_accessed=cost['bytes_accessed'],
-                                     collective_bytes=coll_bytes, model_flops=analytic,
-                                     tokens=built.tokens)
-    out['roofline_hbm'] = chips.roofline(chip, flops=compiled_flops,
-                                         bytes_accessed=out['hbm_bytes'],
-                                         collective_bytes=coll_bytes,
-                                         model_flops=analytic, tokens=built.tokens)
+    # One estimate per byte count: the cost analysis' total, and the HBM count.
+    for key, bytes_accessed in (('roofline', cost['bytes_accessed']),
+                                ('roofline_hbm', out['hbm_bytes'])):
+      out[key] = chips.roofline(chip, flops=compiled_flops, bytes_accessed=bytes_accessed,
+                                collective_bytes=coll_bytes, model_flops=analytic,
+                                tokens=built.tokens)
     out['chip'] = dict(name=chip.name, peak_flops=chip.peak_flops, hbm_bytes=chip.hbm_bytes,
                        hbm_bandwidth=chip.hbm_bandwidth, ici_bandwidth=chip.ici_bandwidth,
                        source=chip.source)

@@ -22,6 +22,9 @@ from moma_jax import configs
 from moma_jax.model import param_names
 
 
+B1, B2 = 0.9, 0.95          # AdamW's decay rates of its first and second moments
+
+
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   """lr(u): linear warm-up from 0, then decay to 1% of `train.lr`."""
   t = config.train
@@ -46,7 +49,7 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.stateless(functools.partial(_clip_each_part, t.clip)),
-      optax.adamw(learning_rate(config), b1=0.9, b2=0.95, weight_decay=t.weight_decay,
+      optax.adamw(learning_rate(config), b1=B1, b2=B2, weight_decay=t.weight_decay,
                   mask=decay_mask))
 
 

@@ -34,7 +34,6 @@ MODELS = {
     'mod_topk_8x': dict(ffn='topk', experts=(8,), mod=True),   # token choice: one mesh
 }
 STEPS = 5
-ADAM_B1 = 0.9                    # moma_jax/training/optimizer.py
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason='needs 8 devices')
@@ -113,7 +112,7 @@ def run(name, mesh_shape, ep_buffer_factor=None, kernels='xla'):
       state, metrics = step(state, put(batch), jnp.int32(i + 1))
       if i == 0:
         first_metrics = jax.device_get(metrics)
-        grads = jax.tree.map(lambda mu: np.asarray(mu) / (1 - ADAM_B1),
+        grads = jax.tree.map(lambda mu: np.asarray(mu) / (1 - optimizer_lib.B1),
                              jax.device_get(state['opt'][1][0].mu))
       losses.append(float(metrics['loss']))
     hlo = step.as_text()
