@@ -111,13 +111,13 @@ def step_only(config, tok, warmup: int, n: int) -> float:
   """Seconds per training step on a batch already on the device."""
   mesh = sharding.one_device_mesh()
   model, tx = transformer.build(config), optimizer_lib.optimizer(config)
-  _, state_sh = train_state.layout(model, tx, mesh)
-  state = train_state.create(model, tx, state_sh, config.train.seed)
+  state_formats = train_state.formats(train_state.layout(model, tx, mesh)[0])
+  state = train_state.create(model, tx, state_formats, config.train.seed)
   batch_sh = sharding.batch_sharding(mesh)
   batch = sharding.global_batch(next(pipeline.train_iterator(config, tok)), batch_sh)
   one = jnp.float32(1)
   with jax.set_mesh(mesh), sharding.axis_rules():
-    step = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
+    step = train_step.make_train_step(model, tx, config, (state_formats, batch_sh))
     for i in range(warmup):
       state, metrics = step(state, batch, jnp.int32(i + 1), one)
     jax.block_until_ready(metrics)

@@ -97,11 +97,11 @@ def prepare(config, warmup: int):
   mesh = sharding.one_device_mesh()
   model = transformer.build(config)
   tx = optimizer_lib.optimizer(config)
-  _, state_sh = train_state.layout(model, tx, mesh)
-  state = train_state.create(model, tx, state_sh, seed=0)
+  state_formats = train_state.formats(train_state.layout(model, tx, mesh)[0])
+  state = train_state.create(model, tx, state_formats, seed=0)
   batch_sh = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), sharding.axis_rules():
-    step = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
+    step = train_step.make_train_step(model, tx, config, (state_formats, batch_sh))
     batch = sharding.global_batch(random_batch(config), batch_sh)
   done = [0]
 

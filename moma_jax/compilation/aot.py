@@ -13,7 +13,7 @@ TPU the ragged grouped matmul is megablox, the rest XLA; on CUDA our Triton kern
 
     target = aot.tpu_target(config, 'v5p:2x2x2')
     built = aot.build_step(config, target, 'train')
-    compiled = aot.lower(built, target).compile()
+    compiled = aot.compile_tpu(aot.lower(built, target))
 
 Axis legend: B batch (train.batch_size sequences), L data.seq_len, S cache slots
 (model.max_len).
@@ -26,6 +26,7 @@ import os
 from typing import Callable
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -183,9 +184,12 @@ def build_step(config: ml_collections.ConfigDict, target: Target, name: str) -> 
   if name == 'train':
     model = transformer.build(config)
     tx = optimizer_lib.optimizer(config)
-    abstract, state_sh = train_state.layout(model, tx, mesh)
-    fn = train_step.make_train_step(model, tx, config, (state_sh, batch_sh))
-    args = (abstract, abstract_batch(config, batch_sh), _scalar(jnp.int32, mesh))
+    abstract, _ = train_state.layout(model, tx, mesh)
+    formats = train_state.formats(abstract)      # the trainer's (expert arrays row-major)
+    fn = train_step.make_train_step(model, tx, config, (formats, batch_sh))
+    state = jax.tree.map(lambda a, f: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=f),
+                         abstract, formats)
+    args = (state, abstract_batch(config, batch_sh), _scalar(jnp.int32, mesh))
     return BuiltStep(name, fn, args, config.train.batch_size * config.data.seq_len)
   if name == 'eval':
     model = transformer.build(config)
@@ -222,6 +226,21 @@ def lower(built: BuiltStep, target: Target) -> jax.stages.Lowered:
     if target.platform == 'tpu':
       return built.fn.lower(*built.args)
     return built.fn.trace(*built.args).lower(lowering_platforms=(target.platform,))
+
+
+def compile_tpu(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+  """Compiles a lowering for device-less TPUs, outside JAX's persistent compilation
+  cache: such an executable cannot be loaded back from it (there is no client to load
+  it into), so writing it there only costs time. The cache decides once per process
+  whether it is used, hence the resets."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  try:
+    return lowered.compile()
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
 
 
 def state_bytes_per_device(built: BuiltStep) -> int:

@@ -33,13 +33,11 @@ lowering fails, the failing op, and no memory or FLOPs.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 
 from moma_jax.compilation import aot
@@ -114,21 +112,6 @@ def out_of_memory(e: Exception) -> dict[str, Any] | None:
   return dict(fits=False, message=text[:400], **found)
 
 
-@contextlib.contextmanager
-def _without_persistent_cache() -> Iterator[None]:
-  """An executable for device-less TPUs cannot be loaded back from JAX's persistent
-  compilation cache (there is no client to load it into): keep it out of the cache.
-  The cache decides once per process whether it is used, hence the resets."""
-  enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
-  compilation_cache.reset_cache()
-  try:
-    yield
-  finally:
-    jax.config.update('jax_enable_compilation_cache', enabled)
-    compilation_cache.reset_cache()
-
-
 def _lowered_only(config: ml_collections.ConfigDict, text: str) -> dict[str, Any]:
   """What a lowering's StableHLO text shows of a GPU step: its kernels, XLA ragged_dot
   ops and the model's GPU kernel choices."""
@@ -163,8 +146,7 @@ def measure(config: ml_collections.ConfigDict, target: aot.Target, step: str) ->
     return out
   start = time.perf_counter()
   try:
-    with _without_persistent_cache():
-      compiled = lowered.compile()
+    compiled = aot.compile_tpu(lowered)
   except Exception as e:  # pylint: disable=broad-except
     refused = out_of_memory(e)
     if refused is None:

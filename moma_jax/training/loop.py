@@ -92,6 +92,7 @@ class Job:
   plain_config: dict[str, Any]
   abstract: Any                 # the state as sharded ShapeDtypeStructs
   state_sh: Any
+  state_formats: Any            # the step's: state_sh, expert arrays row-major (runs/state.py)
   batch_sh: jax.sharding.NamedSharding
 
 
@@ -181,7 +182,8 @@ class Loop:
     self.log = metrics_log.MetricsLog(job.workdir, resume_step=progress.step,
                                       total_steps=self.t.steps, enabled=is_writer,
                                       last_good=ckpts.last_good)
-    self.train_step = make_train_step(job.model, job.tx, config, (job.state_sh, job.batch_sh))
+    self.train_step = make_train_step(job.model, job.tx, config,
+                                      (job.state_formats, job.batch_sh))
     params_sh = (job.state_sh['params'], job.batch_sh)
     datasets = evaluation.datasets_of(config)
     self.eval_steps = {'eval': evaluation.make_eval_step(job.model, self.mods, datasets,

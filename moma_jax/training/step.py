@@ -27,8 +27,10 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
                     shardings: tuple[Any, Any] | None = None):
   """(state, batch, step) -> (state, metrics), jit'd.
 
-  shardings: (state's, batch's) under a mesh; the metrics come back replicated. Trace
-  and run it under that mesh and `sharding.axis_rules()`.
+  shardings: (state's, batch's) under a mesh, the state's as `train_state.formats` gives
+  them (the trainer's: its expert arrays row-major), which the state must be in
+  (`train_state.place`); the metrics come back replicated. Trace and run it under that
+  mesh and `sharding.axis_rules()`.
 
   state: {'params', 'opt': optimizer state}. batch: dict of [B, L] arrays. step: int32
   scalar, the 1-based step (its router noise key is `noise_key(config, step)`, so a

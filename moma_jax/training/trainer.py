@@ -83,7 +83,7 @@ def _set_up(config, workdir: str, label: str) -> loop_lib.Job:
   return loop_lib.Job(config, workdir, label, mesh, tok,
               pipeline.train_iterator(config, tok, jax.process_index(), jax.process_count()),
               model, flops.count(config), tx, train_checks.to_plain(config), abstract,
-              state_sh, sharding.batch_sharding(mesh))
+              state_sh, train_state.formats(abstract), sharding.batch_sharding(mesh))
 
 
 def _summary(run: loop_lib.Job, resume_step: int) -> str:
@@ -184,7 +184,8 @@ def _start(run: loop_lib.Job, ckpts: ckpt_lib.Checkpoints):
   """(state, Progress, this process's data position or None) to train from.
 
   Restored into the abstract state (each leaf placed by its sharding) and built only
-  when there is nothing to restore: one state on the devices, never two.
+  when there is nothing to restore: one state on the devices, never two. Either way in
+  the training step's formats (`train_state.formats`: the expert arrays row-major).
   """
   def another_run(saved: dict[str, Any]) -> str | None:
     key = train_checks.resume_mismatch(saved, run.plain_config)
@@ -192,11 +193,12 @@ def _start(run: loop_lib.Job, ckpts: ckpt_lib.Checkpoints):
   restored = ckpts.restore_latest(run.abstract, accept=another_run)
   if restored is not None:
     _, state, saved = restored
+    state = train_state.place(state, run.state_formats)
   elif run.config.upcycle.from_workdir:
-    state, saved = upcycle.initial_state(run.config, run.tx, run.model, run.state_sh,
+    state, saved = upcycle.initial_state(run.config, run.tx, run.model, run.state_formats,
                                          run.mesh)
   else:
-    state = train_state.create(run.model, run.tx, run.state_sh, run.config.train.seed)
+    state = train_state.create(run.model, run.tx, run.state_formats, run.config.train.seed)
     return state, progress_lib.Progress(), None
   position = _my_rows(saved['data'], run.config.train.batch_size)
   return state, progress_lib.Progress.from_saved(saved), position

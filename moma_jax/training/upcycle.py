@@ -213,7 +213,8 @@ def initial_state(config: ml_collections.ConfigDict, tx, model: transformer.Deco
 
   config: the target run's (with `upcycle.from_workdir`, `upcycle.at_step`). tx: its
   optimizer. model: its decoder (`transformer.build(config)`). state_shardings: the
-  state's ({'params', 'opt'}) on `mesh`, where everything is built.
+  state's ({'params', 'opt'}) on `mesh`, where everything is built (shardings, or the
+  training step's `train_state.formats`).
   state: {'params': upcycled, 'opt': tx.init of them} (Adam moments 0, count 0, so the
   LR schedule restarts), or with `upcycle.optimizer='carry'` the source's optimizer
   state through `carry_optimizer`; routers from the target's own init for `train.seed`,
