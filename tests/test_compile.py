@@ -364,13 +364,14 @@ def test_bad_tiles_are_one_line_exit_2(capsys):
 @functools.cache
 def expert_parallel_step():
   """The quickstart's moma_4t4i on data=2 x expert=2, compiled for v5p once per
-  process."""
+  process (the tests that read it share an xdist group, so one process)."""
   config = quickstart('moma_4t4i', **{'mesh.data': 2, 'mesh.expert': 2})
   target = aot.tpu_target(config, TOPOLOGY)
   return aot.compile_tpu(aot.lower(aot.build_step(config, target, 'train'), target))
 
 
 @needs_libtpu
+@pytest.mark.xdist_group('expert_parallel_step')
 def test_expert_parallel_receive_path_is_a_ragged_matmul_on_tpu():
   """expert=2: only the used rows travel (`ragged-all-to-all`, the row counts first),
   and the receiving device runs the ragged grouped matmul over the rows it got
@@ -389,6 +390,7 @@ def test_expert_parallel_receive_path_is_a_ragged_matmul_on_tpu():
 
 
 @needs_libtpu
+@pytest.mark.xdist_group('expert_parallel_step')
 def test_the_step_takes_the_expert_weights_and_moments_row_major_on_tpu():
   """Left to the TPU, an array takes the layout that pads it least: an expert weight
   [E, D, F] whose F (341 here) is no multiple of 128 lanes goes D-minor, and the step
