@@ -69,6 +69,19 @@ def test_loss_falls_for_every_quickstart_variant(data_setup, tmp_path, variant):
   assert_loss_falls(metrics_log.read_rows(str(tmp_path / 'run')))
 
 
+def test_reading_a_live_run_leaves_out_the_row_being_written(trained_run, tmp_path):
+  """A reader polling a running trainer's metrics.jsonl can catch a row half written:
+  the rows it reads are the complete lines, cut anywhere in the next one."""
+  rows = trained_run[2]
+  with open(os.path.join(trained_run[1], metrics_log.METRICS_FILE)) as f:
+    text = f.read()
+  lines = text.splitlines(keepends=True)
+  cut = np.random.default_rng().integers(1, len(lines[2]))   # inside row 3, before '\n'
+  with open(tmp_path / metrics_log.METRICS_FILE, 'w') as f:
+    f.write(''.join(lines[:2]) + lines[2][:cut])
+  assert metrics_log.read_rows(str(tmp_path)) == rows[:2]
+
+
 def test_metrics_rows_follow_the_design(trained_run):
   config, workdir, rows = trained_run
   train_rows = training_rows(rows)

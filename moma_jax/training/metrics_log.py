@@ -57,12 +57,14 @@ def scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
 
 
 def read_rows(workdir: str) -> list[dict[str, Any]]:
-  """Every row of `workdir/metrics.jsonl` (an absent file has none)."""
+  """Every row of `workdir/metrics.jsonl` (an absent file has none). A last line without
+  its newline is not a row yet: a running trainer is writing it (a reader of a live run
+  can see part of it), or a kill cut it off (`_truncate` drops it on resume)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if line.endswith('\n') and line.strip()]
 
 
 def _truncate(path: str, last_step: int) -> int:
