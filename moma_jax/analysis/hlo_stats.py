@@ -36,8 +36,8 @@ CUDNN_PREFIX = '__cudnn$'
 _BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1,
           's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4,
           's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
-_ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
-_ARRAY_LAYOUT = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\](\{[^}]*\})?')
+# An array shape and its layout, if written: dtype, dimensions, '{minor_to_major:tiles}'.
+_ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\](\{[^}]*\})?')
 _SPACE = re.compile(r'S\((\d+)\)')
 _TILE = re.compile(r'T\(([\d,]+)\)')
 _COLLECTIVE = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(-start|-done)?\(')
@@ -49,7 +49,7 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 def shape_bytes(text: str) -> int:
   """Bytes of every array shape written in `text` (a tuple's elements summed)."""
   return sum(_BYTES[dt] * math.prod(int(d) for d in dims.split(',') if d)
-             for dt, dims in _ARRAY.findall(text))
+             for dt, dims, _ in _ARRAY.findall(text))
 
 
 def hbm_shape_bytes(text: str) -> int:
@@ -59,7 +59,7 @@ def hbm_shape_bytes(text: str) -> int:
   whose layout names another memory space are left out: `S(n)`, n > 0, places an array
   on the chip (n = 1: VMEM, where the compiler prefetches operands) or in host memory."""
   total = 0
-  for dtype, dims, layout in _ARRAY_LAYOUT.findall(text):
+  for dtype, dims, layout in _ARRAY.findall(text):
     space = _SPACE.search(layout)
     if space and space.group(1) != '0':
       continue
